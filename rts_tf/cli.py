@@ -1,0 +1,160 @@
+"""Command line: parses options and calls one library function per command."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from rts_tf import __version__
+from rts_tf.errors import InputError
+
+
+class Commands(click.Group):
+    """A group whose commands report a user's mistakes as one line, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as error:
+            raise click.ClickException(str(error)) from None
+
+
+def load_config_defaults(ctx: click.Context, param: click.Parameter, value):
+    """Eager --config: its keys become the command's defaults, so flags still override them."""
+    if value is None:
+        return None
+    from rts_tf.config import load_config
+
+    allowed = {p.name for p in ctx.command.params if p.name not in ("config", "help")}
+    try:
+        config = load_config(value, allowed)
+    except InputError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+    ctx.default_map = {**(ctx.default_map or {}), **config}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+    callback=load_config_defaults,
+    help="YAML file whose keys are this command's option names; flags given here override it.")
+
+
+def progress_bar(description: str):
+    """A tqdm bar driven by progress(done, total) callbacks; returns (callback, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="tile", dynamic_ncols=True, disable=None, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="rts-tf")
+def main() -> None:
+    """rts-tf: map retrogressive thaw slumps (RTS) from PlanetScope imagery, a DEM and TCVIS
+    with Keras/TensorFlow (after Nitze et al. 2021, Remote Sensing 13:4294).
+
+    Typical order: demo-data (or your own scenes) -> build-records -> inspect -> fit ->
+    evaluate / crossval -> predict.
+    """
+    # TensorFlow's C++ start-up log lines are noise for a command-line user.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same files.")
+@click.option("--scene-size", type=click.IntRange(64, 4096), default=None,
+              help="Scene width/height in pixels (about 640 by default).")
+def demo_data(out: str, seed: int, scene_size: int | None) -> None:
+    """Write a small synthetic dataset in the real formats to OUT.
+
+    Six regions named after the paper's, PlanetScope-like scenes with UDM2 masks, an ArcticDEM-like
+    DEM (EPSG:3413) and TCVIS (EPSG:4326) as per-region tiles, label polygons (labels.gpkg) and
+    site polygons (sites.geojson).
+    """
+    from rts_tf.demo import make_demo_data
+
+    summary = make_demo_data(out, seed=seed, scene_size=scene_size)
+    click.echo(f"demo data: {out} ({len(summary['scenes'])} scenes in {len(summary['regions'])} regions, "
+               f"{summary['slumps']} labelled slumps, {summary['bytes'] / 1e6:.1f} MB)")
+
+
+@main.command("build-records")
+@config_option
+@click.option("--scenes", multiple=True, required=True, type=click.Path(),
+              help="A scene folder or a folder of scene folders (repeatable).")
+@click.option("--labels", required=True, type=click.Path(), help="Label polygons (GeoPackage, Shapefile, GeoJSON).")
+@click.option("--dem", multiple=True, type=click.Path(),
+              help="DEM: a file, a VRT or a folder of GeoTIFF tiles (repeatable).")
+@click.option("--rel-elevation", multiple=True, type=click.Path(),
+              help="Precomputed relative elevation (m) instead of --dem; needs --slope.")
+@click.option("--slope", multiple=True, type=click.Path(), help="Precomputed slope (degrees) instead of --dem.")
+@click.option("--tcvis", multiple=True, required=True, type=click.Path(),
+              help="TCVIS (3-band uint8): a file, a VRT or a folder of tiles (repeatable).")
+@click.option("--sites", type=click.Path(), default=None,
+              help="Site polygons with 'site' and 'region' fields; else regions come from the labels.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder to write.")
+@click.option("--tile-size", type=int, default=256, show_default=True, help="Tile width and height in pixels.")
+@click.option("--overlap", type=int, default=25, show_default=True, help="Overlap of neighbouring tiles in pixels.")
+@click.option("--max-ignored", type=float, default=0.5, show_default=True,
+              help="Drop tiles with a larger share of ignored pixels (cloud, nodata, no DEM/TCVIS).")
+@click.option("--rel-elevation-radius", type=float, default=100.0, show_default=True,
+              help="Radius (m) of the circle whose mean elevation is subtracted.")
+@click.option("--all-touched", is_flag=True, default=False,
+              help="Burn every pixel a label touches (default: pixel centres inside, unbiased areas).")
+@click.option("--compression", type=click.Choice(["gzip", "none"]), default="gzip", show_default=True)
+@click.option("--compression-level", type=int, default=1, show_default=True, help="GZIP level 0-9.")
+@click.option("--image-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Scenes built in parallel processes.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace records built with other settings.")
+def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, out, tile_size, overlap,
+                          max_ignored, rel_elevation_radius, all_touched, compression, compression_level,
+                          image_dtype, workers, overwrite) -> None:
+    """Align scenes, terrain, TCVIS and labels, tile them and write TFRecord shards.
+
+    Every source is brought onto each scene's grid. Pixels that are unusable (UDM2), nodata, or
+    outside the DEM/TCVIS get label 255 (ignore). Writes OUT/<region>/<scene_id>.tfrecord.gz and
+    OUT/manifest.json. Re-running the same command resumes: complete, verified scenes are skipped.
+    """
+    from rts_tf.build import BuildSettings, build_records
+
+    settings = BuildSettings(tile_size=tile_size, overlap=overlap, max_ignored=max_ignored,
+                             compression=compression, compression_level=compression_level,
+                             image_dtype=image_dtype, rel_elevation_radius=rel_elevation_radius,
+                             all_touched=all_touched)
+    update, close = progress_bar("tiles")
+    try:
+        summary = build_records(scenes=list(scenes), labels=labels, out=out, tcvis=list(tcvis), dem=list(dem),
+                                rel_elevation=list(rel_elevation), slope=list(slope), sites=sites,
+                                settings=settings, workers=workers, overwrite=overwrite, progress=update)
+    finally:
+        close()
+    for line in summary.lines():
+        click.echo(line)
+
+
+@main.command("inspect")
+@click.argument("records", type=click.Path())
+@click.option("--previews", type=click.Path(file_okay=False), default=None,
+              help="Folder for PNG previews of sample tiles (default: RECORDS/previews).")
+@click.option("--samples", type=int, default=12, show_default=True, help="How many tiles to preview.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Also write the previews as TensorBoard image summaries to this log folder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which tiles are sampled.")
+def inspect_command(records: str, previews: str | None, samples: int, tensorboard: str | None, seed: int) -> None:
+    """Verify shards against the manifest, summarise regions and scenes, and preview tiles."""
+    from rts_tf.inspection import inspect_records
+
+    report = inspect_records(records, previews=previews, samples=samples, tensorboard=tensorboard, seed=seed)
+    click.echo(report.text())
+    if report.problems:
+        raise click.ClickException(f"{len(report.problems)} shard(s) failed verification: {report.problems[0]}")

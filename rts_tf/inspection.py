@@ -1,0 +1,153 @@
+"""Record inspection: verify shards, summarise regions and scenes, render tile previews."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from rts_tf.records import decode_example, read_manifest, verify_shard
+from rts_tf.scene import BAND_NAMES
+
+PANELS = ("true colour", "NIR false colour", "TCVIS", "relative elevation", "slope", "label")
+
+
+@dataclass
+class InspectReport:
+    """What `rts-tf inspect` found; text() is the printed summary."""
+
+    records: str
+    manifest: dict
+    problems: list[str] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        manifest = self.manifest
+        size = manifest["tile_size"]
+        lines = [f"records: {self.records} (schema {manifest['schema_version']}, {size} px tiles, "
+                 f"overlap {manifest['overlap']}, compression '{manifest['compression']}', "
+                 f"{len(manifest['shards'])} shards)",
+                 f"shards verified: {len(manifest['shards']) - len(self.problems)} of {len(manifest['shards'])}"]
+        lines += [f"  PROBLEM {problem}" for problem in self.problems]
+        header = f"{'':<28}{'scenes':>7}{'tiles':>8}{'slump tiles':>13}{'slump px':>11}{'ignored':>9}"
+        lines += ["", "by region", header]
+        for region in manifest["regions"]:
+            scenes = [s for s in manifest["scenes"] if s["region"] == region]
+            lines.append(_row(region, scenes, size))
+        lines.append(_row("all", manifest["scenes"], size))
+        lines += ["", "by scene", header.replace("scenes", "      ")]
+        for scene in manifest["scenes"]:
+            lines.append(_row(f"{scene['scene_id']} ({scene['region']})", [scene], size, count=False))
+        statistics = manifest["statistics"]["overall"]
+        lines += ["", f"band statistics over {statistics['count']:,} valid pixels",
+                  f"{'band':<28}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"]
+        for index, band in enumerate(manifest["bands"]):
+            lines.append(f"{band['name'] + ' [' + band['unit'] + ']':<28}"
+                         + "".join(f"{statistics[key][index]:>10.4g}" for key in ("mean", "std", "min", "max")))
+        if self.previews:
+            lines += ["", f"previews ({', '.join(PANELS)}): {Path(self.previews[0]).parent} "
+                          f"({len(self.previews)} PNG files)"]
+        return "\n".join(lines)
+
+
+def _row(name: str, scenes: list[dict], size: int, count: bool = True) -> str:
+    tiles = sum(s["tiles"] for s in scenes)
+    ignored = sum(s["ignored_pixels"] for s in scenes) / max(tiles * size * size, 1)
+    return (f"{name:<28}{len(scenes) if count else '':>7}{tiles:>8}{sum(s['slump_tiles'] for s in scenes):>13}"
+            f"{sum(s['slump_pixels'] for s in scenes):>11}{100 * ignored:>8.1f}%")
+
+
+def inspect_records(records: str, previews: str | None = None, samples: int = 12,
+                    tensorboard: str | None = None, seed: int = 0) -> InspectReport:
+    """Verify every shard against manifest.json, and write previews of sampled tiles."""
+    manifest = read_manifest(records)
+    report = InspectReport(records, manifest)
+    for path, info in manifest["shards"].items():
+        problem = verify_shard(Path(records), path, info)
+        if problem:
+            report.problems.append(problem)
+    if samples > 0:
+        good = [path for path in manifest["shards"] if not any(path in p for p in report.problems)]
+        tiles = sample_tiles(records, manifest, good, samples, seed)
+        report.previews = write_previews(tiles, Path(previews or Path(records) / "previews"), tensorboard)
+    return report
+
+
+def sample_tiles(records: str, manifest: dict, shards: list[str], samples: int, seed: int) -> list[dict]:
+    """About half slump tiles (most slump pixels first) and half random tiles, as numpy dicts."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    chosen = [shards[i] for i in sorted(rng.permutation(len(shards))[:samples])]
+    candidates = []
+    if chosen:
+        dataset = tf.data.Dataset.from_tensor_slices([str(Path(records) / p) for p in chosen]).interleave(
+            lambda path: tf.data.TFRecordDataset(path, compression_type=manifest["compression"]).take(32),
+            cycle_length=1)
+        for sample in dataset.map(lambda s: decode_example(s, manifest)).as_numpy_iterator():
+            candidates.append(sample)
+    by_slumps = sorted(range(len(candidates)), key=lambda i: -int(candidates[i]["slump_pixels"]))
+    picked = [i for i in by_slumps[:samples // 2] if candidates[i]["slump_pixels"] > 0]
+    rest = [i for i in rng.permutation(len(candidates)) if i not in picked]
+    picked += rest[:samples - len(picked)]
+    return [candidates[i] for i in picked]
+
+
+def stretch(values: np.ndarray, valid: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Scale to 0-255 between given limits or the 2nd and 98th percentiles of valid pixels."""
+    if low is None or high is None:
+        pool = values[valid] if valid.any() else values.reshape(-1, *values.shape[2:])
+        low_p, high_p = np.percentile(pool, [2, 98], axis=0) if pool.size else (0.0, 1.0)
+        low = low_p if low is None else low
+        high = high_p if high is None else high
+    scaled = (values - low) / np.maximum(np.asarray(high) - np.asarray(low), 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def tile_panels(sample: dict) -> np.ndarray:
+    """One RGB image (H, 6W + gaps, 3): the six preview panels of a tile side by side."""
+    image, label = sample["image"], sample["label"][..., 0]
+    band = {name: image[..., index] for index, name in enumerate(BAND_NAMES)}
+    valid = label != 255
+    grey = lambda a, lo=None, hi=None: np.repeat(stretch(a[..., None], valid, lo, hi), 3, axis=-1)
+    true_colour = stretch(np.stack([band["red"], band["green"], band["blue"]], -1), valid)
+    false_colour = stretch(np.stack([band["nir"], band["red"], band["green"]], -1), valid)
+    tcvis = np.stack([band["tcvis_brightness"], band["tcvis_greenness"], band["tcvis_wetness"]], -1)
+    tcvis = np.clip(tcvis, 0, 255).astype(np.uint8)
+    relief = float(np.percentile(np.abs(band["relative_elevation"][valid]), 98)) if valid.any() else 1.0
+    relative = grey(band["relative_elevation"], -max(relief, 0.5), max(relief, 0.5))
+    slope = grey(band["slope"], 0.0, 30.0)
+    outlined = true_colour.copy()
+    outlined[~valid] = (outlined[~valid] * 0.4 + np.array([255, 0, 255]) * 0.6).astype(np.uint8)
+    slump = label == 1
+    outlined[slump & ~ndimage.binary_erosion(slump)] = (255, 255, 0)
+    panels = [true_colour, false_colour, tcvis, relative, slope, outlined]
+    gap = np.full((image.shape[0], 2, 3), 255, dtype=np.uint8)
+    return np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
+
+
+def write_previews(tiles: list[dict], folder: Path, tensorboard: str | None) -> list[str]:
+    """Write each tile's panels as PNG (and as TensorBoard image summaries); return the paths."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = tf.summary.create_file_writer(tensorboard) if tensorboard else None
+    paths = []
+    for index, sample in enumerate(tiles):
+        panels = tile_panels(sample)
+        scene_id = sample["scene_id"].decode()
+        name = f"{index:02d}_{scene_id}_r{int(sample['row'])}_c{int(sample['col'])}.png"
+        path = folder / name
+        temporary = path.with_name(path.name + ".tmp")
+        tf.io.write_file(str(temporary), tf.io.encode_png(panels))
+        temporary.replace(path)
+        paths.append(str(path))
+        if writer is not None:
+            with writer.as_default():
+                tf.summary.image(f"records/{sample['region'].decode()}/{name[:-4]}", panels[None], step=0,
+                                 description=" | ".join(PANELS))
+    if writer is not None:
+        writer.close()
+    return paths

@@ -1,0 +1,199 @@
+"""Scene stack: a PlanetScope scene and its auxiliary sources, aligned band by band on its grid."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from rts_tf.errors import InputError
+from rts_tf.rasters import Grid, RasterSource, check_readable, open_raster, warp_array
+from rts_tf.terrain import relative_elevation, slope_degrees
+
+# The model bands of Nitze et al. (2021), in order: name and physical unit.
+BANDS: list[dict[str, str]] = [
+    {"name": "blue", "unit": "reflectance"},
+    {"name": "green", "unit": "reflectance"},
+    {"name": "red", "unit": "reflectance"},
+    {"name": "nir", "unit": "reflectance"},
+    {"name": "ndvi", "unit": "1"},
+    {"name": "tcvis_brightness", "unit": "DN"},
+    {"name": "tcvis_greenness", "unit": "DN"},
+    {"name": "tcvis_wetness", "unit": "DN"},
+    {"name": "relative_elevation", "unit": "m"},
+    {"name": "slope", "unit": "degree"},
+]
+BAND_NAMES = [band["name"] for band in BANDS]
+REFLECTANCE_SCALE = 10000.0
+SR_PATTERN = re.compile(r"^(?P<id>.+?)(_3B_AnalyticMS_SR.*|_BGRN_SR)\.tiff?$", re.IGNORECASE)
+UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
+
+
+@dataclass(frozen=True)
+class SceneFiles:
+    """The files of one PlanetScope scene: surface reflectance and, optionally, its UDM2 mask."""
+
+    scene_id: str
+    sr: Path
+    udm2: Path | None
+
+    @property
+    def image_date(self) -> str:
+        """The acquisition date from a PSScene id (YYYYMMDD_...), or '' when the id has none."""
+        match = re.match(r"^(\d{4})(\d{2})(\d{2})_", self.scene_id)
+        return "-".join(match.groups()) if match else ""
+
+
+def find_scenes(folders: Sequence[str | os.PathLike]) -> list[SceneFiles]:
+    """Scenes in folders: each folder is a scene folder, a folder of scene folders, or both."""
+    scenes: dict[str, SceneFiles] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            raise InputError(f"{folder}: scene folder not found")
+        if folder.is_file():
+            candidates = [folder]
+        else:
+            candidates = sorted(folder.iterdir()) + sorted(
+                p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in sub.iterdir())
+        found = [scene_files(path) for path in candidates if SR_PATTERN.match(path.name)]
+        if not found:
+            raise InputError(f"{folder}: no PlanetScope scene found (expected *_3B_AnalyticMS_SR*.tif "
+                             "or *_BGRN_SR.tif here or in its sub-folders)")
+        for scene in found:
+            if scene.scene_id in scenes and scenes[scene.scene_id].sr != scene.sr:
+                raise InputError(f"{scene.sr}: scene {scene.scene_id} is also at {scenes[scene.scene_id].sr}")
+            scenes[scene.scene_id] = scene
+    return [scenes[key] for key in sorted(scenes)]
+
+
+def scene_files(sr_path: Path) -> SceneFiles:
+    """The SceneFiles of a surface-reflectance file, with its UDM2 beside it if there is one."""
+    scene_id = SR_PATTERN.match(sr_path.name).group("id")
+    udm2 = sorted(p for p in sr_path.parent.glob(f"{scene_id}*udm2*") if p.suffix.lower() in (".tif", ".tiff"))
+    return SceneFiles(scene_id, sr_path, udm2[0] if udm2 else None)
+
+
+def scene_grid(scene: SceneFiles) -> Grid:
+    """Open and validate a scene's files; return its grid."""
+    with open_raster(scene.sr, "PlanetScope surface reflectance") as dataset:
+        if dataset.count != 4:
+            raise InputError(f"{scene.sr}: surface reflectance must have 4 bands (B, G, R, NIR), found {dataset.count}")
+        if dataset.crs is None:
+            raise InputError(f"{scene.sr}: scene has no CRS")
+        if dataset.crs.is_geographic or (dataset.crs.linear_units or "").lower() not in ("metre", "meter", "m"):
+            raise InputError(f"{scene.sr}: scene CRS {dataset.crs} does not have metre units")
+        check_readable(dataset, "surface reflectance")
+        grid = Grid(dataset.crs, dataset.transform, dataset.height, dataset.width)
+    if scene.udm2 is not None:
+        with open_raster(scene.udm2, "UDM2 mask") as dataset:
+            if dataset.count != 8:
+                raise InputError(f"{scene.udm2}: UDM2 must have 8 bands, found {dataset.count}")
+            check_readable(dataset, "UDM2 mask")
+    return grid
+
+
+class Terrain:
+    """Relative elevation and slope on any grid: computed from a DEM or read precomputed."""
+
+    def __init__(self, dem: RasterSource | None = None, rel_elevation: RasterSource | None = None,
+                 slope: RasterSource | None = None, radius: float = 100.0):
+        if dem is None and (rel_elevation is None or slope is None):
+            raise InputError("give a DEM, or both a relative-elevation and a slope raster")
+        for source in (dem, rel_elevation, slope):
+            if source is not None and source.crs.is_geographic:
+                raise InputError(f"{source.paths[0]}: {source.what} must be in a projected CRS in metres, "
+                                 f"not {source.crs}")
+        self.dem, self.rel_elevation, self.slope, self.radius = dem, rel_elevation, slope, radius
+
+    @property
+    def sources(self) -> list[RasterSource]:
+        return [s for s in (self.dem, self.rel_elevation, self.slope) if s is not None]
+
+    def read(self, grid: Grid) -> np.ndarray:
+        """(2, rows, cols) float32: relative elevation (m) and slope (degrees), NaN where unknown."""
+        if self.dem is None:
+            return np.concatenate([self.rel_elevation.read_on(grid)[:1], self.slope.read_on(grid)[:1]])
+        pixel_width, pixel_height = self.dem.resolution
+        # The halo covers the circle of the relative elevation and the 3x3 slope kernel.
+        native = self.dem.read_native(grid, margin=self.radius + 3 * max(pixel_width, pixel_height))
+        if native is None:
+            return warp_array(None, self.dem.crs, grid, 2)
+        dem, transform = native
+        terrain = np.stack([relative_elevation(dem[0], pixel_width, pixel_height, self.radius),
+                            slope_degrees(dem[0], pixel_width, pixel_height)])
+        return warp_array((terrain, transform), self.dem.crs, grid, 2)
+
+
+class SceneStack:
+    """All model bands of one scene on its grid, read window by window with bounded memory."""
+
+    def __init__(self, scene: SceneFiles, tcvis: RasterSource, terrain: Terrain):
+        self.scene = scene
+        self.grid = scene_grid(scene)
+        self.tcvis, self.terrain = tcvis, terrain
+        name = f"scene {scene.scene_id}"
+        tcvis.check_overlaps(self.grid, name)
+        for source in terrain.sources:
+            source.check_overlaps(self.grid, name)
+        self._sr = rasterio.open(scene.sr)
+        self._udm2 = rasterio.open(scene.udm2) if scene.udm2 else None
+
+    def close(self) -> None:
+        self._sr.close()
+        if self._udm2 is not None:
+            self._udm2.close()
+
+    def __enter__(self) -> "SceneStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bands (height, width, 10) float32 and a validity mask (height, width) for a window.
+
+        The window may extend past the scene: pixels outside are 0 and invalid. A pixel is valid
+        when the scene has data there, UDM2 calls it usable, and every auxiliary source covers it.
+        Invalid pixels hold 0 in every band.
+        """
+        image = np.zeros((height, width, len(BANDS)), dtype=np.float32)
+        valid = np.zeros((height, width), dtype=bool)
+        top, left = max(row, 0), max(col, 0)
+        bottom, right = min(row + height, self.grid.height), min(col + width, self.grid.width)
+        if bottom <= top or right <= left:
+            return image, valid
+        window = Window(left, top, right - left, bottom - top)
+        grid = self.grid.window_grid(top, left, bottom - top, right - left)
+        try:
+            reflectance = self._sr.read(window=window).astype(np.float32) / REFLECTANCE_SCALE
+            usable = self._sr.dataset_mask(window=window) > 0
+            if self._udm2 is not None:
+                usable &= usable_udm2(self._udm2.read(window=window))
+        except RasterioError as error:
+            raise InputError(f"{self.scene.sr}: cannot read scene: {str(error).splitlines()[0]}") from None
+        blue, green, red, nir = reflectance
+        total = nir + red
+        ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
+        auxiliary = np.concatenate([self.tcvis.read_on(grid), self.terrain.read(grid)])
+        usable &= np.isfinite(auxiliary).all(axis=0)
+        bands = np.concatenate([reflectance, ndvi[None], auxiliary])
+        bands[:, ~usable] = 0.0
+        image[top - row:bottom - row, left - col:right - col] = np.moveaxis(bands, 0, -1)
+        valid[top - row:bottom - row, left - col:right - col] = usable
+        return image, valid
+
+
+def usable_udm2(udm2: np.ndarray) -> np.ndarray:
+    """Usable pixels of a UDM2 stack (8, rows, cols): clear, and no snow, shadow, heavy haze,
+    cloud or legacy-unusable bits. Light haze is usable."""
+    clear, snow, shadow, _light_haze, heavy_haze, cloud, _confidence, unusable = udm2
+    return (clear == 1) & (snow == 0) & (shadow == 0) & (heavy_haze == 0) & (cloud == 0) & (unusable == 0)
