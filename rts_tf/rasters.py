@@ -34,13 +34,13 @@ class Grid:
 
     @property
     def bounds(self) -> BoundingBox:
-        left, top = self.transform * (0, 0)
-        right, bottom = self.transform * (self.width, self.height)
+        left, top = self.transform @ (0, 0)
+        right, bottom = self.transform @ (self.width, self.height)
         return BoundingBox(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
 
     def window_grid(self, row: int, col: int, height: int, width: int) -> "Grid":
         """The sub-grid whose top-left pixel is (row, col) of this grid; it may extend beyond it."""
-        return Grid(self.crs, self.transform * Affine.translation(col, row), height, width)
+        return Grid(self.crs, self.transform @ Affine.translation(col, row), height, width)
 
 
 def open_raster(path: str | os.PathLike, what: str) -> rasterio.DatasetReader:

@@ -59,7 +59,7 @@ def write_dem(path: Path, elevation, resolution: float = 10.0, size: int = 64, o
     width, height = int(np.ceil((right - left) / resolution)), int(np.ceil((top - bottom) / resolution))
     affine = from_origin(left, top, resolution, resolution)
     cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    x, y = affine * (cols, rows)
+    x, y = affine @ (cols, rows)
     ux, uy = transform("EPSG:3413", SCENE_CRS, x.ravel(), y.ravel())
     dem = np.asarray(elevation(np.array(ux), np.array(uy)), dtype=np.float32).reshape(height, width)
     return write_raster(path, dem, "EPSG:3413", affine, nodata=nodata)

@@ -1,0 +1,618 @@
+"""Demo data: a deterministic synthetic RTS dataset written in the real input formats."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pyogrio.raw
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.features import rasterize
+from rasterio.warp import transform as transform_points
+from rasterio.warp import transform_bounds, transform_geom
+from scipy import ndimage
+
+PIXEL_SIZE = 3.0
+DEFAULT_SCENE_SIZE = 640
+DEM_RESOLUTION = 10.0
+DEM_NODATA = -9999.0
+DEM_CRS = "EPSG:3413"
+TCVIS_CRS = "EPSG:4326"
+TCVIS_LAT_STEP = 0.00027
+AUXILIARY_MARGIN = 450.0  # metres around the scenes; the contract asks for at least 300
+SR_BANDS = ("blue", "green", "red", "nir")
+UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
+TCVIS_BANDS = ("brightness_trend", "greenness_trend", "wetness_trend")
+SATELLITES = ("0f15", "0f22", "0f4c", "1003", "1006", "100c", "1025", "103c", "1049", "105e")
+LABEL_FIELDS = ("image_id", "image_date", "region", "site", "label")
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """A demo region and the special cases it carries (documented in the returned data)."""
+
+    name: str
+    lon: float
+    lat: float
+    epsg: int
+    scene_count: int
+    year: int
+    coast: bool = False  # sea on one side, slumps on coastal bluffs
+    twin_slump: bool = False  # the first slump has a detached second lobe: a MultiPolygon label
+    bowtie_label: bool = False  # the region's first label is a self-intersecting polygon
+    cloud_over_slump: bool = False  # the first scene has a cloud over part of a slump
+    heavy_haze: bool = False  # the first scene has a heavy-haze patch
+    snow: bool = False  # the first scene has late-lying snow banks
+    dem_void: bool = False  # the DEM has a nodata hole over a lake, as ArcticDEM often does
+
+
+REGIONS = (
+    RegionSpec("Lena", 126.5, 72.3, 32652, 2, 2018, twin_slump=True),
+    RegionSpec("Horton", -127.0, 69.9, 32609, 2, 2019, cloud_over_slump=True),
+    RegionSpec("Herschel", -139.1, 69.6, 32607, 1, 2018, coast=True, twin_slump=True),
+    RegionSpec("Kolguev", 49.2, 69.1, 32639, 2, 2019, coast=True, heavy_haze=True, dem_void=True),
+    RegionSpec("Banks", -120.5, 72.2, 32610, 1, 2020, twin_slump=True, snow=True),
+    RegionSpec("Tuktoyaktuk", -133.0, 69.4, 32608, 2, 2018, bowtie_label=True),
+)
+
+TUNDRA, LAKE, RIVER, SEA, GRAVEL, BARE, SLUMP = range(7)
+# Surface reflectance x 10000 (B, G, R, NIR) per class; tundra mixes SPARSE_TUNDRA and LUSH_TUNDRA.
+SPECTRA = np.array(
+    [
+        [420, 620, 700, 2000],  # sparse tundra
+        [380, 420, 260, 180],  # lake
+        [620, 720, 640, 420],  # turbid river
+        [480, 540, 400, 240],  # sea
+        [850, 980, 1100, 1450],  # gravel bar
+        [680, 880, 1150, 1650],  # bare patch on flat ground
+        [700, 900, 1200, 1800],  # slump floor: bare wet soil
+    ],
+    dtype=np.float32,
+)
+LUSH_TUNDRA = np.array([280, 480, 360, 2900], dtype=np.float32)
+CLOUD = np.array([5200, 5300, 5400, 5600], dtype=np.float32)
+SNOW = np.array([7200, 7300, 7100, 6200], dtype=np.float32)
+# TCVIS trend colours (brightness, greenness, wetness as RGB) per class.
+TCVIS_COLOURS = np.array(
+    [[110, 150, 105], [95, 115, 150], [120, 120, 150], [105, 115, 140], [125, 110, 170], [135, 128, 120], [190, 70, 120]],
+    dtype=np.float32,
+)
+
+
+def _smoothstep(value: np.ndarray) -> np.ndarray:
+    value = np.clip(value, 0.0, 1.0)
+    return value * value * (3.0 - 2.0 * value)
+
+
+class _Waves:
+    """A smooth random field with unit RMS: a sum of plane waves, defined everywhere."""
+
+    def __init__(self, rng: np.random.Generator, count: int, shortest: float, longest: float):
+        wavelengths = rng.uniform(shortest, longest, count)
+        angles = rng.uniform(0.0, 2.0 * math.pi, count)
+        self.kx = 2.0 * math.pi * np.cos(angles) / wavelengths
+        self.ky = 2.0 * math.pi * np.sin(angles) / wavelengths
+        self.phases = rng.uniform(0.0, 2.0 * math.pi, count)
+
+    def __call__(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        total = np.zeros(np.shape(u))
+        for kx, ky, phase in zip(self.kx, self.ky, self.phases):
+            total += np.sin(kx * u + ky * v + phase)
+        return total * math.sqrt(2.0 / len(self.kx))
+
+
+@dataclass(frozen=True)
+class Lobe:
+    """A star-shaped blob whose boundary radius is R * (1 + harmonics - bowl cos + tongue)."""
+
+    x: float
+    y: float
+    radius: float
+    orientation: float  # radians; for slumps the downslope direction
+    amplitudes: tuple[float, ...]
+    phases: tuple[float, ...]
+    bowl: float = 0.0  # longer upslope than downslope: an amphitheatre cut into the slope
+    tongue: float = 0.0  # a narrow mud-flow lobe downslope
+
+    def boundary_radius(self, theta: np.ndarray) -> np.ndarray:
+        """Boundary distance from the centre at angle theta (relative to the orientation)."""
+        factor = 1.0 - self.bowl * np.cos(theta) + self.tongue * np.exp(-((theta / 0.35) ** 2))
+        for order, (amplitude, phase) in enumerate(zip(self.amplitudes, self.phases), start=2):
+            factor = factor + amplitude * np.cos(order * theta + phase)
+        return self.radius * factor
+
+    @property
+    def extent(self) -> float:
+        return self.radius * (1.0 + self.bowl + self.tongue + sum(self.amplitudes))
+
+    def polar(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised radius (< 1 inside) and angle relative to the orientation."""
+        dx, dy = x - self.x, y - self.y
+        theta = np.angle(np.exp(1j * (np.arctan2(dy, dx) - self.orientation)))
+        return np.hypot(dx, dy) / self.boundary_radius(theta), theta
+
+    def ring(self, count: int) -> np.ndarray:
+        """Boundary vertices (count x 2), counter-clockwise."""
+        theta = np.linspace(-math.pi, math.pi, count, endpoint=False)
+        radius = self.boundary_radius(theta)
+        return np.column_stack(
+            [self.x + radius * np.cos(theta + self.orientation), self.y + radius * np.sin(theta + self.orientation)]
+        )
+
+
+def _random_lobe(rng, x, y, radius, orientation, irregularity, bowl=0.0, tongue=0.0) -> Lobe:
+    orders = np.arange(2, 7)
+    amplitudes = rng.uniform(0.0, irregularity, orders.size) / np.sqrt(orders - 1)
+    phases = rng.uniform(0.0, 2.0 * math.pi, orders.size)
+    return Lobe(x, y, radius, orientation, tuple(amplitudes), tuple(phases), bowl, tongue)
+
+
+@dataclass(frozen=True)
+class Slump:
+    """A retrogressive thaw slump: one or two lobes, a depression with a headwall upslope."""
+
+    lobes: tuple[Lobe, ...]
+    depth: float
+    vertices: int
+
+    @property
+    def extent(self) -> float:
+        main = self.lobes[0]
+        return max(math.hypot(lobe.x - main.x, lobe.y - main.y) + lobe.extent for lobe in self.lobes)
+
+    def polar(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised radius and angle relative to the nearest lobe (by normalised radius)."""
+        radius, theta = self.lobes[0].polar(x, y)
+        for lobe in self.lobes[1:]:
+            other_radius, other_theta = lobe.polar(x, y)
+            closer = other_radius < radius
+            radius, theta = np.where(closer, other_radius, radius), np.where(closer, other_theta, theta)
+        return radius, theta
+
+    def geometry(self) -> shapely.MultiPolygon:
+        """The label polygon in the region's UTM coordinates."""
+        counts = [self.vertices] + [max(16, self.vertices // 3)] * (len(self.lobes) - 1)
+        return shapely.MultiPolygon([shapely.Polygon(lobe.ring(n)) for lobe, n in zip(self.lobes, counts)])
+
+
+class World:
+    """One region's landscape as analytic functions of its UTM coordinates, shared by all sources."""
+
+    def __init__(self, rng: np.random.Generator, centre: tuple[float, float], length: float, coast: bool):
+        self.cx, self.cy = centre
+        self.length = length
+        self.scale = max(length / (DEFAULT_SCENE_SIZE * PIXEL_SIZE), 0.4)
+        self.base = rng.uniform(20.0, 60.0)
+        self.hills = _Waves(rng, 5, 0.35 * length, 1.1 * length)
+        self.hill_height = rng.uniform(7.0, 12.0) * self.scale
+        self.vegetation_field = _Waves(rng, 8, 60.0, 0.5 * length)
+        self.vegetation_shift = rng.uniform(-0.15, 0.15)
+        self.river_angle = rng.uniform(0.0, math.pi)
+        self.river_offset = rng.uniform(-0.2, 0.2) * length
+        self.meander = (rng.uniform(0.04, 0.07) * length, rng.uniform(0.5, 0.9) * length, rng.uniform(0, 2 * math.pi))
+        self.valley_depth = rng.uniform(18.0, 30.0) * self.scale
+        self.valley_width = rng.uniform(0.07, 0.1) * length
+        self.river_width = rng.uniform(10.0, 18.0) * self.scale
+        self.bar_width = rng.uniform(25.0, 40.0) * self.scale
+        self.coast = None
+        if coast:
+            angle = rng.uniform(0.0, 2.0 * math.pi)
+            self.coast = (math.cos(angle), math.sin(angle), rng.uniform(0.3, 0.4) * length, 110.0 * self.scale)
+        self.lakes: list[tuple[Lobe, float]] = []
+        self.bare_patches: list[Lobe] = []
+        self.slumps: list[Slump] = []
+
+    def _river_distance(self, u, v):
+        along = u * math.cos(self.river_angle) + v * math.sin(self.river_angle)
+        across = -u * math.sin(self.river_angle) + v * math.cos(self.river_angle)
+        amplitude, wavelength, phase = self.meander
+        bend = np.sin(2.0 * math.pi * along / wavelength + phase)
+        return across - self.river_offset - amplitude * bend, bend
+
+    def _inland_distance(self, u, v):
+        if self.coast is None:
+            return np.full(np.shape(u), np.inf)
+        nx, ny, distance, _ = self.coast
+        along = -u * ny + v * nx
+        return distance + 25.0 * self.scale * np.sin(along / (60.0 * self.scale)) - (u * nx + v * ny)
+
+    def elevation(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Terrain height in metres with valleys, coast, lakes and the slump depressions."""
+        u, v = np.asarray(x, dtype=float) - self.cx, np.asarray(y, dtype=float) - self.cy
+        river, _ = self._river_distance(u, v)
+        height = self.base + self.hill_height * self.hills(u, v)
+        height = height - self.valley_depth * np.exp(-((river / self.valley_width) ** 2))
+        if self.coast is not None:
+            height = height * _smoothstep(self._inland_distance(u, v) / self.coast[3])
+        for lake, level in self.lakes:
+            weight = _smoothstep((1.25 - lake.polar(x, y)[0]) / 0.25)
+            height = height * (1.0 - weight) + level * weight
+        for slump in self.slumps:
+            radius, theta = slump.polar(x, y)
+            headwall = _smoothstep((1.0 - radius) / 0.15)
+            height = height - slump.depth * headwall * (0.4 + 0.3 * (1.0 - np.cos(theta)))
+        return height
+
+    def slope(self, x: np.ndarray, y: np.ndarray, step: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+        """Slope in degrees and downslope direction (radians) by central differences."""
+        gx = (self.elevation(x + step, y) - self.elevation(x - step, y)) / (2 * step)
+        gy = (self.elevation(x, y + step) - self.elevation(x, y - step)) / (2 * step)
+        return np.degrees(np.arctan(np.hypot(gx, gy))), np.arctan2(-gy, -gx)
+
+    def surface(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Class code, vegetation density (0..1), slump normalised radius and angle per point."""
+        u, v = np.asarray(x, dtype=float) - self.cx, np.asarray(y, dtype=float) - self.cy
+        code = np.full(u.shape, TUNDRA, dtype=np.int8)
+        vegetation = np.clip(0.6 + 0.22 * self.vegetation_field(u, v) + self.vegetation_shift, 0.0, 1.0)
+        for patch in self.bare_patches:
+            code[patch.polar(x, y)[0] < 1.0] = BARE
+        river, bend = self._river_distance(u, v)
+        bar = self.bar_width * np.clip((np.abs(bend) - 0.35) / 0.65, 0.0, 1.0)
+        code[(river * bend < 0) & (np.abs(river) < self.river_width + bar)] = GRAVEL
+        code[np.abs(river) < self.river_width] = RIVER
+        for lake, _ in self.lakes:
+            code[lake.polar(x, y)[0] < 1.0] = LAKE
+        code[self._inland_distance(u, v) < 0] = SEA
+        slump_radius, slump_theta = np.full(u.shape, np.inf), np.zeros(u.shape)
+        for slump in self.slumps:
+            radius, theta = slump.polar(x, y)
+            closer = radius < slump_radius
+            slump_radius, slump_theta = np.where(closer, radius, slump_radius), np.where(closer, theta, slump_theta)
+        code[slump_radius < 1.0] = SLUMP
+        return code, vegetation, slump_radius, slump_theta
+
+    def fits(self, lobes: list[Lobe], margin: float) -> bool:
+        """True when the lobes' surroundings are plain tundra and clear of other features."""
+        ring = np.concatenate([lobe.ring(32) for lobe in lobes])
+        centre = ring.mean(axis=0)
+        ring = centre + (ring - centre) * margin
+        others = [(s.lobes[0].x, s.lobes[0].y, s.extent) for s in self.slumps]
+        others += [(p.x, p.y, p.extent) for p in self.bare_patches]
+        for x, y, extent in others:
+            if np.hypot(ring[:, 0] - x, ring[:, 1] - y).min() < extent + 15.0 * self.scale:
+                return False
+        return bool(np.all(self.surface(ring[:, 0], ring[:, 1])[0] == TUNDRA))
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """A PlanetScope scene: its id, date, grid and valid footprint (a polygon in UTM)."""
+
+    scene_id: str
+    date: str
+    width: int
+    height: int
+    transform: Affine
+    footprint: shapely.Polygon
+
+    def pixel_centres(self) -> tuple[np.ndarray, np.ndarray]:
+        columns = self.transform.c + self.transform.a * (np.arange(self.width) + 0.5)
+        rows = self.transform.f + self.transform.e * (np.arange(self.height) + 0.5)
+        return np.meshgrid(columns, rows)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        right = self.transform.c + self.transform.a * self.width
+        bottom = self.transform.f + self.transform.e * self.height
+        return self.transform.c, bottom, right, self.transform.f
+
+
+def _plan_scenes(spec: RegionSpec, rng, centre, scene_size: int) -> list[ScenePlan]:
+    plans = []
+    direction = rng.uniform(0.0, 2.0 * math.pi)
+    first_date = datetime.date(spec.year, 7, 1) + datetime.timedelta(days=int(rng.integers(0, 50)))
+    for index in range(spec.scene_count):
+        width, height = (int(round(scene_size * rng.uniform(0.85, 1.15))) for _ in range(2))
+        shift = 0.3 * index * scene_size * PIXEL_SIZE
+        x = centre[0] + shift * math.cos(direction) - width * PIXEL_SIZE / 2
+        y = centre[1] + shift * math.sin(direction) + height * PIXEL_SIZE / 2
+        transform = Affine(PIXEL_SIZE, 0.0, round(x / PIXEL_SIZE) * PIXEL_SIZE, 0.0, -PIXEL_SIZE, round(y / PIXEL_SIZE) * PIXEL_SIZE)
+        date = first_date
+        if index:
+            date = datetime.date(spec.year + int(rng.integers(0, 2)), 7, 1) + datetime.timedelta(days=int(rng.integers(0, 60)))
+            date = date + datetime.timedelta(days=9) if date == first_date else date
+        # Acquisitions around 10:30 local solar time, recorded in UTC.
+        seconds = int(((10.5 + rng.uniform(-1, 1) - spec.lon / 15.0) % 24.0) * 3600)
+        satellite = SATELLITES[int(rng.integers(len(SATELLITES)))]
+        scene_id = f"{date:%Y%m%d}_{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}_{satellite}"
+        # The valid footprint: a rotated, slightly irregular quadrilateral, like a PlanetScope frame.
+        angle = math.radians(rng.uniform(6.0, 12.0) * rng.choice([-1, 1]))
+        fit = min(
+            0.94 * width / (width * math.cos(abs(angle)) + height * math.sin(abs(angle))),
+            0.94 * height / (width * math.sin(abs(angle)) + height * math.cos(abs(angle))),
+        )
+        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [fit * width / 2, fit * height / 2]
+        corners = corners + rng.uniform(-0.02, 0.02, (4, 2)) * [width, height]
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        pixels = corners @ rotation.T + [width / 2, height / 2]
+        footprint = shapely.Polygon(np.column_stack([transform.c + PIXEL_SIZE * pixels[:, 0], transform.f - PIXEL_SIZE * pixels[:, 1]]))
+        plans.append(ScenePlan(scene_id, f"{date:%Y-%m-%d}", width, height, transform, footprint))
+    return plans
+
+
+def _random_points(rng, area: shapely.Polygon, count: int) -> np.ndarray:
+    left, bottom, right, top = area.bounds
+    points = rng.uniform([left, bottom], [right, top], (count * 3, 2))
+    return points[shapely.contains_xy(area, points[:, 0], points[:, 1])][:count]
+
+
+def _build_world(spec: RegionSpec, rng, centre, scenes: list[ScenePlan], scene_size: int) -> World:
+    world = World(rng, centre, scene_size * PIXEL_SIZE, spec.coast)
+    union = shapely.union_all([scene.footprint for scene in scenes])
+    for x, y in _random_points(rng, union, 40):
+        lake = _random_lobe(rng, x, y, rng.uniform(0.04, 0.07) * world.length, rng.uniform(0, math.pi), 0.08)
+        lake = Lobe(lake.x, lake.y, lake.radius, lake.orientation, (0.3,) + lake.amplitudes[1:], lake.phases)
+        if world.fits([lake], 1.3) and world.slope(np.array([x]), np.array([y]))[0][0] < 6.0:
+            world.lakes.append((lake, float(world.elevation(np.array([x]), np.array([y]))[0]) - 1.0))
+        if len(world.lakes) == 2:
+            break
+    bare_target = int(rng.integers(2, 5))
+    for x, y in _random_points(rng, union, 200):
+        if len(world.bare_patches) == bare_target:
+            break
+        patch = _random_lobe(rng, x, y, rng.uniform(25.0, 70.0) * world.scale, rng.uniform(0, math.pi), 0.15)
+        if world.slope(np.array([x]), np.array([y]))[0][0] < 2.5 and world.fits([patch], 1.2):
+            world.bare_patches.append(patch)
+    # Slumps sit on slopes; where scenes overlap, the first ones go in the overlap so both scenes see them.
+    areas = [(union, int(rng.integers(3, 9)))]
+    if len(scenes) == 2:
+        areas.insert(0, (scenes[0].footprint.intersection(scenes[1].footprint), 2))
+    for area, target in areas:
+        if area.is_empty:
+            continue
+        candidates = _random_points(rng, area.buffer(-30.0 * world.scale), 600)
+        slopes, downslope = world.slope(candidates[:, 0], candidates[:, 1])
+        for (x, y), slope, orientation in zip(candidates, slopes, downslope):
+            if len(world.slumps) >= target:
+                break
+            if slope < 4.0:
+                continue
+            radius = 35.0 * world.scale * (120.0 / 35.0) ** rng.uniform()
+            main = _random_lobe(rng, x, y, radius, orientation, 0.1, rng.uniform(0.1, 0.25), rng.uniform(0.15, 0.5))
+            lobes = [main]
+            if spec.twin_slump and not world.slumps:
+                side = orientation + rng.choice([-1, 1]) * math.pi / 2
+                small = radius * rng.uniform(0.3, 0.45)
+                distance = float(main.boundary_radius(np.array([side - orientation]))[0]) + 1.5 * small + 5.0
+                lobes.append(_random_lobe(rng, x + distance * math.cos(side), y + distance * math.sin(side), small, orientation, 0.08, 0.1, 0.2))
+            if world.fits(lobes, 1.15):
+                depth = radius * rng.uniform(0.035, 0.06) + 1.0
+                world.slumps.append(Slump(tuple(lobes), depth, int(rng.integers(48, 73))))
+    return world
+
+
+def _render_scene(world: World, scene: ScenePlan, spec: RegionSpec, look: dict, rng, scene_index: int):
+    """Surface reflectance (4, H, W) uint16 and UDM2 (8, H, W) uint8 for one scene."""
+    x, y = scene.pixel_centres()
+    shape = x.shape
+    code, vegetation, slump_radius, slump_theta = world.surface(x, y)
+    valid = rasterize([scene.footprint], out_shape=shape, transform=scene.transform, dtype=np.uint8).astype(bool)
+
+    spectra = SPECTRA[code].transpose(2, 0, 1) * np.where(code >= GRAVEL, look["soil"][:, None, None], 1.0)
+    tundra = SPECTRA[TUNDRA][:, None, None] + vegetation * (LUSH_TUNDRA - SPECTRA[TUNDRA])[:, None, None]
+    reflectance = np.where(code == TUNDRA, tundra, spectra)
+    # Slump texture: concentric ridges, mud noise, darker wet headwall, vegetation remnants at the rim.
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape), 1.2) * 2.5
+    inside = code == SLUMP
+    headwall = inside & (slump_radius > 0.8) & (np.cos(slump_theta) < -0.2)
+    reflectance *= 1.0 + inside * (0.08 * np.sin(slump_radius * 30.0) + 0.12 * texture)
+    reflectance *= np.where(headwall, 0.8, 1.0)
+    rim = inside & (slump_radius > 0.9) & (texture > 0.3)
+    reflectance = np.where(rim, 0.5 * reflectance + 0.5 * tundra, reflectance)
+    reflectance *= 1.0 + 0.05 * texture * (code == TUNDRA) + 0.08 * texture * (code == BARE)
+
+    # Terrain shading from the same elevation model: sun from the south-east, 35 degrees high.
+    elevation = world.elevation(x, y)
+    gy, gx = np.gradient(elevation, -PIXEL_SIZE, PIXEL_SIZE)
+    sun = (math.cos(math.radians(35)) * math.sin(math.radians(135)), math.cos(math.radians(35)) * math.cos(math.radians(135)), math.sin(math.radians(35)))
+    illumination = (-gx * sun[0] - gy * sun[1] + sun[2]) / np.sqrt(1.0 + gx**2 + gy**2) / sun[2]
+    reflectance *= np.clip(illumination, 0.4, 1.6)
+    reflectance = ndimage.gaussian_filter(reflectance, (0, 0.6, 0.6))
+    reflectance += look["haze"] * np.array([260.0, 170.0, 90.0, 40.0])[:, None, None]
+
+    udm = np.zeros((8,) + shape, dtype=np.uint8)
+    rows, columns = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    size_factor = world.scale  # blob sizes shrink with tiny scenes
+
+    def blob(row: float, column: float, radius_metres: float) -> np.ndarray:
+        radius = radius_metres / PIXEL_SIZE * size_factor
+        return np.exp(-((rows - row) ** 2 + (columns - column) ** 2) / (2 * radius**2))
+
+    waves = _Waves(rng, 6, 30.0, 200.0)(rows, columns)
+    forced_slump = spec.cloud_over_slump and scene_index == 0
+    if forced_slump or rng.uniform() < 0.45:
+        coverage = rng.uniform(0.05, 0.15)
+        cloud_field = np.zeros(shape)
+        if forced_slump:
+            # Put the cloud's edge across the slump nearest the scene centre.
+            centre = np.array(scene.footprint.centroid.coords[0])
+            slump = min(world.slumps, key=lambda s: math.hypot(s.lobes[0].x - centre[0], s.lobes[0].y - centre[1]))
+            target = np.array([slump.lobes[0].x, slump.lobes[0].y])
+            direction = (centre - target) / max(np.linalg.norm(centre - target), 1.0)
+            cloud_radius = math.sqrt(coverage * valid.sum() / math.pi) * PIXEL_SIZE
+            position = target + direction * cloud_radius
+            row, column = (scene.transform.f - position[1]) / PIXEL_SIZE, (position[0] - scene.transform.c) / PIXEL_SIZE
+            cloud_field += blob(row, column, cloud_radius / size_factor)
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                cloud_field += blob(rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(120, 300)) * rng.uniform(0.6, 1.0)
+        cloud_field *= 1.0 + 0.15 * waves
+        threshold = np.quantile(cloud_field[valid], 1.0 - coverage)
+        opacity = _smoothstep((cloud_field - 0.8 * threshold) / (0.4 * threshold))
+        offset = max(1, int(round(rng.uniform(40, 70) * size_factor)))  # shadows fall to the north-west
+        shadow_opacity = np.zeros(shape)
+        shadow_opacity[:-offset, :-offset] = opacity[offset:, offset:]
+        reflectance *= 1.0 - 0.6 * shadow_opacity
+        reflectance = reflectance * (1.0 - opacity) + CLOUD[:, None, None] * opacity
+        udm[5] = cloud_field >= threshold
+        udm[3] = (opacity > 0.15) & ~udm[5].astype(bool)  # thin cloud edges count as light haze
+        udm[2] = (shadow_opacity > 0.5) & ~udm[5].astype(bool)
+    if rng.uniform() < 0.5:
+        haze = _smoothstep((_Waves(rng, 4, 150.0, 400.0)(rows, columns) - 0.6) / 0.8)
+        reflectance += haze * np.array([500.0, 400.0, 300.0, 180.0])[:, None, None]
+        udm[3] |= haze > 0.25
+    if spec.heavy_haze and scene_index == 0:
+        heavy = blob(rng.uniform(0.2, 0.8) * shape[0], rng.uniform(0.2, 0.8) * shape[1], 60.0)
+        reflectance += heavy * np.array([1800.0, 1600.0, 1400.0, 1000.0])[:, None, None]
+        udm[4] = heavy > 0.5
+    if spec.snow and scene_index == 0:
+        snow = np.zeros(shape)
+        for _ in range(3):
+            snow = np.maximum(snow, blob(rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), 12.0))
+        snow = np.where(slump_radius > 1.3, snow * (1.0 + 0.3 * waves), 0.0) > 0.5
+        reflectance = np.where(snow, SNOW[:, None, None], reflectance)
+        udm[1] = snow
+
+    reflectance *= look["gain"] * (1.0 + 0.03 * rng.standard_normal(shape) + 0.02 * rng.standard_normal(reflectance.shape))
+    reflectance += 12.0 * rng.standard_normal(reflectance.shape)
+    sr = np.where(valid, np.clip(np.round(reflectance), 1, 65535), 0).astype(np.uint16)
+    udm[:6] *= valid
+    udm[0] = valid & ~(udm[1] | udm[2] | udm[4] | udm[5]).astype(bool)
+    confidence = 95.0 - 30.0 * udm[3] - 40.0 * udm[4] - 20.0 * udm[5] + 3.0 * waves
+    udm[6] = np.where(valid, np.clip(confidence, 0, 100), 0)
+    udm[7] = ~valid
+    return sr, udm
+
+
+def _write_raster(path: Path, data: np.ndarray, crs: str, transform: Affine, descriptions, nodata=None, predictor=1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(
+        driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype, crs=crs,
+        transform=transform, nodata=nodata, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+        predictor=predictor,
+    )
+    with rasterio.open(path, "w", **profile) as dataset:
+        dataset.write(data)
+        dataset.descriptions = tuple(descriptions)
+
+
+def _auxiliary_grid(scenes, utm_crs: str, crs: str, step_x: float, step_y: float, margin_x: float, margin_y: float):
+    """A grid in crs covering all scenes plus a margin, snapped to multiples of its step."""
+    boxes = np.array([transform_bounds(utm_crs, crs, *scene.bounds, densify_pts=21) for scene in scenes])
+    left = math.floor((boxes[:, 0].min() - margin_x) / step_x) * step_x
+    top = math.ceil((boxes[:, 3].max() + margin_y) / step_y) * step_y
+    width = int(math.ceil((boxes[:, 2].max() + margin_x - left) / step_x))
+    height = int(math.ceil((top - boxes[:, 1].min() + margin_y) / step_y))
+    return Affine(step_x, 0.0, left, 0.0, -step_y, top), width, height
+
+
+def _sample_grid(world: World, utm_crs: str, crs: str, transform: Affine, width: int, height: int, samples: int):
+    """UTM coordinates of samples x samples points inside each cell, shaped (samples**2, H, W)."""
+    offsets = (np.arange(samples) + 0.5) / samples
+    columns = (np.arange(width)[None, :] + offsets[:, None]).ravel()
+    rows = (np.arange(height)[None, :] + offsets[:, None]).ravel()
+    gx, gy = np.meshgrid(transform.c + transform.a * columns, transform.f + transform.e * rows)
+    ux, uy = transform_points(crs, utm_crs, gx.ravel(), gy.ravel())
+
+    def cells(values):
+        return np.asarray(values).reshape(samples, height, samples, width).transpose(0, 2, 1, 3).reshape(-1, height, width)
+
+    return cells(ux), cells(uy)
+
+
+def _write_dem(world: World, spec: RegionSpec, scenes, rng, path: Path) -> None:
+    utm = f"EPSG:{spec.epsg}"
+    transform, width, height = _auxiliary_grid(scenes, utm, DEM_CRS, DEM_RESOLUTION, DEM_RESOLUTION, AUXILIARY_MARGIN, AUXILIARY_MARGIN)
+    ux, uy = _sample_grid(world, utm, DEM_CRS, transform, width, height, 2)
+    dem = world.elevation(ux, uy).mean(axis=0) + 0.15 * rng.standard_normal((height, width))
+    if spec.dem_void and world.lakes:
+        dem[world.lakes[0][0].polar(ux, uy)[0].mean(axis=0) < 0.7] = DEM_NODATA
+    _write_raster(path, dem[None].astype(np.float32), DEM_CRS, transform, ("elevation",), DEM_NODATA, predictor=3)
+
+
+def _write_tcvis(world: World, spec: RegionSpec, scenes, rng, path: Path) -> None:
+    utm = f"EPSG:{spec.epsg}"
+    lon_step = TCVIS_LAT_STEP / math.cos(math.radians(spec.lat))
+    margin_y = AUXILIARY_MARGIN / 111_000.0
+    margin_x = margin_y / math.cos(math.radians(spec.lat))
+    transform, width, height = _auxiliary_grid(scenes, utm, TCVIS_CRS, lon_step, TCVIS_LAT_STEP, margin_x, margin_y)
+    ux, uy = _sample_grid(world, utm, TCVIS_CRS, transform, width, height, 3)
+    code, vegetation, _, _ = world.surface(ux, uy)
+    colours = TCVIS_COLOURS[code]
+    colours[..., 1] += np.where(code == TUNDRA, 30.0 * (vegetation - 0.5), 0.0)
+    colours = colours.mean(axis=0).transpose(2, 0, 1)
+    colours += rng.uniform(-8, 8, (3, 1, 1)) + 4.0 * rng.standard_normal(colours.shape)
+    _write_raster(path, np.clip(np.round(colours), 0, 255).astype(np.uint8), TCVIS_CRS, transform, TCVIS_BANDS, predictor=2)
+
+
+def _bowtie(geometry: shapely.MultiPolygon) -> shapely.MultiPolygon:
+    """Swap two adjacent vertices of the first ring: a self-intersecting digitising error."""
+    ring = np.array(geometry.geoms[0].exterior.coords)[:-1]
+    ring[[5, 6]] = ring[[6, 5]]
+    return shapely.MultiPolygon([shapely.Polygon(ring)] + list(geometry.geoms)[1:])
+
+
+def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None = None) -> dict:
+    """Write the demo dataset to `out` and return {"scenes", "regions", "slumps", "labels", "bytes"}.
+
+    The same seed and scene_size give byte-identical files. scene_size (pixels, default 640) sets
+    the nominal scene width and height; each scene varies by +-15%.
+    """
+    scene_size = DEFAULT_SCENE_SIZE if scene_size is None else int(scene_size)
+    if scene_size < 64:
+        raise ValueError(f"scene_size must be at least 64 pixels, got {scene_size}")
+    out = Path(out)
+    scene_ids, rows, sites, slump_count = [], [], [], 0
+    for region_index, spec in enumerate(REGIONS):
+        rng = np.random.default_rng([seed, region_index])
+        utm = f"EPSG:{spec.epsg}"
+        centre = tuple(float(value[0]) for value in transform_points("EPSG:4326", utm, [spec.lon], [spec.lat]))
+        scenes = _plan_scenes(spec, rng, centre, scene_size)
+        world = _build_world(spec, rng, centre, scenes, scene_size)
+        slump_count += len(world.slumps)
+        look = {
+            "gain": rng.uniform(0.8, 1.2),
+            "haze": rng.uniform(0.0, 1.0),
+            "soil": rng.uniform(0.85, 1.15, 4).astype(np.float32),
+        }
+        site = f"{spec.name.lower()}_1"
+        for scene_index, scene in enumerate(scenes):
+            scene_rng = np.random.default_rng([seed, region_index, scene_index + 1])
+            scene_look = dict(look, gain=look["gain"] * scene_rng.uniform(0.95, 1.05), haze=look["haze"] * scene_rng.uniform(0.7, 1.3))
+            sr, udm = _render_scene(world, scene, spec, scene_look, scene_rng, scene_index)
+            folder = out / "scenes" / scene.scene_id
+            _write_raster(folder / f"{scene.scene_id}_3B_AnalyticMS_SR.tif", sr, utm, scene.transform, SR_BANDS, 0, predictor=2)
+            _write_raster(folder / f"{scene.scene_id}_3B_udm2.tif", udm, utm, scene.transform, UDM2_BANDS)
+            scene_ids.append(scene.scene_id)
+            for slump in world.slumps:
+                geometry = slump.geometry()
+                if not geometry.intersects(scene.footprint):
+                    continue
+                geometry = shapely.geometry.shape(transform_geom(utm, "EPSG:4326", shapely.geometry.mapping(geometry)))
+                if spec.bowtie_label and not any(record[2] == spec.name for _, record in rows):
+                    geometry = _bowtie(geometry)
+                rows.append((geometry, (scene.scene_id, scene.date, spec.name, site, "RTS")))
+        _write_dem(world, spec, scenes, np.random.default_rng([seed, region_index, 0]), out / "auxiliary" / "dem" / f"{spec.name}_dem.tif")
+        _write_tcvis(world, spec, scenes, np.random.default_rng([seed, region_index, 99]), out / "auxiliary" / "tcvis" / f"{spec.name}_tcvis.tif")
+        boxes = np.array([transform_bounds(utm, "EPSG:4326", *scene.bounds, densify_pts=21) for scene in scenes])
+        margin = 0.005
+        envelope = shapely.box(boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
+        sites.append((envelope.buffer(margin, join_style="mitre"), site, spec.name))
+
+    _write_vectors(out / "labels.gpkg", "labels", "GPKG", [g for g, _ in rows], [r for _, r in rows], LABEL_FIELDS, "MultiPolygon")
+    _write_vectors(out / "sites.geojson", "sites", "GeoJSON", [s[0] for s in sites], [s[1:] for s in sites], ("site", "region"), "Polygon")
+    total = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    return {"scenes": scene_ids, "regions": [spec.name for spec in REGIONS], "slumps": slump_count, "labels": len(rows), "bytes": total}
+
+
+def _write_vectors(path: Path, layer: str, driver: str, geometries, records, fields, geometry_type: str) -> None:
+    """Write features with pyogrio; a fixed GPKG timestamp keeps the file byte-identical across runs."""
+    if path.exists():
+        path.unlink()
+    columns = [np.array([record[i] for record in records], dtype=object) for i in range(len(fields))]
+    previous = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE")
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": "2000-01-01T00:00:00.000Z"})
+    try:
+        pyogrio.raw.write(
+            str(path), np.array([shapely.to_wkb(g) for g in geometries], dtype=object), columns, list(fields),
+            layer=layer, driver=driver, geometry_type=geometry_type, crs="EPSG:4326",
+        )
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": previous})

@@ -1,0 +1,196 @@
+"""Records: schema round trip, tile contents, manifest, determinism, resume and parallel builds."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from rasterio.transform import Affine
+from shapely.geometry import Point, box
+
+from conftest import SCENE_A, SCENE_B, TILE, build_arguments
+from helpers import ORIGIN, SCENE_CRS, write_polygons
+from rts_tf.build import BuildSettings, build_records
+from rts_tf.cli import main
+from rts_tf.labels import rasterize_labels, read_polygons, scene_labels
+from rts_tf.rasters import Grid
+from rts_tf.records import decode_example, encode_example, features
+from rts_tf.scene import BANDS
+
+
+def read_tiles(records, manifest=None):
+    manifest = manifest or json.loads((records / "manifest.json").read_text())
+    paths = [str(records / path) for path in manifest["shards"]]
+    dataset = tf.data.TFRecordDataset(paths, compression_type=manifest["compression"])
+    return list(dataset.map(lambda s: decode_example(s, manifest)).as_numpy_iterator())
+
+
+def shard_bytes(records):
+    return {p.relative_to(records).as_posix(): p.read_bytes() for p in sorted(records.rglob("*.tfrecord*"))}
+
+
+def test_schema_round_trip():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(16, 16, 10)).astype(np.float16)
+    label = rng.integers(0, 2, size=(16, 16, 1)).astype(np.uint8)
+    label[0, :3] = 255
+    manifest = {"features": features(16, 10, "float16")}
+    serialized = encode_example(image, label, "float16", scene_id="s1", region="Lena", site="lena_1",
+                                row=7, col=9, slump_pixels=int((label == 1).sum()), ignored_pixels=3)
+    sample = {k: v.numpy() for k, v in decode_example(tf.constant(serialized), manifest).items()}
+    np.testing.assert_array_equal(sample["image"], image.astype(np.float32))
+    np.testing.assert_array_equal(sample["label"], label)
+    assert sample["scene_id"] == b"s1" and sample["region"] == b"Lena" and sample["site"] == b"lena_1"
+    assert (sample["row"], sample["col"], sample["ignored_pixels"]) == (7, 9, 3)
+
+
+def test_manifest_describes_scenes_regions_and_statistics(world_records):
+    manifest = json.loads((world_records / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["tile_size"] == 32 and manifest["overlap"] == 8
+    assert manifest["compression"] == "GZIP" and manifest["bands"] == BANDS
+    assert manifest["label_values"] == {"background": 0, "rts": 1, "ignore": 255}
+    scenes = {scene["scene_id"]: scene for scene in manifest["scenes"]}
+    assert set(scenes) == {SCENE_A, SCENE_B}
+    assert (scenes[SCENE_A]["region"], scenes[SCENE_A]["site"]) == ("Alpha", "alpha_site")  # from --sites
+    assert scenes[SCENE_B]["region"] == "Beta" and scenes[SCENE_A]["epsg"] == 32608
+    assert scenes[SCENE_A]["transform"] == list(Affine(3.0, 0, ORIGIN[0], 0, -3.0, ORIGIN[1]))[:6]
+    assert (scenes[SCENE_A]["width"], scenes[SCENE_A]["height"]) == (64, 64)
+    for scene in scenes.values():
+        for path in scene["shards"]:
+            assert path.startswith(scene["region"] + "/")
+            assert len(manifest["shards"][path]["sha256"]) == 64
+    overall = manifest["statistics"]["overall"]
+    assert set(manifest["statistics"]["regions"]) == {"Alpha", "Beta"}
+    assert overall["mean"][3] == pytest.approx(0.25, rel=0.05)  # NIR reflectance of the fixture scenes
+    assert overall["count"] == sum(r["count"] for r in manifest["statistics"]["regions"].values())
+
+
+def test_tiles_hold_labels_ignore_and_padding(world, world_records):
+    manifest = json.loads((world_records / "manifest.json").read_text())
+    tiles = read_tiles(world_records, manifest)
+    scene_a = [t for t in tiles if t["scene_id"].decode() == SCENE_A]
+    # 64 px, 32 px tiles, overlap 8: offsets 0, 24, 48 -> 9 tiles. Tile (48, 0) is half padding
+    # (kept at the 50% limit); (0, 48) adds the nodata border, (48, 24) the cloud, and (48, 48) is
+    # 75% padding: those three are dropped.
+    offsets = {(int(t["row"]), int(t["col"])) for t in scene_a}
+    assert offsets == {(0, 0), (0, 24), (24, 0), (24, 24), (48, 0)}
+    for tile in tiles:
+        label = tile["label"][..., 0]
+        assert set(np.unique(label)) <= {0, 1, 255}
+        assert tile["slump_pixels"] == (label == 1).sum() and tile["ignored_pixels"] == (label == 255).sum()
+        assert (label == 255).mean() <= 0.5
+        assert (tile["image"][label == 255] == 0).all()
+        assert tile["region"].decode() == ("Alpha" if tile["scene_id"].decode() == SCENE_A else "Beta")
+    edge = next(t for t in scene_a if (int(t["row"]), int(t["col"])) == (48, 0))
+    assert (edge["label"][16:] == 255).all() and (edge["label"][:16] != 255).all()  # padding is ignored
+    corner = next(t for t in scene_a if (int(t["row"]), int(t["col"])) == (0, 0))
+    assert (corner["label"][:4] == 255).all() and (corner["label"][4:] != 255).all()  # the nodata border
+    cloud_tile = next(t for t in scene_a if (int(t["row"]), int(t["col"])) == (24, 24))
+    assert (cloud_tile["label"][16:, 16:] == 255).all()  # the UDM2 cloud at rows/cols 40-63
+    # Mosaic the slump pixels of scene A back and compare the area with the label circle.
+    mosaic = np.zeros((64, 64), dtype=np.uint8)
+    for tile in scene_a:
+        r, c = int(tile["row"]), int(tile["col"])
+        part = tile["label"][: 64 - r, : 64 - c, 0]
+        mosaic[r:r + part.shape[0], c:c + part.shape[1]] |= part == 1
+    assert mosaic.sum() * 9 == pytest.approx(world["slump_a"].area, rel=0.03)
+
+
+def test_rasterised_label_area_matches_polygon_area():
+    grid = Grid(SCENE_CRS, Affine(3.0, 0, ORIGIN[0], 0, -3.0, ORIGIN[1]), 200, 200)
+    circle = Point(ORIGIN[0] + 300, ORIGIN[1] - 300).buffer(150.0, 64)
+    burnt = rasterize_labels([circle], grid)
+    assert burnt.sum() * 9.0 == pytest.approx(circle.area, rel=0.01)
+    touched = rasterize_labels([circle], grid, all_touched=True)
+    assert touched.sum() > burnt.sum()
+
+
+def test_labels_match_by_image_id_or_by_footprint(tmp_path):
+    grid = Grid(SCENE_CRS, Affine(3.0, 0, ORIGIN[0], 0, -3.0, ORIGIN[1]), 64, 64)
+    inside = box(ORIGIN[0] + 10, ORIGIN[1] - 50, ORIGIN[0] + 50, ORIGIN[1] - 10)
+    bowtie = inside.__class__([(ORIGIN[0] + 60, ORIGIN[1] - 60), (ORIGIN[0] + 90, ORIGIN[1] - 90),
+                               (ORIGIN[0] + 90, ORIGIN[1] - 60), (ORIGIN[0] + 60, ORIGIN[1] - 90)])
+    far = box(ORIGIN[0] + 5000, ORIGIN[1] - 50, ORIGIN[0] + 5050, ORIGIN[1] - 10)
+    with_ids = write_polygons(tmp_path / "ids.gpkg", [inside, bowtie, far],
+                              {"image_id": ["s1", "s1", "s2"], "region": ["R"] * 3})
+    layer = read_polygons(with_ids, "labels")
+    assert all(g.is_valid for g in layer.geometries)  # the bowtie was repaired
+    assert len(scene_labels(layer, "s1", grid)) == 2 and len(scene_labels(layer, "s3", grid)) == 0
+    without_ids = write_polygons(tmp_path / "plain.geojson", [inside, far], {"region": ["R", "R"]},
+                                 driver="GeoJSON")
+    matched = scene_labels(read_polygons(without_ids, "labels"), "anything", grid)
+    assert len(matched) == 1 and matched[0].area == pytest.approx(inside.area, rel=1e-3)
+
+
+def test_same_inputs_give_identical_shards(world, tmp_path):
+    runner = CliRunner()
+    for name in ("one", "two"):
+        result = runner.invoke(main, build_arguments(world, tmp_path / name))
+        assert result.exit_code == 0, result.output
+    first, second = shard_bytes(tmp_path / "one"), shard_bytes(tmp_path / "two")
+    assert len(first) == 2 and first == second
+
+
+def test_two_workers_equal_one(world, world_records, tmp_path):
+    result = CliRunner().invoke(main, build_arguments(world, tmp_path / "parallel", "--workers", "2"))
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(tmp_path / "parallel") == shard_bytes(world_records)
+    parallel = json.loads((tmp_path / "parallel" / "manifest.json").read_text())
+    serial = json.loads((world_records / "manifest.json").read_text())
+    assert parallel["shards"] == serial["shards"] and parallel["statistics"] == serial["statistics"]
+
+
+def test_interrupted_build_resumes(world, world_records, tmp_path):
+    out = tmp_path / "resumed"
+    arguments = dict(scenes=[str(world["scenes"])], labels=str(world["labels"]), out=str(out),
+                     tcvis=[str(world["tcvis"])], dem=[str(world["dem"])], sites=str(world["sites"]),
+                     settings=BuildSettings(**TILE))
+
+    def interrupt_in_second_scene(done, total):
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_records(**arguments, progress=interrupt_in_second_scene)
+    assert not (out / "manifest.json").exists()
+    assert len(list(out.rglob("*.tfrecord.gz"))) == 1 and not list(out.rglob("*.tmp"))
+    summary = build_records(**arguments)
+    assert (summary.scenes_skipped, summary.scenes_built) == (1, 1)
+    assert shard_bytes(out) == shard_bytes(world_records)
+    again = build_records(**arguments)
+    assert again.scenes_skipped == 2 and again.tiles == summary.tiles
+
+
+def test_corrupted_shard_is_rebuilt_on_resume(world, world_records, tmp_path):
+    out = tmp_path / "repaired"
+    shutil.copytree(world_records, out)
+    shard = next(out.rglob("*.tfrecord.gz"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = CliRunner().invoke(main, build_arguments(world, out))
+    assert result.exit_code == 0, result.output
+    assert "1 built, 1 already complete" in result.output
+    assert shard_bytes(out) == shard_bytes(world_records)
+
+
+def test_regions_from_labels_without_sites(world, tmp_path):
+    arguments = build_arguments(world, tmp_path / "nosites")
+    index = arguments.index("--sites")
+    del arguments[index:index + 2]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "nosites" / "manifest.json").read_text())
+    assert {s["scene_id"]: (s["region"], s["site"]) for s in manifest["scenes"]} == {
+        SCENE_A: ("Alpha", "alpha_1"), SCENE_B: ("Beta", "beta_1")}
+
+
+def test_config_file_supplies_options_and_flags_override(world, tmp_path):
+    config = tmp_path / "build.yaml"
+    config.write_text(f"scenes: [{world['scenes']}]\nlabels: {world['labels']}\ndem: [{world['dem']}]\n"
+                      f"tcvis: [{world['tcvis']}]\nsites: {world['sites']}\ntile-size: 48\noverlap: 8\n")
+    result = CliRunner().invoke(main, ["build-records", "--config", str(config), "--out",
+                                       str(tmp_path / "configured"), "--tile-size", "32"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "configured" / "manifest.json").read_text())
+    assert manifest["tile_size"] == 32 and manifest["overlap"] == 8
