@@ -133,10 +133,15 @@ class Lobe:
         return self.radius * (1.0 + self.bowl + self.tongue + sum(self.amplitudes))
 
     def polar(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised radius (< 1 inside) and angle relative to the orientation."""
-        dx, dy = x - self.x, y - self.y
-        theta = np.angle(np.exp(1j * (np.arctan2(dy, dx) - self.orientation)))
-        return np.hypot(dx, dy) / self.boundary_radius(theta), theta
+        """Normalised radius (< 1 inside; inf far outside) and angle relative to the orientation."""
+        dx, dy = np.asarray(x, dtype=float) - self.x, np.asarray(y, dtype=float) - self.y
+        reach = 1.5 * self.extent  # points beyond it are outside; skipping them keeps this cheap
+        near = (np.abs(dx) < reach) & (np.abs(dy) < reach)
+        radius, theta = np.full(dx.shape, np.inf), np.zeros(dx.shape)
+        dx, dy = dx[near], dy[near]
+        theta[near] = np.mod(np.arctan2(dy, dx) - self.orientation + math.pi, 2.0 * math.pi) - math.pi
+        radius[near] = np.hypot(dx, dy) / self.boundary_radius(theta[near])
+        return radius, theta
 
     def ring(self, count: int) -> np.ndarray:
         """Boundary vertices (count x 2), counter-clockwise."""
@@ -402,7 +407,7 @@ def _render_scene(world: World, scene: ScenePlan, spec: RegionSpec, look: dict, 
     texture = ndimage.gaussian_filter(rng.standard_normal(shape), 1.2) * 2.5
     inside = code == SLUMP
     headwall = inside & (slump_radius > 0.8) & (np.cos(slump_theta) < -0.2)
-    reflectance *= 1.0 + inside * (0.08 * np.sin(slump_radius * 30.0) + 0.12 * texture)
+    reflectance *= np.where(inside, 1.0 + 0.08 * np.sin(np.where(inside, slump_radius, 0.0) * 30.0) + 0.12 * texture, 1.0)
     reflectance *= np.where(headwall, 0.8, 1.0)
     rim = inside & (slump_radius > 0.9) & (texture > 0.3)
     reflectance = np.where(rim, 0.5 * reflectance + 0.5 * tundra, reflectance)

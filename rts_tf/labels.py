@@ -83,13 +83,17 @@ def _polygonal(geometry):
     return None
 
 
-def reproject_geometries(geometries, source_crs: CRS, target_crs: CRS) -> list:
+def reproject_geometries(geometries, source_crs: CRS, target_crs: CRS, path: str = "geometries") -> list:
     """Reproject shapely geometries with GDAL (no pyproj needed); repair what reprojection breaks."""
     if source_crs == target_crs:
         return list(geometries)
     result = []
     for geometry in geometries:
-        moved = shape(transform_geom(source_crs, target_crs, mapping(geometry)))
+        try:
+            moved = shape(transform_geom(source_crs, target_crs, mapping(geometry)))
+        except Exception as error:  # GDAL/PROJ errors (rasterio's CPLE_* classes are private)
+            raise InputError(f"{path}: coordinates cannot be transformed from {source_crs} to {target_crs} "
+                             f"(is the file's CRS right?): {str(error).splitlines()[0]}") from None
         result.append(moved if moved.is_valid else shapely.make_valid(moved))
     return result
 
@@ -102,9 +106,9 @@ def scene_labels(labels: VectorLayer, scene_id: str, grid: Grid) -> list:
     """
     if "image_id" in labels.attributes:
         chosen = labels.geometries[labels.attributes["image_id"].astype(str) == scene_id]
-        return reproject_geometries(chosen, labels.crs, grid.crs)
+        return reproject_geometries(chosen, labels.crs, grid.crs, labels.path)
     footprint = box(*grid.bounds)
-    moved = reproject_geometries(labels.geometries, labels.crs, grid.crs)
+    moved = reproject_geometries(labels.geometries, labels.crs, grid.crs, labels.path)
     return [geometry for geometry in moved if geometry.intersects(footprint)]
 
 
@@ -121,7 +125,7 @@ def site_of(sites: VectorLayer, grid: Grid) -> tuple[str | None, str | None]:
     """(site, region) of the site polygon containing the scene's centre, or (None, None)."""
     bounds = grid.bounds
     centre = shapely.Point((bounds.left + bounds.right) / 2, (bounds.bottom + bounds.top) / 2)
-    centre = reproject_geometries([centre], grid.crs, sites.crs)[0]
+    centre = reproject_geometries([centre], grid.crs, sites.crs, sites.path)[0]
     for index, geometry in enumerate(sites.geometries):
         if geometry.contains(centre):
             return sites.values("site", index), sites.values("region", index)
