@@ -31,15 +31,16 @@ class InspectReport:
                  f"{len(manifest['shards'])} shards)",
                  f"shards verified: {len(manifest['shards']) - len(self.problems)} of {len(manifest['shards'])}"]
         lines += [f"  PROBLEM {problem}" for problem in self.problems]
-        header = f"{'':<28}{'scenes':>7}{'tiles':>8}{'slump tiles':>13}{'slump px':>11}{'ignored':>9}"
+        width = max([28] + [len(f"{s['scene_id']} ({s['region']})") + 2 for s in manifest["scenes"]])
+        header = f"{'':<{width}}{'scenes':>7}{'tiles':>8}{'slump tiles':>13}{'slump px':>11}{'ignored':>9}"
         lines += ["", "by region", header]
         for region in manifest["regions"]:
             scenes = [s for s in manifest["scenes"] if s["region"] == region]
-            lines.append(_row(region, scenes, size))
-        lines.append(_row("all", manifest["scenes"], size))
+            lines.append(_row(region, scenes, size, width))
+        lines.append(_row("all", manifest["scenes"], size, width))
         lines += ["", "by scene", header.replace("scenes", "      ")]
         for scene in manifest["scenes"]:
-            lines.append(_row(f"{scene['scene_id']} ({scene['region']})", [scene], size, count=False))
+            lines.append(_row(f"{scene['scene_id']} ({scene['region']})", [scene], size, width, count=False))
         statistics = manifest["statistics"]["overall"]
         lines += ["", f"band statistics over {statistics['count']:,} valid pixels",
                   f"{'band':<28}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"]
@@ -52,10 +53,10 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _row(name: str, scenes: list[dict], size: int, count: bool = True) -> str:
+def _row(name: str, scenes: list[dict], size: int, width: int, count: bool = True) -> str:
     tiles = sum(s["tiles"] for s in scenes)
     ignored = sum(s["ignored_pixels"] for s in scenes) / max(tiles * size * size, 1)
-    return (f"{name:<28}{len(scenes) if count else '':>7}{tiles:>8}{sum(s['slump_tiles'] for s in scenes):>13}"
+    return (f"{name:<{width}}{len(scenes) if count else '':>7}{tiles:>8}{sum(s['slump_tiles'] for s in scenes):>13}"
             f"{sum(s['slump_pixels'] for s in scenes):>11}{100 * ignored:>8.1f}%")
 
 

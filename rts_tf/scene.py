@@ -180,14 +180,16 @@ class SceneStack:
                 usable &= usable_udm2(self._udm2.read(window=window))
         except RasterioError as error:
             raise InputError(f"{self.scene.sr}: cannot read scene: {str(error).splitlines()[0]}") from None
-        blue, green, red, nir = reflectance
+        _, _, red, nir = reflectance
         total = nir + red
         ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
         auxiliary = np.concatenate([self.tcvis.read_on(grid), self.terrain.read(grid)])
         usable &= np.isfinite(auxiliary).all(axis=0)
-        bands = np.concatenate([reflectance, ndvi[None], auxiliary])
-        bands[:, ~usable] = 0.0
-        image[top - row:bottom - row, left - col:right - col] = np.moveaxis(bands, 0, -1)
+        # Write band by band into the channels-last view: no stacked copy of the whole block.
+        view = image[top - row:bottom - row, left - col:right - col]
+        for index, band in enumerate((*reflectance, ndvi, *auxiliary)):
+            view[..., index] = band
+        view[~usable] = 0.0
         valid[top - row:bottom - row, left - col:right - col] = usable
         return image, valid
 
