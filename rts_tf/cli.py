@@ -158,3 +158,78 @@ def inspect_command(records: str, previews: str | None, samples: int, tensorboar
     click.echo(report.text())
     if report.problems:
         raise click.ClickException(f"{len(report.problems)} shard(s) failed verification: {report.problems[0]}")
+
+
+def split_list(ctx, param, value):
+    """Comma-separated or repeated values as one list (None when not given)."""
+    if value is None or value == () or value == []:
+        return None
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [part.strip() for item in values for part in str(item).split(",") if part.strip()]
+
+
+@main.command("fit")
+@config_option
+@click.option("--records", type=click.Path(), help="Records folder (with manifest.json).")
+@click.option("--logdir", type=click.Path(file_okay=False), help="Run folder: checkpoints, TensorBoard logs, model.")
+@click.option("--arch", type=click.Choice(["unet", "unetpp", "deeplabv3", "deeplabv3plus"]), default="unetpp",
+              show_default=True, help="Decoder architecture.")
+@click.option("--encoder", default="resnet34", show_default=True,
+              help="Any segmentation-models backbone: resnet18/34/50/101, efficientnetb0-b7, ...")
+@click.option("--encoder-weights", default=None,
+              help="'imagenet' (from the local Keras cache, never downloaded) or a 3-band .h5 weight file; "
+                   "default: train from scratch.")
+@click.option("--decoder-filters", callback=split_list, default=None, help="Decoder widths, e.g. 128,64,32,16,8.")
+@click.option("--deep-supervision", is_flag=True, default=None, help="UNet++: average the outputs of all heads.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Tiles per replica (per GPU); the global batch is this times the number of replicas.")
+@click.option("--global-batch-size", type=int, default=None,
+              help="Set the global batch instead; it must be divisible by the number of replicas.")
+@click.option("--holdout-region", default=None, help="Validate on this region, train on all others.")
+@click.option("--train-regions", callback=split_list, default=None, help="Comma-separated training regions.")
+@click.option("--val-regions", callback=split_list, default=None, help="Comma-separated validation regions.")
+@click.option("--loss", type=click.Choice(["focal", "dice", "jaccard", "bce", "bce_dice"]), default="focal",
+              show_default=True, help="All losses ignore label 255.")
+@click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Initial AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="AdamW weight decay.")
+@click.option("--schedule", type=click.Choice(["constant", "step", "exponential", "cosine"]), default="cosine",
+              show_default=True, help="Learning-rate schedule over the run.")
+@click.option("--schedule-step-epochs", type=int, default=30, show_default=True, help="Epochs per step (step).")
+@click.option("--schedule-decay", type=float, default=0.1, show_default=True,
+              help="Factor per step (step) or over the run (exponential).")
+@click.option("--early-stopping", type=int, default=0, show_default=True,
+              help="Stop after this many epochs without a better validation IoU (0: never).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, shuffling, augmentation.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Flips, rotations, blur, brightness/contrast, noise (training only).")
+@click.option("--oversample-slumps", type=int, default=1, show_default=True,
+              help="Show tiles with slumps this many times per epoch.")
+@click.option("--cache", is_flag=True, default=None, help="Cache decoded tiles in memory after the first epoch.")
+@click.option("--shuffle-buffer", type=int, default=256, show_default=True, help="Tiles in the shuffle buffer.")
+@click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 compute (GPUs); float32 output.")
+@click.option("--xla", is_flag=True, default=None, help="Compile the training step with XLA (GPUs).")
+@click.option("--devices", callback=split_list, default=None,
+              help="Comma-separated devices for MirroredStrategy (default: all GPUs).")
+@click.option("--logical-cpus", type=int, default=0, show_default=True,
+              help="Split the CPU into this many devices and mirror over them (CPU-only machines, tests).")
+@click.option("--image-every", type=int, default=5, show_default=True,
+              help="Write validation image panels to TensorBoard every N epochs (0: never).")
+@click.option("--image-tiles", type=int, default=4, show_default=True, help="Validation tiles in the panels.")
+@click.option("--profile", is_flag=True, default=None, help="Profile batches 2-4 for TensorBoard's profiler.")
+@click.option("--steps-per-epoch", type=int, default=None, help="Fixed steps per epoch (default: one pass).")
+@click.option("--overwrite", is_flag=True, default=False, help="Delete an existing run in --logdir first.")
+def fit_command(overwrite: bool, **options) -> None:
+    """Train a segmentation model on records.
+
+    Multi-GPU: MirroredStrategy over all visible GPUs (or --devices). Multi-machine:
+    MultiWorkerMirroredStrategy when TF_CONFIG is set. Re-running the same command resumes an
+    interrupted run from its last finished epoch. Ends with LOGDIR/model.keras, saved_model/ and
+    run.json (band order, normalisation, tile size, metrics) for `rts-tf predict`.
+    """
+    from rts_tf.train import FitConfig, fit
+
+    config = FitConfig(**{key: value for key, value in options.items() if value is not None})
+    result = fit(config, overwrite=overwrite)
+    for line in result.lines():
+        click.echo(line)

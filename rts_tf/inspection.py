@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from rts_tf.records import decode_example, read_manifest, verify_shard
-from rts_tf.scene import BAND_NAMES
+from rts_tf.visualize import composite, grey, outline, side_by_side
 
 PANELS = ("true colour", "NIR false colour", "TCVIS", "relative elevation", "slope", "label")
 
@@ -72,7 +71,8 @@ def inspect_records(records: str, previews: str | None = None, samples: int = 12
     if samples > 0:
         good = [path for path in manifest["shards"] if not any(path in p for p in report.problems)]
         tiles = sample_tiles(records, manifest, good, samples, seed)
-        report.previews = write_previews(tiles, Path(previews or Path(records) / "previews"), tensorboard)
+        band_names = [band["name"] for band in manifest["bands"]]
+        report.previews = write_previews(tiles, band_names, Path(previews or Path(records) / "previews"), tensorboard)
     return report
 
 
@@ -96,40 +96,22 @@ def sample_tiles(records: str, manifest: dict, shards: list[str], samples: int, 
     return [candidates[i] for i in picked]
 
 
-def stretch(values: np.ndarray, valid: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Scale to 0-255 between given limits or the 2nd and 98th percentiles of valid pixels."""
-    if low is None or high is None:
-        pool = values[valid] if valid.any() else values.reshape(-1, *values.shape[2:])
-        low_p, high_p = np.percentile(pool, [2, 98], axis=0) if pool.size else (0.0, 1.0)
-        low = low_p if low is None else low
-        high = high_p if high is None else high
-    scaled = (values - low) / np.maximum(np.asarray(high) - np.asarray(low), 1e-6)
-    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
-
-
-def tile_panels(sample: dict) -> np.ndarray:
-    """One RGB image (H, 6W + gaps, 3): the six preview panels of a tile side by side."""
+def tile_panels(sample: dict, band_names: list[str]) -> np.ndarray:
+    """One RGB image: the six preview panels of a tile side by side."""
     image, label = sample["image"], sample["label"][..., 0]
-    band = {name: image[..., index] for index, name in enumerate(BAND_NAMES)}
     valid = label != 255
-    grey = lambda a, lo=None, hi=None: np.repeat(stretch(a[..., None], valid, lo, hi), 3, axis=-1)
-    true_colour = stretch(np.stack([band["red"], band["green"], band["blue"]], -1), valid)
-    false_colour = stretch(np.stack([band["nir"], band["red"], band["green"]], -1), valid)
-    tcvis = np.stack([band["tcvis_brightness"], band["tcvis_greenness"], band["tcvis_wetness"]], -1)
-    tcvis = np.clip(tcvis, 0, 255).astype(np.uint8)
-    relief = float(np.percentile(np.abs(band["relative_elevation"][valid]), 98)) if valid.any() else 1.0
-    relative = grey(band["relative_elevation"], -max(relief, 0.5), max(relief, 0.5))
-    slope = grey(band["slope"], 0.0, 30.0)
-    outlined = true_colour.copy()
-    outlined[~valid] = (outlined[~valid] * 0.4 + np.array([255, 0, 255]) * 0.6).astype(np.uint8)
-    slump = label == 1
-    outlined[slump & ~ndimage.binary_erosion(slump)] = (255, 255, 0)
-    panels = [true_colour, false_colour, tcvis, relative, slope, outlined]
-    gap = np.full((image.shape[0], 2, 3), 255, dtype=np.uint8)
-    return np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
+    band = lambda name: image[..., band_names.index(name)]
+    tcvis = np.clip(np.stack([band(n) for n in ("tcvis_brightness", "tcvis_greenness", "tcvis_wetness")], -1),
+                    0, 255).astype(np.uint8)
+    relief = float(np.percentile(np.abs(band("relative_elevation")[valid]), 98)) if valid.any() else 1.0
+    true_colour = composite(image, band_names, ("red", "green", "blue"), valid)
+    return side_by_side([
+        true_colour, composite(image, band_names, ("nir", "red", "green"), valid), tcvis,
+        grey(band("relative_elevation"), valid, -max(relief, 0.5), max(relief, 0.5)),
+        grey(band("slope"), valid, 0.0, 30.0), outline(true_colour, label)])
 
 
-def write_previews(tiles: list[dict], folder: Path, tensorboard: str | None) -> list[str]:
+def write_previews(tiles: list[dict], band_names: list[str], folder: Path, tensorboard: str | None) -> list[str]:
     """Write each tile's panels as PNG (and as TensorBoard image summaries); return the paths."""
     import tensorflow as tf
 
@@ -137,7 +119,7 @@ def write_previews(tiles: list[dict], folder: Path, tensorboard: str | None) -> 
     writer = tf.summary.create_file_writer(tensorboard) if tensorboard else None
     paths = []
     for index, sample in enumerate(tiles):
-        panels = tile_panels(sample)
+        panels = tile_panels(sample, band_names)
         scene_id = sample["scene_id"].decode()
         name = f"{index:02d}_{scene_id}_r{int(sample['row'])}_c{int(sample['col'])}.png"
         path = folder / name

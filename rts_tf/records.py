@@ -65,9 +65,9 @@ def encode_example(image: np.ndarray, label: np.ndarray, image_dtype: str, **sca
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def decode_example(serialized, manifest: dict):
-    """Parse tf.train.Example bytes into a dict of tensors: image (H,W,C float32), label (H,W,1 uint8)
-    and the scalar features. Works inside tf.data pipelines."""
+def decode_example(serialized, manifest: dict, keep_dtype: bool = False):
+    """Parse tf.train.Example bytes into a dict of tensors: image (H,W,C, float32 or as stored when
+    keep_dtype), label (H,W,1 uint8) and the scalar features. Works inside tf.data pipelines."""
     import tensorflow as tf
 
     spec = manifest["features"]
@@ -79,7 +79,8 @@ def decode_example(serialized, manifest: dict):
     for key in ("image", "label"):
         raw = tf.io.decode_raw(parsed[key], tf.dtypes.as_dtype(spec[key]["dtype"]))
         sample[key] = tf.reshape(raw, spec[key]["shape"])
-    sample["image"] = tf.cast(sample["image"], tf.float32)
+    if not keep_dtype:
+        sample["image"] = tf.cast(sample["image"], tf.float32)
     return sample
 
 

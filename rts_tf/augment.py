@@ -1,0 +1,99 @@
+"""Augmentation: random transforms of a training tile, identical for image and label.
+
+The only module that imports tensorflow_addons (rotations by arbitrary angles, Gaussian blur).
+Every transform keeps ignored pixels ignored: geometric transforms move the label with the image
+(nearest neighbour) and fill uncovered corners with the ignore value; radiometric ones change the
+image only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+with warnings.catch_warnings():
+    # tensorflow-addons announces its end of life on import; that is not a user's concern.
+    warnings.simplefilter("ignore")
+    import tensorflow_addons as tfa
+
+IGNORE = 255
+REFLECTANCE = ("blue", "green", "red", "nir")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Strengths of the random transforms (0 disables one)."""
+
+    flips: bool = True
+    rotate90: bool = True
+    max_rotation_degrees: float = 10.0
+    blur_probability: float = 0.2
+    max_blur_sigma: float = 1.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    noise: float = 0.02
+
+
+def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, band_names: list[str],
+            settings: AugmentSettings = AugmentSettings()) -> tuple[tf.Tensor, tf.Tensor]:
+    """Randomly transform one tile: image (H, W, C) float32 in physical units, label (H, W, 1) uint8.
+
+    seed is a shape-(2,) int tensor; the same seed gives the same transform (stateless ops), so a
+    run with a fixed --seed is repeatable whatever the parallelism.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
+    label = tf.cast(label, tf.float32)
+    if settings.flips:
+        flip = tf.random.stateless_uniform([2], seeds[0]) < 0.5
+        image = tf.cond(flip[0], lambda: tf.reverse(image, [1]), lambda: image)
+        label = tf.cond(flip[0], lambda: tf.reverse(label, [1]), lambda: label)
+        image = tf.cond(flip[1], lambda: tf.reverse(image, [0]), lambda: image)
+        label = tf.cond(flip[1], lambda: tf.reverse(label, [0]), lambda: label)
+    if settings.rotate90:
+        turns = tf.random.stateless_uniform([], seeds[1], 0, 4, dtype=tf.int32)
+        image, label = tf.image.rot90(image, turns), tf.image.rot90(label, turns)
+    if settings.max_rotation_degrees > 0:
+        limit = settings.max_rotation_degrees * math.pi / 180
+        angle = tf.random.stateless_uniform([], seeds[2], -limit, limit)
+        image = tfa.image.rotate(image, angle, interpolation="bilinear", fill_mode="constant", fill_value=0.0)
+        label = tfa.image.rotate(label, angle, interpolation="nearest", fill_mode="constant",
+                                 fill_value=float(IGNORE))
+    if settings.blur_probability > 0 and settings.max_blur_sigma > 0:
+        # tfa's blur takes a Python sigma: draw one of a few strengths up to the maximum.
+        sigmas = [settings.max_blur_sigma * f for f in (0.4, 0.7, 1.0)]
+        choice = tf.random.stateless_uniform([], seeds[3], 0, len(sigmas), dtype=tf.int32)
+        blurred = lambda: tf.switch_case(choice, [lambda s=s: tfa.image.gaussian_filter2d(image, (5, 5), s)
+                                                  for s in sigmas])
+        blur = tf.random.stateless_uniform([], seeds[4]) < settings.blur_probability
+        image = tf.cond(blur, blurred, lambda: image)
+    image = jitter_reflectance(image, seeds[5:8], band_names, settings)
+    valid = tf.not_equal(label, IGNORE)
+    image = image * tf.cast(valid, image.dtype)  # ignored pixels hold 0, as in the records
+    return image, tf.cast(label, tf.uint8)
+
+
+def jitter_reflectance(image: tf.Tensor, seeds: tf.Tensor, band_names: list[str],
+                       settings: AugmentSettings) -> tf.Tensor:
+    """Brightness, contrast and multiplicative noise on the reflectance bands; NDVI is recomputed
+    from the changed red and NIR so that the bands stay consistent."""
+    indexes = [band_names.index(name) for name in REFLECTANCE if name in band_names]
+    if not indexes or (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
+        return image
+    bands = tf.unstack(image, axis=-1)
+    reflectance = tf.stack([bands[i] for i in indexes], axis=-1)
+    gain = 1.0 + tf.random.stateless_uniform([], seeds[0], -settings.brightness, settings.brightness)
+    contrast = 1.0 + tf.random.stateless_uniform([], seeds[1], -settings.contrast, settings.contrast)
+    mean = tf.reduce_mean(reflectance, axis=[0, 1], keepdims=True)
+    reflectance = ((reflectance - mean) * contrast + mean) * gain
+    reflectance *= 1.0 + settings.noise * tf.random.stateless_normal(tf.shape(reflectance), seeds[2])
+    reflectance = tf.maximum(reflectance, 0.0)
+    for position, index in enumerate(indexes):
+        bands[index] = reflectance[..., position]
+    if {"red", "nir", "ndvi"} <= set(band_names):
+        red, nir = bands[band_names.index("red")], bands[band_names.index("nir")]
+        total = red + nir
+        bands[band_names.index("ndvi")] = tf.where(total > 0, (nir - red) / tf.maximum(total, 1e-6), 0.0)
+    return tf.stack(bands, axis=-1)

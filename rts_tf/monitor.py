@@ -1,0 +1,100 @@
+"""Training monitoring: Keras callbacks for the epoch log, learning rate, image panels and HParams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from rts_tf.records import write_json
+from rts_tf.visualize import composite, error_map, grey, label_colour, side_by_side
+
+PANELS = ("true colour", "NIR false colour", "label", "probability", "errors (TP white, FP red, FN blue)")
+
+
+class EpochLog(tf.keras.callbacks.Callback):
+    """Every finished epoch's logs in a JSON file, so that a resumed run's history is whole."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.epochs = json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1]
+        self.epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        write_json(self.path, self.epochs)
+
+    def history(self) -> dict[str, list[float]]:
+        keys = sorted({k for e in self.epochs for k in e if k != "epoch"})
+        return {k: [e.get(k, float("nan")) for e in self.epochs] for k in keys}
+
+
+class LearningRateLogger(tf.keras.callbacks.Callback):
+    """Adds the optimiser's current learning rate to the epoch logs (TensorBoard shows it)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        rate = self.model.optimizer.learning_rate
+        if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(self.model.optimizer.iterations)
+        logs["learning_rate"] = float(tf.keras.backend.get_value(rate))
+
+
+class ImagePanels(tf.keras.callbacks.Callback):
+    """Every N epochs, TensorBoard images of fixed validation tiles: true colour, NIR false colour,
+    label, predicted probability and the error map."""
+
+    def __init__(self, validation: tf.data.Dataset, band_names: list[str], logdir: Path, every: int, tiles: int):
+        super().__init__()
+        self.band_names, self.every = band_names, every
+        self.logdir = Path(logdir)
+        images, labels = [], []
+        for image, label in validation.unbatch():
+            label = label.numpy()
+            # Prefer tiles with slumps; fill up with the first others.
+            if (label == 1).any() or len(images) < tiles // 2:
+                images.append(image.numpy())
+                labels.append(label[..., 0])
+            if len(images) >= tiles:
+                break
+        self.images, self.labels = np.array(images), np.array(labels)
+        self.writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if len(self.images) == 0 or (epoch + 1) % self.every:
+            return
+        self.writer = self.writer or tf.summary.create_file_writer(str(self.logdir))
+        probabilities = self.model.predict(self.images, verbose=0)[..., 0]
+        with self.writer.as_default():
+            for index, (image, label, probability) in enumerate(zip(self.images, self.labels, probabilities)):
+                valid = label != 255
+                panels = side_by_side([
+                    composite(image, self.band_names, ("red", "green", "blue"), valid),
+                    composite(image, self.band_names, ("nir", "red", "green"), valid),
+                    label_colour(label), grey(probability, valid, 0.0, 1.0), error_map(label, probability)])
+                tf.summary.image(f"validation/tile_{index}", panels[None], step=epoch + 1,
+                                 description=" | ".join(PANELS))
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.close()
+
+
+HPARAM_METRICS = [hp.Metric("epoch_iou", group="validation", display_name="IoU (val)"),
+                  hp.Metric("epoch_f1", group="validation", display_name="F1 (val)"),
+                  hp.Metric("epoch_best_iou", group="validation", display_name="best-threshold IoU (val)"),
+                  hp.Metric("epoch_loss", group="validation", display_name="loss (val)"),
+                  hp.Metric("epoch_iou", group="train", display_name="IoU (train)")]
+
+
+def hparams_callback(logdir: Path, hparams: dict, trial_id: str) -> tf.keras.callbacks.Callback:
+    """The HParams dashboard entry of a run; runs under one parent folder form one table."""
+    with tf.summary.create_file_writer(str(logdir)).as_default():
+        hp.hparams_config(hparams=[hp.HParam(name) for name in hparams], metrics=HPARAM_METRICS)
+    return hp.KerasCallback(str(logdir), hparams, trial_id=trial_id)

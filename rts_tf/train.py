@@ -1,0 +1,373 @@
+"""Training: records -> tf.data -> Keras model under a tf.distribute strategy -> a self-contained run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+import rts_tf
+from rts_tf.errors import InputError
+from rts_tf.records import read_manifest, write_json
+
+RUN_NAME = "run.json"
+CONFIG_NAME = "config.yaml"
+MODEL_NAME = "model.keras"
+SCHEDULES = ("constant", "step", "exponential", "cosine")
+
+
+@dataclass
+class FitConfig:
+    """Everything that defines a training run; YAML files and command-line flags set these keys."""
+
+    records: str = ""
+    logdir: str = ""
+    arch: str = "unetpp"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    decoder_filters: list[int] | None = None
+    deep_supervision: bool = False
+    epochs: int = 100
+    batch_size: int = 8
+    global_batch_size: int | None = None
+    holdout_region: str | None = None
+    train_regions: list[str] | None = None
+    val_regions: list[str] | None = None
+    loss: str = "focal"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    schedule_step_epochs: int = 30
+    schedule_decay: float = 0.1
+    early_stopping: int = 0
+    seed: int = 0
+    augment: bool = True
+    oversample_slumps: int = 1
+    cache: bool = False
+    shuffle_buffer: int = 256
+    mixed_precision: bool = False
+    xla: bool = False
+    devices: list[str] | None = None
+    logical_cpus: int = 0
+    image_every: int = 5
+    image_tiles: int = 4
+    profile: bool = False
+    steps_per_epoch: int | None = None
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class FitResult:
+    """What a run produced."""
+
+    logdir: str
+    epochs_run: int
+    best_epoch: int
+    metrics: dict[str, float]
+    resumed_from: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        if self.skipped:
+            return [f"run {self.logdir} is already complete (use --overwrite to train again)"]
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in self.metrics.items())
+        resumed = f", resumed after epoch {self.resumed_from}" if self.resumed_from else ""
+        return [f"run: {self.logdir} ({self.epochs_run} epochs in {self.seconds:.0f} s{resumed})",
+                f"best epoch {self.best_epoch}: {metrics}",
+                f"model: {Path(self.logdir) / MODEL_NAME}",
+                f"TensorBoard: tensorboard --logdir {self.logdir}"]
+
+
+def check_config(config: FitConfig) -> None:
+    """Reject impossible settings before anything is built."""
+    from rts_tf.losses import LOSSES
+    from rts_tf.models import ARCHITECTURES, ENCODERS
+
+    if not config.records:
+        raise InputError("give --records")
+    if not config.logdir:
+        raise InputError("give --logdir")
+    if config.arch not in ARCHITECTURES:
+        raise InputError(f"unknown architecture '{config.arch}'; choose one of: {', '.join(ARCHITECTURES)}")
+    if config.encoder not in ENCODERS:
+        raise InputError(f"unknown encoder '{config.encoder}'; choose one of: {', '.join(ENCODERS)}")
+    if config.loss not in LOSSES:
+        raise InputError(f"unknown loss '{config.loss}'; choose one of: {', '.join(LOSSES)}")
+    if config.schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule '{config.schedule}'; choose one of: {', '.join(SCHEDULES)}")
+    for name in ("epochs", "batch_size", "oversample_slumps", "shuffle_buffer"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.learning_rate <= 0:
+        raise InputError(f"--learning-rate must be positive, got {config.learning_rate}")
+
+
+def make_strategy(config: FitConfig):
+    """Default strategy on one device; MirroredStrategy over several; MultiWorkerMirroredStrategy
+    when TF_CONFIG is set. logical_cpus splits the CPU (for machines without GPUs, and tests)."""
+    import tensorflow as tf
+
+    if config.logical_cpus > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] *
+                                                       config.logical_cpus)
+        except RuntimeError:
+            pass  # already initialised with this split (a second run in the same process)
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if config.devices:
+        return tf.distribute.MirroredStrategy(config.devices)
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    if config.logical_cpus > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy) -> bool:
+    """True except on the non-chief workers of a multi-worker run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                              and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def build_segmenter(config: FitConfig, num_bands: int, tile_size: int, mean, std):
+    """The model saved with a run: normalisation layer (the manifest's statistics) + network."""
+    import tensorflow as tf
+
+    from rts_tf.models import build_model
+
+    options = {}
+    if config.decoder_filters:
+        options["decoder_filters"] = tuple(config.decoder_filters)
+    if config.deep_supervision:
+        options["deep_supervision"] = True
+    try:
+        network = build_model(config.arch, config.encoder, num_bands, tile_size, config.encoder_weights, **options)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    inputs = tf.keras.Input((tile_size, tile_size, num_bands), name="image", dtype="float32")
+    normalised = tf.keras.layers.Normalization(mean=list(map(float, mean)), variance=[float(s) ** 2 for s in std],
+                                               name="normalise")(inputs)
+    return tf.keras.Model(inputs, network(normalised), name=f"rts_{config.arch}_{config.encoder}")
+
+
+def learning_rate(config: FitConfig, steps_per_epoch: int):
+    import tensorflow as tf
+
+    total = max(config.epochs * steps_per_epoch, 1)
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "step":
+        step = config.schedule_step_epochs * steps_per_epoch
+        return tf.keras.optimizers.schedules.ExponentialDecay(config.learning_rate, step, config.schedule_decay,
+                                                              staircase=True)
+    if config.schedule == "exponential":
+        return tf.keras.optimizers.schedules.ExponentialDecay(config.learning_rate, total, config.schedule_decay)
+    return tf.keras.optimizers.schedules.CosineDecay(config.learning_rate, total)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(rts_tf.__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_run(config: FitConfig, overwrite: bool) -> tuple[Path, bool]:
+    """Create the run folder; (folder, already complete). Refuse a folder of another configuration."""
+    logdir = Path(config.logdir)
+    saved = logdir / CONFIG_NAME
+    if overwrite and logdir.exists():
+        shutil.rmtree(logdir)
+    if saved.exists():
+        previous = yaml.safe_load(saved.read_text())
+        if previous != asdict(config):
+            differs = sorted(k for k in asdict(config) if previous.get(k) != asdict(config)[k])
+            raise InputError(f"{logdir}: holds a run with another configuration ({', '.join(differs)}); "
+                             "use --overwrite or another --logdir")
+        run = logdir / RUN_NAME
+        return logdir, run.exists() and json.loads(run.read_text()).get("complete", False)
+    logdir.mkdir(parents=True, exist_ok=True)
+    temporary = saved.with_name(saved.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    temporary.replace(saved)
+    return logdir, False
+
+
+def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
+    """Train a model on records and write a self-contained run folder (model.keras, run.json,
+    saved_model/, TensorBoard logs, checkpoints). Re-running resumes an interrupted run."""
+    started = time.perf_counter()
+    check_config(config)
+    manifest = read_manifest(config.records)
+    from rts_tf.dataset import make_dataset, normalisation, split_regions, tile_count
+
+    split = split_regions(manifest, config.holdout_region, config.train_regions, config.val_regions)
+    logdir, complete = prepare_run(config, overwrite)
+    if complete:
+        run = json.loads((logdir / RUN_NAME).read_text())
+        return FitResult(str(logdir), run["epochs_run"], run["best_epoch"], run["metrics"], skipped=True)
+
+    import tensorflow as tf
+
+    from rts_tf.augment import AugmentSettings
+    from rts_tf.losses import get_loss
+    from rts_tf.metrics import segmentation_metrics
+
+    tf.keras.utils.set_random_seed(config.seed)
+    strategy = make_strategy(config)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    if config.global_batch_size is not None:
+        if config.global_batch_size % replicas:
+            raise InputError(f"--global-batch-size {config.global_batch_size} is not divisible by the "
+                             f"{replicas} replicas")
+        global_batch = config.global_batch_size
+    if config.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        tile_size, bands = manifest["tile_size"], [b["name"] for b in manifest["bands"]]
+        mean, std = normalisation(manifest, split.train)
+        train_tiles, train_slumps = tile_count(manifest, split.train)
+        epoch_tiles = train_tiles + (config.oversample_slumps - 1) * train_slumps
+        steps = config.steps_per_epoch or max(epoch_tiles // global_batch, 1)
+        if epoch_tiles < global_batch:
+            raise InputError(f"{config.records}: {epoch_tiles} training tiles are fewer than one global batch "
+                             f"({global_batch}); lower --batch-size")
+        train = make_dataset(config.records, manifest, split.train, global_batch, training=True, seed=config.seed,
+                             augment_settings=AugmentSettings() if config.augment else None,
+                             oversample_slumps=config.oversample_slumps, cache=config.cache,
+                             shuffle_buffer=config.shuffle_buffer)
+        validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False)
+        if config.steps_per_epoch:
+            train = train.repeat()
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        train, validation = train.with_options(options), validation.with_options(options)
+
+        with strategy.scope():
+            model = build_segmenter(config, len(bands), tile_size, mean, std)
+            optimizer = tf.keras.optimizers.AdamW(learning_rate(config, steps), weight_decay=config.weight_decay)
+            model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
+                          jit_compile=config.xla)
+
+        chief = is_chief(strategy)
+        writable = logdir if chief else Path(tempfile_dir(logdir))
+        checkpoints = writable / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        hparams = {"arch": config.arch, "encoder": config.encoder, "holdout_region": config.holdout_region or "",
+                   "learning_rate": config.learning_rate, "loss": config.loss, "batch_size": global_batch}
+        from rts_tf.monitor import EpochLog, ImagePanels, LearningRateLogger, hparams_callback
+
+        history_log = EpochLog(writable / "history.json")
+        keras_callbacks = [
+            tf.keras.callbacks.BackupAndRestore(str(logdir / "backup")),
+            LearningRateLogger(),
+            history_log,
+            tf.keras.callbacks.TensorBoard(str(writable), histogram_freq=0, write_graph=False,
+                                           profile_batch=(2, 4) if config.profile else 0),
+            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor="val_iou", mode="max",
+                                               save_best_only=True, save_weights_only=True),
+            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.weights.h5"), save_weights_only=True),
+            hparams_callback(writable, hparams, logdir.name),
+        ]
+        if config.image_every > 0 and chief:
+            keras_callbacks.append(ImagePanels(validation, bands, writable / "images", config.image_every,
+                                               config.image_tiles))
+        if config.early_stopping > 0:
+            keras_callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_iou", mode="max",
+                                                                    patience=config.early_stopping))
+        keras_callbacks.extend(callbacks)
+        resumed_from = len(history_log.epochs)
+        model.fit(train, validation_data=validation, epochs=config.epochs, steps_per_epoch=steps,
+                  callbacks=keras_callbacks, verbose=2)
+
+        history = history_log.history()
+        best_index = int(np.argmax(history["val_iou"])) if history.get("val_iou") else len(history_log.epochs) - 1
+        if (checkpoints / "best.weights.h5").exists():
+            model.load_weights(str(checkpoints / "best.weights.h5"))
+        metrics = {k[4:]: float(v[best_index]) for k, v in history.items() if k.startswith("val_")}
+        result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics, resumed_from=resumed_from,
+                           seconds=time.perf_counter() - started, history=history)
+        if chief:
+            save_run(model, config, manifest, split, mean, std, result, global_batch, replicas)
+        return result
+    finally:
+        if config.mixed_precision:
+            tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def tempfile_dir(logdir: Path) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=f"{logdir.name}-worker-")
+
+
+def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result: FitResult,
+             global_batch: int, replicas: int) -> None:
+    """model.keras, saved_model/ and run.json: everything prediction needs."""
+    logdir = Path(config.logdir)
+    temporary = logdir / f"tmp-{MODEL_NAME}"
+    model.save(str(temporary))
+    temporary.replace(logdir / MODEL_NAME)
+    export = logdir / "saved_model"
+    staging = logdir / "saved_model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every signature of the export
+        model.export(str(staging))
+    shutil.rmtree(export, ignore_errors=True)
+    staging.replace(export)
+    run = {
+        "complete": True,
+        "rts_tf_version": rts_tf.__version__,
+        "git_commit": git_commit(),
+        "model": MODEL_NAME,
+        "saved_model": "saved_model",
+        "arch": config.arch,
+        "encoder": config.encoder,
+        "tile_size": manifest["tile_size"],
+        "overlap": manifest["overlap"],
+        "bands": manifest["bands"],
+        "normalisation": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "label_values": manifest["label_values"],
+        "threshold": result.metrics.get("best_threshold", 0.5),
+        "records": str(Path(config.records).resolve()),
+        "regions": {"train": list(split.train), "validation": list(split.validation)},
+        "holdout_region": config.holdout_region,
+        "global_batch_size": global_batch,
+        "replicas": replicas,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "metrics": result.metrics,
+        "history": result.history,
+        "config": asdict(config),
+    }
+    write_json(logdir / RUN_NAME, run)
+    shutil.rmtree(logdir / "backup", ignore_errors=True)  # BackupAndRestore leaves an empty folder
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    from rts_tf.config import load_config
+
+    return load_config(path, FitConfig.keys())
