@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyogrio
@@ -81,7 +82,9 @@ CLOUD = np.array([5200, 5300, 5400, 5600], dtype=np.float32)
 SNOW = np.array([7200, 7300, 7100, 6200], dtype=np.float32)
 # TCVIS trend colours (brightness, greenness, wetness as RGB) per class.
 TCVIS_COLOURS = np.array(
-    [[110, 150, 105], [95, 115, 150], [120, 120, 150], [105, 115, 140], [125, 110, 170], [135, 128, 120], [190, 70, 120]],
+    # tundra greening, lake, river, sea, gravel bar, bare patch (stable), slump (bright, browning)
+    [[110, 150, 105], [95, 115, 150], [120, 120, 150], [105, 115, 140],
+     [125, 110, 170], [135, 128, 120], [190, 70, 120]],
     dtype=np.float32,
 )
 
@@ -102,8 +105,10 @@ class _Waves:
         self.phases = rng.uniform(0.0, 2.0 * math.pi, count)
 
     def __call__(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        total = np.zeros(np.shape(u))
-        for kx, ky, phase in zip(self.kx, self.ky, self.phases):
+        # float32 halves the cost; phases stay accurate to 1e-4 rad over a region's few kilometres.
+        u, v = np.asarray(u, dtype=np.float32), np.asarray(v, dtype=np.float32)
+        total = np.zeros(u.shape, dtype=np.float32)
+        for kx, ky, phase in np.stack([self.kx, self.ky, self.phases], axis=1).astype(np.float32):
             total += np.sin(kx * u + ky * v + phase)
         return total * math.sqrt(2.0 / len(self.kx))
 
@@ -152,10 +157,13 @@ class Lobe:
         )
 
 
-def _random_lobe(rng, x, y, radius, orientation, irregularity, bowl=0.0, tongue=0.0) -> Lobe:
+def _random_lobe(rng, x, y, radius, orientation, irregularity, bowl=0.0, tongue=0.0, elongation=None) -> Lobe:
+    """A lobe with random harmonics; elongation (if given) fixes the second harmonic along the orientation."""
     orders = np.arange(2, 7)
     amplitudes = rng.uniform(0.0, irregularity, orders.size) / np.sqrt(orders - 1)
     phases = rng.uniform(0.0, 2.0 * math.pi, orders.size)
+    if elongation is not None:
+        amplitudes[0], phases[0] = abs(elongation), 0.0 if elongation > 0 else math.pi
     return Lobe(x, y, radius, orientation, tuple(amplitudes), tuple(phases), bowl, tongue)
 
 
@@ -187,25 +195,40 @@ class Slump:
         return shapely.MultiPolygon([shapely.Polygon(lobe.ring(n)) for lobe, n in zip(self.lobes, counts)])
 
 
+class Surface(NamedTuple):
+    """Ground cover per point: class code, vegetation density 0..1, and the nearest slump's
+    normalised radius (< 1 inside), angle from its downslope direction and radius in metres."""
+
+    code: np.ndarray
+    vegetation: np.ndarray
+    slump_radius: np.ndarray
+    slump_theta: np.ndarray
+    slump_size: np.ndarray
+
+
 class World:
     """One region's landscape as analytic functions of its UTM coordinates, shared by all sources."""
 
     def __init__(self, rng: np.random.Generator, centre: tuple[float, float], length: float, coast: bool):
         self.cx, self.cy = centre
         self.length = length
-        self.scale = max(length / (DEFAULT_SCENE_SIZE * PIXEL_SIZE), 0.4)
-        self.base = rng.uniform(20.0, 60.0)
+        # Tiny test scenes shrink the rolling hills with them (keeping their slopes); valleys and
+        # objects shrink less so that slumps still find room on the valley sides.
+        relief = length / (DEFAULT_SCENE_SIZE * PIXEL_SIZE)
+        self.scale = max(relief, 0.4)
         self.hills = _Waves(rng, 5, 0.35 * length, 1.1 * length)
-        self.hill_height = rng.uniform(7.0, 12.0) * self.scale
+        self.hill_height = rng.uniform(7.0, 12.0) * relief
         self.vegetation_field = _Waves(rng, 8, 60.0, 0.5 * length)
+        self.vegetation_detail = _Waves(rng, 10, 12.0, 60.0)
         self.vegetation_shift = rng.uniform(-0.15, 0.15)
         self.river_angle = rng.uniform(0.0, math.pi)
         self.river_offset = rng.uniform(-0.2, 0.2) * length
-        self.meander = (rng.uniform(0.04, 0.07) * length, rng.uniform(0.5, 0.9) * length, rng.uniform(0, 2 * math.pi))
+        self.meander = (rng.uniform(0.04, 0.07) * length, rng.uniform(0.5, 0.9) * length, *rng.uniform(0, 2 * math.pi, 2))
         self.valley_depth = rng.uniform(18.0, 30.0) * self.scale
-        self.valley_width = rng.uniform(0.07, 0.1) * length
+        self.valley_width = rng.uniform(135.0, 190.0) * self.scale
         self.river_width = rng.uniform(10.0, 18.0) * self.scale
-        self.bar_width = rng.uniform(25.0, 40.0) * self.scale
+        self.bar_width = rng.uniform(30.0, 60.0) * self.scale
+        self.base = self.valley_depth + 2.0 * self.hill_height + rng.uniform(5.0, 40.0)
         self.coast = None
         if coast:
             angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -215,11 +238,14 @@ class World:
         self.slumps: list[Slump] = []
 
     def _river_distance(self, u, v):
+        """Signed distance across the meandering channel, bend direction, and local half width."""
         along = u * math.cos(self.river_angle) + v * math.sin(self.river_angle)
         across = -u * math.sin(self.river_angle) + v * math.cos(self.river_angle)
-        amplitude, wavelength, phase = self.meander
-        bend = np.sin(2.0 * math.pi * along / wavelength + phase)
-        return across - self.river_offset - amplitude * bend, bend
+        amplitude, wavelength, phase, second_phase = self.meander
+        angle = 2.0 * math.pi * along / wavelength + phase
+        bend = np.sin(angle) + 0.35 * np.sin(2.0 * angle + second_phase)
+        width = self.river_width * (1.0 + 0.3 * np.sin(2.7 * angle + second_phase))
+        return across - self.river_offset - amplitude * bend, bend, width
 
     def _inland_distance(self, u, v):
         if self.coast is None:
@@ -231,7 +257,7 @@ class World:
     def elevation(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Terrain height in metres with valleys, coast, lakes and the slump depressions."""
         u, v = np.asarray(x, dtype=float) - self.cx, np.asarray(y, dtype=float) - self.cy
-        river, _ = self._river_distance(u, v)
+        river, _, _ = self._river_distance(u, v)
         height = self.base + self.hill_height * self.hills(u, v)
         height = height - self.valley_depth * np.exp(-((river / self.valley_width) ** 2))
         if self.coast is not None:
@@ -251,27 +277,29 @@ class World:
         gy = (self.elevation(x, y + step) - self.elevation(x, y - step)) / (2 * step)
         return np.degrees(np.arctan(np.hypot(gx, gy))), np.arctan2(-gy, -gx)
 
-    def surface(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Class code, vegetation density (0..1), slump normalised radius and angle per point."""
+    def surface(self, x: np.ndarray, y: np.ndarray) -> Surface:
+        """What covers the ground at each point."""
         u, v = np.asarray(x, dtype=float) - self.cx, np.asarray(y, dtype=float) - self.cy
         code = np.full(u.shape, TUNDRA, dtype=np.int8)
-        vegetation = np.clip(0.6 + 0.22 * self.vegetation_field(u, v) + self.vegetation_shift, 0.0, 1.0)
+        vegetation = 0.6 + 0.2 * self.vegetation_field(u, v) + 0.07 * self.vegetation_detail(u, v)
+        vegetation = np.clip(vegetation + self.vegetation_shift, 0.0, 1.0)
         for patch in self.bare_patches:
             code[patch.polar(x, y)[0] < 1.0] = BARE
-        river, bend = self._river_distance(u, v)
+        river, bend, width = self._river_distance(u, v)
         bar = self.bar_width * np.clip((np.abs(bend) - 0.35) / 0.65, 0.0, 1.0)
-        code[(river * bend < 0) & (np.abs(river) < self.river_width + bar)] = GRAVEL
-        code[np.abs(river) < self.river_width] = RIVER
+        code[(river * bend < 0) & (np.abs(river) < width + bar)] = GRAVEL  # point bars inside bends
+        code[np.abs(river) < width] = RIVER
         for lake, _ in self.lakes:
             code[lake.polar(x, y)[0] < 1.0] = LAKE
         code[self._inland_distance(u, v) < 0] = SEA
-        slump_radius, slump_theta = np.full(u.shape, np.inf), np.zeros(u.shape)
+        slump_radius, slump_theta, slump_size = np.full(u.shape, np.inf), np.zeros(u.shape), np.zeros(u.shape)
         for slump in self.slumps:
             radius, theta = slump.polar(x, y)
             closer = radius < slump_radius
             slump_radius, slump_theta = np.where(closer, radius, slump_radius), np.where(closer, theta, slump_theta)
+            slump_size[closer] = slump.lobes[0].radius
         code[slump_radius < 1.0] = SLUMP
-        return code, vegetation, slump_radius, slump_theta
+        return Surface(code, vegetation, slump_radius, slump_theta, slump_size)
 
     def fits(self, lobes: list[Lobe], margin: float) -> bool:
         """True when the lobes' surroundings are plain tundra and clear of other features."""
@@ -283,7 +311,7 @@ class World:
         for x, y, extent in others:
             if np.hypot(ring[:, 0] - x, ring[:, 1] - y).min() < extent + 15.0 * self.scale:
                 return False
-        return bool(np.all(self.surface(ring[:, 0], ring[:, 1])[0] == TUNDRA))
+        return bool(np.all(self.surface(ring[:, 0], ring[:, 1]).code == TUNDRA))
 
 
 @dataclass(frozen=True)
@@ -298,6 +326,7 @@ class ScenePlan:
     footprint: shapely.Polygon
 
     def pixel_centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """UTM x and y of every pixel centre, each shaped (height, width)."""
         columns = self.transform.c + self.transform.a * (np.arange(self.width) + 0.5)
         rows = self.transform.f + self.transform.e * (np.arange(self.height) + 0.5)
         return np.meshgrid(columns, rows)
@@ -310,6 +339,7 @@ class ScenePlan:
 
 
 def _plan_scenes(spec: RegionSpec, rng, centre, scene_size: int) -> list[ScenePlan]:
+    """The region's scenes; a second one is shifted by 30% of the size and taken on another date."""
     plans = []
     direction = rng.uniform(0.0, 2.0 * math.pi)
     first_date = datetime.date(spec.year, 7, 1) + datetime.timedelta(days=int(rng.integers(0, 50)))
@@ -318,10 +348,12 @@ def _plan_scenes(spec: RegionSpec, rng, centre, scene_size: int) -> list[ScenePl
         shift = 0.3 * index * scene_size * PIXEL_SIZE
         x = centre[0] + shift * math.cos(direction) - width * PIXEL_SIZE / 2
         y = centre[1] + shift * math.sin(direction) + height * PIXEL_SIZE / 2
-        transform = Affine(PIXEL_SIZE, 0.0, round(x / PIXEL_SIZE) * PIXEL_SIZE, 0.0, -PIXEL_SIZE, round(y / PIXEL_SIZE) * PIXEL_SIZE)
+        left, top = (round(value / PIXEL_SIZE) * PIXEL_SIZE for value in (x, y))
+        transform = Affine(PIXEL_SIZE, 0.0, left, 0.0, -PIXEL_SIZE, top)
         date = first_date
         if index:
-            date = datetime.date(spec.year + int(rng.integers(0, 2)), 7, 1) + datetime.timedelta(days=int(rng.integers(0, 60)))
+            year, day = spec.year + int(rng.integers(0, 2)), int(rng.integers(0, 60))
+            date = datetime.date(year, 7, 1) + datetime.timedelta(days=day)
             date = date + datetime.timedelta(days=9) if date == first_date else date
         # Acquisitions around 10:30 local solar time, recorded in UTC.
         seconds = int(((10.5 + rng.uniform(-1, 1) - spec.lon / 15.0) % 24.0) * 3600)
@@ -337,23 +369,25 @@ def _plan_scenes(spec: RegionSpec, rng, centre, scene_size: int) -> list[ScenePl
         corners = corners + rng.uniform(-0.02, 0.02, (4, 2)) * [width, height]
         rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         pixels = corners @ rotation.T + [width / 2, height / 2]
-        footprint = shapely.Polygon(np.column_stack([transform.c + PIXEL_SIZE * pixels[:, 0], transform.f - PIXEL_SIZE * pixels[:, 1]]))
+        footprint = shapely.Polygon(np.column_stack([left + PIXEL_SIZE * pixels[:, 0], top - PIXEL_SIZE * pixels[:, 1]]))
         plans.append(ScenePlan(scene_id, f"{date:%Y-%m-%d}", width, height, transform, footprint))
     return plans
 
 
 def _random_points(rng, area: shapely.Polygon, count: int) -> np.ndarray:
+    """Up to count uniform random points inside area, shape (n, 2)."""
     left, bottom, right, top = area.bounds
     points = rng.uniform([left, bottom], [right, top], (count * 3, 2))
     return points[shapely.contains_xy(area, points[:, 0], points[:, 1])][:count]
 
 
 def _build_world(spec: RegionSpec, rng, centre, scenes: list[ScenePlan], scene_size: int) -> World:
+    """Terrain plus lakes, bare patches on flat ground, and 3 to 8 slumps on slopes inside the scenes."""
     world = World(rng, centre, scene_size * PIXEL_SIZE, spec.coast)
     union = shapely.union_all([scene.footprint for scene in scenes])
     for x, y in _random_points(rng, union, 40):
-        lake = _random_lobe(rng, x, y, rng.uniform(0.04, 0.07) * world.length, rng.uniform(0, math.pi), 0.08)
-        lake = Lobe(lake.x, lake.y, lake.radius, lake.orientation, (0.3,) + lake.amplitudes[1:], lake.phases)
+        radius, orientation = rng.uniform(0.04, 0.07) * world.length, rng.uniform(0, math.pi)
+        lake = _random_lobe(rng, x, y, radius, orientation, 0.06, elongation=0.22)
         if world.fits([lake], 1.3) and world.slope(np.array([x]), np.array([y]))[0][0] < 6.0:
             world.lakes.append((lake, float(world.elevation(np.array([x]), np.array([y]))[0]) - 1.0))
         if len(world.lakes) == 2:
@@ -362,7 +396,7 @@ def _build_world(spec: RegionSpec, rng, centre, scenes: list[ScenePlan], scene_s
     for x, y in _random_points(rng, union, 200):
         if len(world.bare_patches) == bare_target:
             break
-        patch = _random_lobe(rng, x, y, rng.uniform(25.0, 70.0) * world.scale, rng.uniform(0, math.pi), 0.15)
+        patch = _random_lobe(rng, x, y, rng.uniform(25.0, 80.0) * world.scale, rng.uniform(0, math.pi), 0.25)
         if world.slope(np.array([x]), np.array([y]))[0][0] < 2.5 and world.fits([patch], 1.2):
             world.bare_patches.append(patch)
     # Slumps sit on slopes; where scenes overlap, the first ones go in the overlap so both scenes see them.
@@ -374,119 +408,127 @@ def _build_world(spec: RegionSpec, rng, centre, scenes: list[ScenePlan], scene_s
             continue
         candidates = _random_points(rng, area.buffer(-30.0 * world.scale), 600)
         slopes, downslope = world.slope(candidates[:, 0], candidates[:, 1])
-        for (x, y), slope, orientation in zip(candidates, slopes, downslope):
+        # Slopes steeper than 4 degrees first; gentler ones (2 to 4) only if too few of those fit.
+        order = np.concatenate([np.flatnonzero(slopes >= 4.0), np.flatnonzero((slopes >= 2.0) & (slopes < 4.0))])
+        for (x, y), orientation in zip(candidates[order], downslope[order]):
             if len(world.slumps) >= target:
                 break
-            if slope < 4.0:
-                continue
             radius = 35.0 * world.scale * (120.0 / 35.0) ** rng.uniform()
-            main = _random_lobe(rng, x, y, radius, orientation, 0.1, rng.uniform(0.1, 0.25), rng.uniform(0.15, 0.5))
+            shape = dict(bowl=rng.uniform(0.1, 0.25), tongue=rng.uniform(0.2, 0.6), elongation=rng.uniform(-0.2, 0.25))
+            main = _random_lobe(rng, x, y, radius, orientation, 0.1, **shape)
             lobes = [main]
             if spec.twin_slump and not world.slumps:
                 side = orientation + rng.choice([-1, 1]) * math.pi / 2
                 small = radius * rng.uniform(0.3, 0.45)
                 distance = float(main.boundary_radius(np.array([side - orientation]))[0]) + 1.5 * small + 5.0
-                lobes.append(_random_lobe(rng, x + distance * math.cos(side), y + distance * math.sin(side), small, orientation, 0.08, 0.1, 0.2))
+                x_small, y_small = x + distance * math.cos(side), y + distance * math.sin(side)
+                lobes.append(_random_lobe(rng, x_small, y_small, small, orientation, 0.08, bowl=0.1, tongue=0.2))
             if world.fits(lobes, 1.15):
                 depth = radius * rng.uniform(0.035, 0.06) + 1.0
                 world.slumps.append(Slump(tuple(lobes), depth, int(rng.integers(48, 73))))
     return world
 
 
-def _render_scene(world: World, scene: ScenePlan, spec: RegionSpec, look: dict, rng, scene_index: int):
-    """Surface reflectance (4, H, W) uint16 and UDM2 (8, H, W) uint8 for one scene."""
+def _ground_reflectance(world: World, scene: ScenePlan, look: dict, rng) -> np.ndarray:
+    """Cloud-free surface reflectance x 10000, shape (4, H, W), seen through the region's haze."""
     x, y = scene.pixel_centres()
-    shape = x.shape
-    code, vegetation, slump_radius, slump_theta = world.surface(x, y)
-    valid = rasterize([scene.footprint], out_shape=shape, transform=scene.transform, dtype=np.uint8).astype(bool)
-
+    code, vegetation, slump_radius, slump_theta, slump_size = world.surface(x, y)
     spectra = SPECTRA[code].transpose(2, 0, 1) * np.where(code >= GRAVEL, look["soil"][:, None, None], 1.0)
     tundra = SPECTRA[TUNDRA][:, None, None] + vegetation * (LUSH_TUNDRA - SPECTRA[TUNDRA])[:, None, None]
     reflectance = np.where(code == TUNDRA, tundra, spectra)
-    # Slump texture: concentric ridges, mud noise, darker wet headwall, vegetation remnants at the rim.
-    texture = ndimage.gaussian_filter(rng.standard_normal(shape), 1.2) * 2.5
+    # Slumps: mud-flow streaks running downslope, mud texture, a darker wet headwall and
+    # vegetation remnants along the rim.
+    texture = ndimage.gaussian_filter(rng.standard_normal(x.shape), 1.2) * 2.5
     inside = code == SLUMP
-    headwall = inside & (slump_radius > 0.8) & (np.cos(slump_theta) < -0.2)
-    reflectance *= np.where(inside, 1.0 + 0.08 * np.sin(np.where(inside, slump_radius, 0.0) * 30.0) + 0.12 * texture, 1.0)
-    reflectance *= np.where(headwall, 0.8, 1.0)
-    rim = inside & (slump_radius > 0.9) & (texture > 0.3)
-    reflectance = np.where(rim, 0.5 * reflectance + 0.5 * tundra, reflectance)
-    reflectance *= 1.0 + 0.05 * texture * (code == TUNDRA) + 0.08 * texture * (code == BARE)
+    across = np.where(inside, slump_radius, 0.0) * np.sin(slump_theta) * slump_size
+    streaks = 0.08 * np.sin(2.0 * math.pi * across / 9.0 + texture) + 0.12 * texture
+    reflectance *= 1.0 + np.where(inside, streaks, texture * (0.05 * (code == TUNDRA) + 0.08 * (code == BARE)))
+    reflectance *= np.where(inside & (slump_radius > 0.8) & (np.cos(slump_theta) < -0.2), 0.8, 1.0)
+    reflectance = np.where(inside & (slump_radius > 0.9) & (texture > 0.3), 0.5 * (reflectance + tundra), reflectance)
+    # Terrain shading from the same elevation model, sun in the south-east 35 degrees high.
+    gradient_y, gradient_x = np.gradient(world.elevation(x, y), -PIXEL_SIZE, PIXEL_SIZE)
+    elevation, azimuth = math.radians(35.0), math.radians(135.0)
+    sun = (math.cos(elevation) * math.sin(azimuth), math.cos(elevation) * math.cos(azimuth), math.sin(elevation))
+    illumination = (sun[2] - gradient_x * sun[0] - gradient_y * sun[1]) / np.sqrt(1.0 + gradient_x**2 + gradient_y**2)
+    reflectance *= np.clip(illumination / sun[2], 0.4, 1.6)
+    reflectance = ndimage.gaussian_filter(reflectance, (0, 0.6, 0.6))  # the sensor's point spread
+    return reflectance + look["haze"] * np.array([260.0, 170.0, 90.0, 40.0])[:, None, None]
 
-    # Terrain shading from the same elevation model: sun from the south-east, 35 degrees high.
-    elevation = world.elevation(x, y)
-    gy, gx = np.gradient(elevation, -PIXEL_SIZE, PIXEL_SIZE)
-    sun = (math.cos(math.radians(35)) * math.sin(math.radians(135)), math.cos(math.radians(35)) * math.cos(math.radians(135)), math.sin(math.radians(35)))
-    illumination = (-gx * sun[0] - gy * sun[1] + sun[2]) / np.sqrt(1.0 + gx**2 + gy**2) / sun[2]
-    reflectance *= np.clip(illumination, 0.4, 1.6)
-    reflectance = ndimage.gaussian_filter(reflectance, (0, 0.6, 0.6))
-    reflectance += look["haze"] * np.array([260.0, 170.0, 90.0, 40.0])[:, None, None]
 
+def _render_scene(world: World, scene: ScenePlan, spec: RegionSpec, look: dict, rng, first: bool):
+    """Surface reflectance (4, H, W) uint16 and UDM2 (8, H, W) uint8 for one scene."""
+    shape = (scene.height, scene.width)
+    reflectance = _ground_reflectance(world, scene, look, rng)
+    valid = rasterize([scene.footprint], out_shape=shape, transform=scene.transform, dtype=np.uint8).astype(bool)
     udm = np.zeros((8,) + shape, dtype=np.uint8)
     rows, columns = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
-    size_factor = world.scale  # blob sizes shrink with tiny scenes
-
-    def blob(row: float, column: float, radius_metres: float) -> np.ndarray:
-        radius = radius_metres / PIXEL_SIZE * size_factor
-        return np.exp(-((rows - row) ** 2 + (columns - column) ** 2) / (2 * radius**2))
-
     waves = _Waves(rng, 6, 30.0, 200.0)(rows, columns)
-    forced_slump = spec.cloud_over_slump and scene_index == 0
-    if forced_slump or rng.uniform() < 0.45:
+
+    def blob(row: float, column: float, radius_metres: float, stretch: float = 1.0, angle: float = 0.0):
+        radius = radius_metres * world.scale / PIXEL_SIZE  # atmospheric features shrink with tiny scenes
+        along = (rows - row) * math.cos(angle) + (columns - column) * math.sin(angle)
+        across = (columns - column) * math.cos(angle) - (rows - row) * math.sin(angle)
+        return np.exp(-((along / stretch) ** 2 + across**2) / (2 * radius**2))
+
+    forced = spec.cloud_over_slump and first
+    if forced or rng.uniform() < 0.45:
         coverage = rng.uniform(0.05, 0.15)
         cloud_field = np.zeros(shape)
-        if forced_slump:
-            # Put the cloud's edge across the slump nearest the scene centre.
+        if forced:
+            # One round cloud whose edge runs through the slump nearest the scene centre.
             centre = np.array(scene.footprint.centroid.coords[0])
             slump = min(world.slumps, key=lambda s: math.hypot(s.lobes[0].x - centre[0], s.lobes[0].y - centre[1]))
             target = np.array([slump.lobes[0].x, slump.lobes[0].y])
-            direction = (centre - target) / max(np.linalg.norm(centre - target), 1.0)
             cloud_radius = math.sqrt(coverage * valid.sum() / math.pi) * PIXEL_SIZE
-            position = target + direction * cloud_radius
-            row, column = (scene.transform.f - position[1]) / PIXEL_SIZE, (position[0] - scene.transform.c) / PIXEL_SIZE
-            cloud_field += blob(row, column, cloud_radius / size_factor)
+            x, y = target + (centre - target) / max(np.linalg.norm(centre - target), 1.0) * cloud_radius
+            row, column = (scene.transform.f - y) / PIXEL_SIZE, (x - scene.transform.c) / PIXEL_SIZE
+            cloud_field += blob(row, column, cloud_radius / world.scale)
         else:
             for _ in range(int(rng.integers(1, 4))):
-                cloud_field += blob(rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(120, 300)) * rng.uniform(0.6, 1.0)
+                weight = rng.uniform(0.6, 1.0)
+                cloud_field += weight * blob(rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(120, 300))
         cloud_field *= 1.0 + 0.15 * waves
         threshold = np.quantile(cloud_field[valid], 1.0 - coverage)
         opacity = _smoothstep((cloud_field - 0.8 * threshold) / (0.4 * threshold))
-        offset = max(1, int(round(rng.uniform(40, 70) * size_factor)))  # shadows fall to the north-west
-        shadow_opacity = np.zeros(shape)
-        shadow_opacity[:-offset, :-offset] = opacity[offset:, offset:]
-        reflectance *= 1.0 - 0.6 * shadow_opacity
-        reflectance = reflectance * (1.0 - opacity) + CLOUD[:, None, None] * opacity
+        offset = max(1, int(round(rng.uniform(40, 70) * world.scale)))  # shadows fall to the north-west
+        shadow = np.zeros(shape)
+        shadow[:-offset, :-offset] = opacity[offset:, offset:]
+        reflectance = reflectance * (1.0 - 0.6 * shadow) * (1.0 - opacity) + CLOUD[:, None, None] * opacity
         udm[5] = cloud_field >= threshold
-        udm[3] = (opacity > 0.15) & ~udm[5].astype(bool)  # thin cloud edges count as light haze
-        udm[2] = (shadow_opacity > 0.5) & ~udm[5].astype(bool)
+        udm[3] = (opacity > 0.15) & (udm[5] == 0)  # thin cloud edges count as light haze
+        udm[2] = (shadow > 0.5) & (udm[5] == 0)
     if rng.uniform() < 0.5:
-        haze = _smoothstep((_Waves(rng, 4, 150.0, 400.0)(rows, columns) - 0.6) / 0.8)
-        reflectance += haze * np.array([500.0, 400.0, 300.0, 180.0])[:, None, None]
-        udm[3] |= haze > 0.25
-    if spec.heavy_haze and scene_index == 0:
+        haze = _smoothstep((_Waves(rng, 7, 150.0, 600.0)(rows, columns) - 0.3) / 1.5)
+        reflectance += haze * np.array([240.0, 180.0, 130.0, 70.0])[:, None, None]
+        udm[3] |= haze > 0.4
+    if spec.heavy_haze and first:
         heavy = blob(rng.uniform(0.2, 0.8) * shape[0], rng.uniform(0.2, 0.8) * shape[1], 60.0)
         reflectance += heavy * np.array([1800.0, 1600.0, 1400.0, 1000.0])[:, None, None]
         udm[4] = heavy > 0.5
-    if spec.snow and scene_index == 0:
+    if spec.snow and first:
+        # Late-lying snow drifts, kept clear of the slumps.
+        x, y = scene.pixel_centres()
+        away = world.surface(x, y).slump_radius > 2.0
         snow = np.zeros(shape)
-        for _ in range(3):
-            snow = np.maximum(snow, blob(rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), 12.0))
-        snow = np.where(slump_radius > 1.3, snow * (1.0 + 0.3 * waves), 0.0) > 0.5
+        for _ in range(12):
+            row, column = int(rng.integers(shape[0])), int(rng.integers(shape[1]))
+            drift = blob(row, column, rng.uniform(8.0, 20.0), rng.uniform(2.5, 5.0), rng.uniform(0, math.pi))
+            snow = np.maximum(snow, drift) if away[row, column] else snow
+        snow = away & (snow * (1.0 + 0.3 * waves) > 0.5)
         reflectance = np.where(snow, SNOW[:, None, None], reflectance)
         udm[1] = snow
 
-    reflectance *= look["gain"] * (1.0 + 0.03 * rng.standard_normal(shape) + 0.02 * rng.standard_normal(reflectance.shape))
-    reflectance += 12.0 * rng.standard_normal(reflectance.shape)
+    noise = 0.03 * rng.standard_normal(shape) + 0.02 * rng.standard_normal(reflectance.shape)
+    reflectance = reflectance * look["gain"] * (1.0 + noise) + 12.0 * rng.standard_normal(reflectance.shape)
     sr = np.where(valid, np.clip(np.round(reflectance), 1, 65535), 0).astype(np.uint16)
     udm[:6] *= valid
-    udm[0] = valid & ~(udm[1] | udm[2] | udm[4] | udm[5]).astype(bool)
-    confidence = 95.0 - 30.0 * udm[3] - 40.0 * udm[4] - 20.0 * udm[5] + 3.0 * waves
-    udm[6] = np.where(valid, np.clip(confidence, 0, 100), 0)
+    udm[0] = valid & (udm[1] == 0) & (udm[2] == 0) & (udm[4] == 0) & (udm[5] == 0)
+    udm[6] = np.where(valid, np.clip(95.0 - 30.0 * udm[3] - 40.0 * udm[4] - 20.0 * udm[5] + 3.0 * waves, 0, 100), 0)
     udm[7] = ~valid
     return sr, udm
 
 
-def _write_raster(path: Path, data: np.ndarray, crs: str, transform: Affine, descriptions, nodata=None, predictor=1) -> None:
+def _write_raster(path: Path, data: np.ndarray, crs: str, transform: Affine, descriptions, nodata=None, predictor=1):
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = dict(
         driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype, crs=crs,
@@ -498,9 +540,25 @@ def _write_raster(path: Path, data: np.ndarray, crs: str, transform: Affine, des
         dataset.descriptions = tuple(descriptions)
 
 
-def _auxiliary_grid(scenes, utm_crs: str, crs: str, step_x: float, step_y: float, margin_x: float, margin_y: float):
+def _write_vectors(path: Path, driver: str, geometries, records, fields, geometry_type: str) -> None:
+    """Write EPSG:4326 features; a pinned GPKG timestamp keeps the file byte-identical across runs."""
+    path.unlink(missing_ok=True)
+    columns = [np.array([record[index] for record in records], dtype=object) for index in range(len(fields))]
+    wkb = np.array([shapely.to_wkb(geometry) for geometry in geometries], dtype=object)
+    previous = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE")
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": "2000-01-01T00:00:00.000Z"})
+    try:
+        pyogrio.raw.write(
+            str(path), wkb, columns, list(fields), layer=path.stem, driver=driver, geometry_type=geometry_type,
+            crs="EPSG:4326",
+        )
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": previous})
+
+
+def _auxiliary_grid(scenes, utm: str, crs: str, step_x: float, step_y: float, margin_x: float, margin_y: float):
     """A grid in crs covering all scenes plus a margin, snapped to multiples of its step."""
-    boxes = np.array([transform_bounds(utm_crs, crs, *scene.bounds, densify_pts=21) for scene in scenes])
+    boxes = np.array([transform_bounds(utm, crs, *scene.bounds, densify_pts=21) for scene in scenes])
     left = math.floor((boxes[:, 0].min() - margin_x) / step_x) * step_x
     top = math.ceil((boxes[:, 3].max() + margin_y) / step_y) * step_y
     width = int(math.ceil((boxes[:, 2].max() + margin_x - left) / step_x))
@@ -508,63 +566,81 @@ def _auxiliary_grid(scenes, utm_crs: str, crs: str, step_x: float, step_y: float
     return Affine(step_x, 0.0, left, 0.0, -step_y, top), width, height
 
 
-def _sample_grid(world: World, utm_crs: str, crs: str, transform: Affine, width: int, height: int, samples: int):
-    """UTM coordinates of samples x samples points inside each cell, shaped (samples**2, H, W)."""
-    offsets = (np.arange(samples) + 0.5) / samples
-    columns = (np.arange(width)[None, :] + offsets[:, None]).ravel()
-    rows = (np.arange(height)[None, :] + offsets[:, None]).ravel()
-    gx, gy = np.meshgrid(transform.c + transform.a * columns, transform.f + transform.e * rows)
-    ux, uy = transform_points(crs, utm_crs, gx.ravel(), gy.ravel())
+def _sample_grid(utm: str, crs: str, transform: Affine, width: int, height: int, samples: int):
+    """UTM coordinates of samples x samples points in each cell of a grid in crs: (samples**2, H, W).
 
-    def cells(values):
-        return np.asarray(values).reshape(samples, height, samples, width).transpose(0, 2, 1, 3).reshape(-1, height, width)
-
-    return cells(ux), cells(uy)
+    Cell centres go through rasterio.warp.transform; the points around each centre follow the
+    local Jacobian of the projection, exact to millimetres over one cell.
+    """
+    columns = transform.c + transform.a * (np.arange(width) + 0.5)
+    rows = transform.f + transform.e * (np.arange(height) + 0.5)
+    grid_x, grid_y = np.meshgrid(columns, rows)
+    centres = [np.reshape(values, (height, width)) for values in transform_points(crs, utm, grid_x.ravel(), grid_y.ravel())]
+    offsets = (np.arange(samples) + 0.5) / samples - 0.5
+    points = [
+        np.stack([c + dc * np.gradient(c, axis=1) + dr * np.gradient(c, axis=0) for dr in offsets for dc in offsets])
+        for c in centres
+    ]
+    return points[0], points[1]
 
 
 def _write_dem(world: World, spec: RegionSpec, scenes, rng, path: Path) -> None:
+    """ArcticDEM-like tile: EPSG:3413, 10 m, float32, each cell the mean of 2 x 2 samples."""
     utm = f"EPSG:{spec.epsg}"
-    transform, width, height = _auxiliary_grid(scenes, utm, DEM_CRS, DEM_RESOLUTION, DEM_RESOLUTION, AUXILIARY_MARGIN, AUXILIARY_MARGIN)
-    ux, uy = _sample_grid(world, utm, DEM_CRS, transform, width, height, 2)
-    dem = world.elevation(ux, uy).mean(axis=0) + 0.15 * rng.standard_normal((height, width))
+    margin = AUXILIARY_MARGIN
+    transform, width, height = _auxiliary_grid(scenes, utm, DEM_CRS, DEM_RESOLUTION, DEM_RESOLUTION, margin, margin)
+    x, y = _sample_grid(utm, DEM_CRS, transform, width, height, 2)
+    dem = world.elevation(x, y).mean(axis=0) + 0.15 * rng.standard_normal((height, width))
     if spec.dem_void and world.lakes:
-        dem[world.lakes[0][0].polar(ux, uy)[0].mean(axis=0) < 0.7] = DEM_NODATA
+        dem[world.lakes[0][0].polar(x, y)[0].mean(axis=0) < 0.7] = DEM_NODATA
     _write_raster(path, dem[None].astype(np.float32), DEM_CRS, transform, ("elevation",), DEM_NODATA, predictor=3)
 
 
 def _write_tcvis(world: World, spec: RegionSpec, scenes, rng, path: Path) -> None:
+    """TCVIS-like tile: EPSG:4326, ~30 m, 3 bands uint8, each cell the mean colour of 3 x 3 samples."""
     utm = f"EPSG:{spec.epsg}"
-    lon_step = TCVIS_LAT_STEP / math.cos(math.radians(spec.lat))
-    margin_y = AUXILIARY_MARGIN / 111_000.0
-    margin_x = margin_y / math.cos(math.radians(spec.lat))
-    transform, width, height = _auxiliary_grid(scenes, utm, TCVIS_CRS, lon_step, TCVIS_LAT_STEP, margin_x, margin_y)
-    ux, uy = _sample_grid(world, utm, TCVIS_CRS, transform, width, height, 3)
-    code, vegetation, _, _ = world.surface(ux, uy)
+    stretch = 1.0 / math.cos(math.radians(spec.lat))
+    margin = AUXILIARY_MARGIN / 111_000.0
+    transform, width, height = _auxiliary_grid(
+        scenes, utm, TCVIS_CRS, TCVIS_LAT_STEP * stretch, TCVIS_LAT_STEP, margin * stretch, margin
+    )
+    code, vegetation = world.surface(*_sample_grid(utm, TCVIS_CRS, transform, width, height, 3))[:2]
     colours = TCVIS_COLOURS[code]
-    colours[..., 1] += np.where(code == TUNDRA, 30.0 * (vegetation - 0.5), 0.0)
+    colours[..., 1] += np.where(code == TUNDRA, 30.0 * (vegetation - 0.5), 0.0)  # lusher tundra greened more
     colours = colours.mean(axis=0).transpose(2, 0, 1)
     colours += rng.uniform(-8, 8, (3, 1, 1)) + 4.0 * rng.standard_normal(colours.shape)
-    _write_raster(path, np.clip(np.round(colours), 0, 255).astype(np.uint8), TCVIS_CRS, transform, TCVIS_BANDS, predictor=2)
+    colours = np.clip(np.round(colours), 0, 255).astype(np.uint8)
+    _write_raster(path, colours, TCVIS_CRS, transform, TCVIS_BANDS, predictor=2)
 
 
 def _bowtie(geometry: shapely.MultiPolygon) -> shapely.MultiPolygon:
-    """Swap two adjacent vertices of the first ring: a self-intersecting digitising error."""
+    """Swap two adjacent vertices of the first ring: a self-intersecting digitising error.
+
+    Where the boundary bends the other way a swap does not cross, so take the first swap that does.
+    """
     ring = np.array(geometry.geoms[0].exterior.coords)[:-1]
-    ring[[5, 6]] = ring[[6, 5]]
-    return shapely.MultiPolygon([shapely.Polygon(ring)] + list(geometry.geoms)[1:])
+    for index in range(5, len(ring) - 1):
+        nicked = ring.copy()
+        nicked[[index, index + 1]] = nicked[[index + 1, index]]
+        bowtie = shapely.MultiPolygon([shapely.Polygon(nicked)] + list(geometry.geoms)[1:])
+        if not bowtie.is_valid:
+            return bowtie
+    raise RuntimeError("no vertex swap made the label invalid")  # not reached for a curved ring
 
 
 def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None = None) -> dict:
-    """Write the demo dataset to `out` and return {"scenes", "regions", "slumps", "labels", "bytes"}.
+    """Write the synthetic demo dataset under `out` in the real input formats.
 
-    The same seed and scene_size give byte-identical files. scene_size (pixels, default 640) sets
-    the nominal scene width and height; each scene varies by +-15%.
+    Returns {"scenes": [scene_id...], "regions": [...], "slumps": physical slumps, "labels": label
+    rows (a slump seen in two scenes has two), "bytes": size of the files written}. The same seed
+    and scene_size give byte-identical files. scene_size (pixels, default 640) is the nominal scene
+    width and height; each scene varies by +-15%.
     """
     scene_size = DEFAULT_SCENE_SIZE if scene_size is None else int(scene_size)
     if scene_size < 64:
         raise ValueError(f"scene_size must be at least 64 pixels, got {scene_size}")
     out = Path(out)
-    scene_ids, rows, sites, slump_count = [], [], [], 0
+    scene_ids, written, labels, sites, slump_count = [], [], [], [], 0
     for region_index, spec in enumerate(REGIONS):
         rng = np.random.default_rng([seed, region_index])
         utm = f"EPSG:{spec.epsg}"
@@ -572,52 +648,39 @@ def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None
         scenes = _plan_scenes(spec, rng, centre, scene_size)
         world = _build_world(spec, rng, centre, scenes, scene_size)
         slump_count += len(world.slumps)
-        look = {
-            "gain": rng.uniform(0.8, 1.2),
-            "haze": rng.uniform(0.0, 1.0),
-            "soil": rng.uniform(0.85, 1.15, 4).astype(np.float32),
-        }
+        look = {"gain": rng.uniform(0.8, 1.2), "haze": rng.uniform(0.0, 1.0), "soil": rng.uniform(0.85, 1.15, 4)}
         site = f"{spec.name.lower()}_1"
         for scene_index, scene in enumerate(scenes):
             scene_rng = np.random.default_rng([seed, region_index, scene_index + 1])
-            scene_look = dict(look, gain=look["gain"] * scene_rng.uniform(0.95, 1.05), haze=look["haze"] * scene_rng.uniform(0.7, 1.3))
-            sr, udm = _render_scene(world, scene, spec, scene_look, scene_rng, scene_index)
+            gain, haze = scene_rng.uniform(0.95, 1.05), scene_rng.uniform(0.7, 1.3)
+            scene_look = dict(look, gain=look["gain"] * gain, haze=look["haze"] * haze)
+            sr, udm = _render_scene(world, scene, spec, scene_look, scene_rng, scene_index == 0)
             folder = out / "scenes" / scene.scene_id
-            _write_raster(folder / f"{scene.scene_id}_3B_AnalyticMS_SR.tif", sr, utm, scene.transform, SR_BANDS, 0, predictor=2)
-            _write_raster(folder / f"{scene.scene_id}_3B_udm2.tif", udm, utm, scene.transform, UDM2_BANDS)
+            written += [folder / f"{scene.scene_id}_3B_AnalyticMS_SR.tif", folder / f"{scene.scene_id}_3B_udm2.tif"]
+            _write_raster(written[-2], sr, utm, scene.transform, SR_BANDS, nodata=0, predictor=2)
+            _write_raster(written[-1], udm, utm, scene.transform, UDM2_BANDS)
             scene_ids.append(scene.scene_id)
             for slump in world.slumps:
-                geometry = slump.geometry()
-                if not geometry.intersects(scene.footprint):
-                    continue
-                geometry = shapely.geometry.shape(transform_geom(utm, "EPSG:4326", shapely.geometry.mapping(geometry)))
-                if spec.bowtie_label and not any(record[2] == spec.name for _, record in rows):
+                if slump.geometry().intersection(scene.footprint).area < 5 * PIXEL_SIZE**2:
+                    continue  # not visible in this scene
+                geometry = shapely.geometry.shape(transform_geom(utm, "EPSG:4326", slump.geometry().__geo_interface__))
+                if spec.bowtie_label and not any(record[2] == spec.name for _, record in labels):
                     geometry = _bowtie(geometry)
-                rows.append((geometry, (scene.scene_id, scene.date, spec.name, site, "RTS")))
-        _write_dem(world, spec, scenes, np.random.default_rng([seed, region_index, 0]), out / "auxiliary" / "dem" / f"{spec.name}_dem.tif")
-        _write_tcvis(world, spec, scenes, np.random.default_rng([seed, region_index, 99]), out / "auxiliary" / "tcvis" / f"{spec.name}_tcvis.tif")
+                labels.append((geometry, (scene.scene_id, scene.date, spec.name, site, "RTS")))
+        written += [out / "auxiliary" / kind / f"{spec.name}_{kind}.tif" for kind in ("dem", "tcvis")]
+        _write_dem(world, spec, scenes, np.random.default_rng([seed, region_index, 0]), written[-2])
+        _write_tcvis(world, spec, scenes, np.random.default_rng([seed, region_index, 99]), written[-1])
         boxes = np.array([transform_bounds(utm, "EPSG:4326", *scene.bounds, densify_pts=21) for scene in scenes])
-        margin = 0.005
-        envelope = shapely.box(boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
-        sites.append((envelope.buffer(margin, join_style="mitre"), site, spec.name))
+        envelope = shapely.box(*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
+        sites.append((envelope.buffer(0.005, join_style="mitre"), (site, spec.name)))
 
-    _write_vectors(out / "labels.gpkg", "labels", "GPKG", [g for g, _ in rows], [r for _, r in rows], LABEL_FIELDS, "MultiPolygon")
-    _write_vectors(out / "sites.geojson", "sites", "GeoJSON", [s[0] for s in sites], [s[1:] for s in sites], ("site", "region"), "Polygon")
-    total = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
-    return {"scenes": scene_ids, "regions": [spec.name for spec in REGIONS], "slumps": slump_count, "labels": len(rows), "bytes": total}
-
-
-def _write_vectors(path: Path, layer: str, driver: str, geometries, records, fields, geometry_type: str) -> None:
-    """Write features with pyogrio; a fixed GPKG timestamp keeps the file byte-identical across runs."""
-    if path.exists():
-        path.unlink()
-    columns = [np.array([record[i] for record in records], dtype=object) for i in range(len(fields))]
-    previous = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE")
-    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": "2000-01-01T00:00:00.000Z"})
-    try:
-        pyogrio.raw.write(
-            str(path), np.array([shapely.to_wkb(g) for g in geometries], dtype=object), columns, list(fields),
-            layer=layer, driver=driver, geometry_type=geometry_type, crs="EPSG:4326",
-        )
-    finally:
-        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": previous})
+    written += [out / "labels.gpkg", out / "sites.geojson"]
+    _write_vectors(written[-2], "GPKG", *zip(*labels), LABEL_FIELDS, "MultiPolygon")
+    _write_vectors(written[-1], "GeoJSON", *zip(*sites), ("site", "region"), "Polygon")
+    return {
+        "scenes": scene_ids,
+        "regions": [spec.name for spec in REGIONS],
+        "slumps": slump_count,
+        "labels": len(labels),
+        "bytes": sum(path.stat().st_size for path in written),
+    }

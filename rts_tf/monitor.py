@@ -22,6 +22,11 @@ class EpochLog(tf.keras.callbacks.Callback):
         super().__init__()
         self.path = Path(path)
         self.epochs = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.first_epoch = None  # where Keras (re)started: > 0 after BackupAndRestore resumed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first_epoch is None:
+            self.first_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1]

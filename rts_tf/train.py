@@ -299,7 +299,6 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
             keras_callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_iou", mode="max",
                                                                     patience=config.early_stopping))
         keras_callbacks.extend(callbacks)
-        resumed_from = len(history_log.epochs)
         model.fit(train, validation_data=validation, epochs=config.epochs, steps_per_epoch=steps,
                   callbacks=keras_callbacks, verbose=2)
 
@@ -308,7 +307,8 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
         if (checkpoints / "best.weights.h5").exists():
             model.load_weights(str(checkpoints / "best.weights.h5"))
         metrics = {k[4:]: float(v[best_index]) for k, v in history.items() if k.startswith("val_")}
-        result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics, resumed_from=resumed_from,
+        result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics,
+                           resumed_from=history_log.first_epoch or 0,
                            seconds=time.perf_counter() - started, history=history)
         if chief:
             save_run(model, config, manifest, split, mean, std, result, global_batch, replicas)

@@ -70,3 +70,23 @@ def world_records(world, tmp_path_factory) -> Path:
     result = CliRunner().invoke(main, build_arguments(world, out))
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_records(tmp_path_factory) -> Path:
+    """Demo data (160 px scenes) built into 64 px records through the command line."""
+    from click.testing import CliRunner
+
+    from rts_tf.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    runner = CliRunner()
+    result = runner.invoke(main, ["demo-data", str(root / "data"), "--scene-size", "160"])
+    assert result.exit_code == 0, result.output
+    data = root / "data"
+    result = runner.invoke(main, ["build-records", "--scenes", str(data / "scenes"), "--labels", str(data / "labels.gpkg"),
+                                  "--dem", str(data / "auxiliary" / "dem"), "--tcvis", str(data / "auxiliary" / "tcvis"),
+                                  "--sites", str(data / "sites.geojson"), "--out", str(root / "records"),
+                                  "--tile-size", "64", "--overlap", "8"])
+    assert result.exit_code == 0, result.output
+    return root / "records"

@@ -3,27 +3,11 @@
 import json
 
 import numpy as np
-import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rts_tf.cli import main
-
-
-@pytest.fixture(scope="session")
-def demo_records(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    runner = CliRunner()
-    result = runner.invoke(main, ["demo-data", str(root / "data"), "--scene-size", "160"])
-    assert result.exit_code == 0, result.output
-    data = root / "data"
-    result = runner.invoke(main, ["build-records", "--scenes", str(data / "scenes"), "--labels", str(data / "labels.gpkg"),
-                                  "--dem", str(data / "auxiliary" / "dem"), "--tcvis", str(data / "auxiliary" / "tcvis"),
-                                  "--sites", str(data / "sites.geojson"), "--out", str(root / "records"),
-                                  "--tile-size", "64", "--overlap", "8"])
-    assert result.exit_code == 0, result.output
-    return root / "records"
 
 
 def test_demo_records_cover_six_regions(demo_records):
