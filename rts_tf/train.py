@@ -287,9 +287,9 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
             history_log,
             tf.keras.callbacks.TensorBoard(str(writable), histogram_freq=0, write_graph=False,
                                            profile_batch=(2, 4) if config.profile else 0),
-            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "best.weights.h5"), monitor="val_iou", mode="max",
+            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "best.h5"), monitor="val_iou", mode="max",
                                                save_best_only=True, save_weights_only=True),
-            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.weights.h5"), save_weights_only=True),
+            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.h5"), save_weights_only=True),
             hparams_callback(writable, hparams, logdir.name),
         ]
         if config.image_every > 0 and chief:
@@ -299,19 +299,22 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
             keras_callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_iou", mode="max",
                                                                     patience=config.early_stopping))
         keras_callbacks.extend(callbacks)
-        model.fit(train, validation_data=validation, epochs=config.epochs, steps_per_epoch=steps,
+        # A finite dataset is re-iterated each epoch only without steps_per_epoch (Keras keeps one
+        # iterator otherwise), so it is passed only with the repeating dataset of --steps-per-epoch.
+        model.fit(train, validation_data=validation, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
                   callbacks=keras_callbacks, verbose=2)
 
         history = history_log.history()
         best_index = int(np.argmax(history["val_iou"])) if history.get("val_iou") else len(history_log.epochs) - 1
-        if (checkpoints / "best.weights.h5").exists():
-            model.load_weights(str(checkpoints / "best.weights.h5"))
+        # The saved model is rebuilt outside the strategy and given the best epoch's weights.
+        final = build_segmenter(config, len(bands), tile_size, mean, std)
+        final.load_weights(str(checkpoints / ("best.h5" if (checkpoints / "best.h5").exists() else "last.h5")))
         metrics = {k[4:]: float(v[best_index]) for k, v in history.items() if k.startswith("val_")}
         result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics,
                            resumed_from=history_log.first_epoch or 0,
                            seconds=time.perf_counter() - started, history=history)
         if chief:
-            save_run(model, config, manifest, split, mean, std, result, global_batch, replicas)
+            save_run(final, config, manifest, split, mean, std, result, global_batch, replicas)
         return result
     finally:
         if config.mixed_precision:

@@ -1,0 +1,196 @@
+"""`rts-tf fit`: a real (tiny) Keras fit on demo records, saved runs, TensorBoard, strategies, resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rts_tf.cli import main
+from rts_tf.dataset import make_dataset
+
+TINY = ["--arch", "unet", "--encoder", "resnet18", "--decoder-filters", "16,16,8,8,8", "--batch-size", "4",
+        "--holdout-region", "Horton", "--image-every", "1", "--image-tiles", "2", "--schedule", "constant"]
+
+
+def fit_arguments(records, logdir, *extra):
+    return ["fit", "--records", str(records), "--logdir", str(logdir), *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_records, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = CliRunner().invoke(main, fit_arguments(demo_records, logdir, "--epochs", "4", "--no-augment",
+                                                    "--learning-rate", "0.003"))
+    assert result.exit_code == 0, result.output
+    return logdir
+
+
+def test_fit_lowers_the_loss_and_writes_a_self_contained_run(tiny_run, demo_records):
+    run = json.loads((tiny_run / "run.json").read_text())
+    losses = run["history"]["loss"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert run["complete"] and run["arch"] == "unet" and run["encoder"] == "resnet18" and run["tile_size"] == 64
+    assert [b["name"] for b in run["bands"]][:4] == ["blue", "green", "red", "nir"]
+    assert len(run["normalisation"]["mean"]) == 10 and run["regions"]["validation"] == ["Horton"]
+    assert "Horton" not in run["regions"]["train"] and run["replicas"] == 1
+    assert set(run["metrics"]) >= {"iou", "f1", "precision", "recall", "best_iou", "best_threshold", "loss"}
+    assert 0 <= run["metrics"]["iou"] <= 1
+    config = (tiny_run / "config.yaml").read_text()
+    assert "holdout_region: Horton" in config and len(run["git_commit"]) in (7, 40) or run["git_commit"] == "unknown"
+
+
+def test_saved_model_reloads_and_predicts_identically(tiny_run, demo_records):
+    from rts_tf.models import load_model
+
+    manifest = json.loads((demo_records / "manifest.json").read_text())
+    images, labels = next(iter(make_dataset(demo_records, manifest, ("Horton",), 6, training=False)))
+    model = load_model(tiny_run / "model.keras")
+    probability = model.predict(images, verbose=0)
+    assert probability.shape == (6, 64, 64, 1) and probability.dtype == np.float32
+    assert ((probability >= 0) & (probability <= 1)).all()
+    exported = tf.saved_model.load(str(tiny_run / "saved_model"))
+    served = exported.serve(images).numpy()
+    np.testing.assert_allclose(served, probability, atol=1e-5)
+    again = load_model(tiny_run / "model.keras").predict(images, verbose=0)
+    np.testing.assert_array_equal(again, probability)
+    # The model normalises inside: raw physical values go in, as written in the records.
+    assert model.layers[1].name == "normalise"
+
+
+def test_tensorboard_holds_scalars_images_and_hparams(tiny_run):
+    train = EventAccumulator(str(tiny_run / "train"))
+    train.Reload()
+    validation = EventAccumulator(str(tiny_run / "validation"))
+    validation.Reload()
+    for events in (train, validation):
+        tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
+        assert {"epoch_loss", "epoch_iou", "epoch_f1", "epoch_best_iou"} <= tags, tags
+    assert "epoch_learning_rate" in set(train.Tags()["scalars"]) | set(train.Tags()["tensors"])
+    images = EventAccumulator(str(tiny_run / "images"), size_guidance={"images": 0, "tensors": 0})
+    images.Reload()
+    image_tags = images.Tags()["tensors"] + images.Tags()["images"]
+    assert any(tag.startswith("validation/tile_") for tag in image_tags)
+    top = EventAccumulator(str(tiny_run), size_guidance={"tensors": 0})
+    top.Reload()
+    plugins = top.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
+
+
+def test_rerunning_a_finished_run_does_nothing(tiny_run, demo_records):
+    result = CliRunner().invoke(main, fit_arguments(demo_records, tiny_run, "--epochs", "4", "--no-augment",
+                                                    "--learning-rate", "0.003"))
+    assert result.exit_code == 0 and "already complete" in result.output
+
+
+def run_cli(arguments, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "rts_tf", *arguments], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def test_fit_under_mirrored_strategy_on_two_logical_cpus(demo_records, tmp_path):
+    logdir = tmp_path / "mirrored"
+    completed = run_cli(fit_arguments(demo_records, logdir, "--epochs", "1", "--logical-cpus", "2",
+                                      "--image-every", "0"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run = json.loads((logdir / "run.json").read_text())
+    assert run["replicas"] == 2 and run["global_batch_size"] == 8
+    completed = run_cli(fit_arguments(demo_records, tmp_path / "odd", "--epochs", "1", "--logical-cpus", "2",
+                                      "--global-batch-size", "7"))
+    assert completed.returncode != 0 and "not divisible by the 2 replicas" in completed.stderr
+
+
+def test_killed_fit_resumes_at_the_next_epoch(demo_records, tmp_path):
+    logdir = tmp_path / "killed"
+    arguments = fit_arguments(demo_records, logdir, "--epochs", "4", "--image-every", "0")
+    process = subprocess.Popen([sys.executable, "-m", "rts_tf", *arguments], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    history = logdir / "history.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if history.exists() and len(json.loads(history.read_text() or "[]")) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = len(json.loads(history.read_text()))
+    assert 2 <= finished < 4, "the run ended before it could be killed"
+    completed = run_cli(arguments)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"resumed after epoch {finished}" in completed.stdout
+    run = json.loads((logdir / "run.json").read_text())
+    assert run["epochs_run"] == 4 and len(run["history"]["loss"]) == 4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_fit_with_two_local_workers(demo_records, tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    logdir = tmp_path / "multiworker"
+    arguments = fit_arguments(demo_records, logdir, "--epochs", "1", "--image-every", "0")
+    workers = [subprocess.Popen([sys.executable, "-m", "rts_tf", *arguments], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                            "task": {"type": "worker", "index": i}})})
+               for i in range(2)]
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    run = json.loads((logdir / "run.json").read_text())
+    assert run["replicas"] == 2 and run["epochs_run"] == 1
+
+
+def test_bad_fit_input(demo_records, tmp_path):
+    runner = CliRunner()
+
+    def fails(arguments, *words):
+        result = runner.invoke(main, arguments)
+        assert result.exit_code != 0, result.output
+        assert "Traceback" not in result.output
+        for word in words:
+            assert word in result.output, result.output
+
+    fails(fit_arguments(tmp_path / "none", tmp_path / "r1"), "records folder not found")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    fails(fit_arguments(broken, tmp_path / "r2"), "unreadable manifest")
+    fails(fit_arguments(demo_records, tmp_path / "r3") + ["--holdout-region", "Atlantis"], "Atlantis", "Lena")
+    fails(fit_arguments(demo_records, tmp_path / "r4") + ["--encoder", "resnet9000"], "resnet9000", "resnet34")
+    fails(fit_arguments(demo_records, tmp_path / "r5") + ["--arch", "segformer"], "segformer", "unetpp")
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochs: 1\nlearning_rat: 0.1\n")
+    fails(["fit", "--config", str(config)], "learning_rat", str(config))
+    import shutil
+
+    copy = tmp_path / "records"
+    shutil.copytree(demo_records, copy)
+    shard = sorted(copy.rglob("*.tfrecord.gz"))[0]
+    shard.write_bytes(shard.read_bytes()[:-5])
+    fails(fit_arguments(copy, tmp_path / "r6") + ["--holdout-region", shard.parent.name], shard.name)
+    keras_home = tmp_path / "keras_home"
+    keras_home.mkdir()
+    os.environ["KERAS_HOME"], previous = str(keras_home), os.environ.get("KERAS_HOME")
+    try:
+        fails(fit_arguments(demo_records, tmp_path / "r7") + ["--encoder-weights", "imagenet"], "imagenet",
+              str(keras_home))
+    finally:
+        if previous is None:
+            del os.environ["KERAS_HOME"]
+        else:
+            os.environ["KERAS_HOME"] = previous
