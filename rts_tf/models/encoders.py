@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
@@ -100,7 +101,11 @@ def build_encoder(
     feature_layers = segmentation_models.Backbones.get_feature_layers(name, n=4)
     outputs = {}
     for level, layer_key in zip(("P4", "P3", "P2", "P1"), feature_layers):
-        layer = backbone.get_layer(name=layer_key) if isinstance(layer_key, str) else backbone.get_layer(index=layer_key)
+        # The table names a layer, or gives its index where layer names are not stable.
+        if isinstance(layer_key, str):
+            layer = backbone.get_layer(name=layer_key)
+        else:
+            layer = backbone.get_layer(index=layer_key)
         outputs[level] = layer.output
     outputs["P5"] = backbone.output
     for level in FEATURE_LEVELS:
@@ -132,17 +137,20 @@ def imagenet_weights_file(name: str, tile_size: int = 256) -> tuple[str, str, Pa
 
 def _backbone(name: str, input_shape: tuple[int, int, int], weights: str | None = None, utils=None) -> tf.keras.Model:
     """Build one segmentation-models backbone without its classification top."""
-    return segmentation_models.Backbones.get_backbone(
-        name,
-        input_shape=input_shape,
-        weights=weights,
-        include_top=False,
-        # segmentation-models takes the Keras submodules as arguments; pass tf.keras explicitly.
-        backend=tf.keras.backend,
-        layers=tf.keras.layers,
-        models=tf.keras.models,
-        utils=utils if utils is not None else tf.keras.utils,
-    )
+    with warnings.catch_warnings():
+        # keras-applications warns about any band count other than 1 or 3; rts-tf expects that.
+        warnings.filterwarnings("ignore", message="This model usually expects 1 or 3 input channels")
+        return segmentation_models.Backbones.get_backbone(
+            name,
+            input_shape=input_shape,
+            weights=weights,
+            include_top=False,
+            # segmentation-models takes the Keras submodules as arguments; pass tf.keras explicitly.
+            backend=tf.keras.backend,
+            layers=tf.keras.layers,
+            models=tf.keras.models,
+            utils=utils if utils is not None else tf.keras.utils,
+        )
 
 
 class _WeightFileRequest(Exception):

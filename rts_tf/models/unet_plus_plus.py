@@ -1,0 +1,56 @@
+"""Model step, UNet++ nested decoder (Zhou et al. 2018) on the encoder features P1..P5.
+
+Node X(i, j) sits at level i (the resolution of P(i+1): level 0 is 1/2, level 4 is P5 at 1/32)
+and column j. Column 0 holds the encoder features; every other node upsamples X(i+1, j-1) by 2
+(bilinear), concatenates it with all earlier nodes of its level X(i, 0..j-1) (the dense skip
+connections) and applies two 3x3 conv-BN-ReLU. The top row X(0, 1..4) is at 1/2 resolution; a
+full-resolution stage (upsample by 2, two conv-BN-ReLU) and a 3x3 convolution with a float32
+sigmoid turn X(0, 4) into the probability.
+
+Deep supervision (``deep_supervision=True``) gives each of X(0, 1), X(0, 2), X(0, 3), X(0, 4)
+its own full-resolution stage and head, and the model's single output is the mean of the four
+probabilities. One loss on that mean trains all heads jointly, so ``model.fit`` needs nothing
+special; the mean is also what inference uses (the paper's "accurate mode").
+
+Ops: Conv2D, FusedBatchNormV3, Relu, ConcatV2, ResizeBilinear (gradient ResizeBilinearGrad) and,
+with deep supervision, an element-wise mean, all compiled by XLA.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from rts_tf.models.blocks import check_decoder_filters, decoder_block, segmentation_head
+
+
+def unet_plus_plus_decoder(
+    features: dict[str, tf.Tensor],
+    decoder_filters: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16),
+    deep_supervision: bool = False,
+) -> tf.Tensor:
+    """Return the (H, W, 1) float32 probability of a UNet++ decoder on the features ``P1``..``P5``.
+
+    ``decoder_filters`` are the widths of the nodes at 1/16, 1/8, 1/4, 1/2 and full resolution.
+    """
+    filters = check_decoder_filters(decoder_filters, 5, "unetpp")
+    depth = 4
+    # nodes[i][j] is X(i, j); level i has the resolution of P(i+1).
+    nodes = [[features[f"P{level + 1}"]] for level in range(depth + 1)]
+    for column in range(1, depth + 1):
+        for level in range(depth + 1 - column):
+            nodes[level].append(
+                decoder_block(
+                    nodes[level + 1][column - 1],
+                    nodes[level][:column],
+                    filters[depth - 1 - level],
+                    name=f"decoder_x{level}{column}",
+                )
+            )
+    if not deep_supervision:
+        x = decoder_block(nodes[0][depth], [], filters[depth], name="decoder_full_resolution")
+        return segmentation_head(x, name="probability")
+    probabilities = []
+    for column in range(1, depth + 1):
+        x = decoder_block(nodes[0][column], [], filters[depth], name=f"decoder_full_resolution{column}")
+        probabilities.append(segmentation_head(x, name=f"probability{column}"))
+    return tf.keras.layers.Average(dtype="float32", name="probability")(probabilities)
