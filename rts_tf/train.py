@@ -306,15 +306,17 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
 
         history = history_log.history()
         best_index = int(np.argmax(history["val_iou"])) if history.get("val_iou") else len(history_log.epochs) - 1
-        # The saved model is rebuilt outside the strategy and given the best epoch's weights.
-        final = build_segmenter(config, len(bands), tile_size, mean, std)
-        final.load_weights(str(checkpoints / ("best.h5" if (checkpoints / "best.h5").exists() else "last.h5")))
         metrics = {k[4:]: float(v[best_index]) for k, v in history.items() if k.startswith("val_")}
         result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics,
                            resumed_from=history_log.first_epoch or 0,
                            seconds=time.perf_counter() - started, history=history)
         if chief:
+            # The saved model is rebuilt outside the strategy and given the best epoch's weights.
+            final = build_segmenter(config, len(bands), tile_size, mean, std)
+            final.load_weights(str(checkpoints / ("best.h5" if (checkpoints / "best.h5").exists() else "last.h5")))
             save_run(final, config, manifest, split, mean, std, result, global_batch, replicas)
+        else:
+            shutil.rmtree(writable, ignore_errors=True)  # a non-chief worker's scratch copies
         return result
     finally:
         if config.mixed_precision:
