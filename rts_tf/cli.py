@@ -233,3 +233,101 @@ def fit_command(overwrite: bool, **options) -> None:
     result = fit(config, overwrite=overwrite)
     for line in result.lines():
         click.echo(line)
+
+
+@main.command("evaluate")
+@click.option("--run", "run", required=True, type=click.Path(), help="Run folder written by `rts-tf fit`.")
+@click.option("--records", required=True, type=click.Path(), help="Records folder.")
+@click.option("--region", default=None, help="Region to score ('all' for every region; default: the run's "
+                                             "validation regions).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for metrics.json and metrics.md (default: the run folder).")
+def evaluate_command(run: str, records: str, region: str | None, threshold: float, out: str | None) -> None:
+    """Score a run on scene mosaics (overlapping tiles counted once), per region and overall.
+
+    Pixel IoU, F1, precision, recall at the threshold; the best IoU over a threshold sweep;
+    object-level precision/recall/F1 (a predicted slump matches a true one at IoU >= 0.5); boundary
+    IoU. Ignored pixels are excluded everywhere.
+    """
+    from rts_tf.evaluate import evaluate, markdown_table
+
+    result = evaluate(run, records, region=region, out=out, threshold=threshold)
+    click.echo(markdown_table(result))
+
+
+@main.command("crossval")
+@click.option("--records", required=True, type=click.Path(), help="Records folder.")
+@click.option("--arch", "arch", multiple=True, help="Architecture(s) (repeatable); or from --grid.")
+@click.option("--encoder", "encoder", multiple=True, help="Encoder(s) (repeatable); or from --grid.")
+@click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Parent folder of all runs.")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None,
+              help="YAML grid such as experiments/paper2021.yaml: arch and encoder lists plus fit options.")
+@click.option("--regions", callback=split_list, default=None,
+              help="Comma-separated regions to hold out (default: every region).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Tiles per replica.")
+@click.option("--decoder-filters", callback=split_list, default=None)
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--loss", default=None)
+@click.option("--image-every", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides) -> None:
+    """Leave-one-region-out cross-validation over architectures and encoders.
+
+    Trains one run per architecture, encoder and held-out region in LOGDIR/<arch>_<encoder>/<region>,
+    evaluates it on its held-out region and writes LOGDIR/crossval.csv and crossval.md (rows:
+    held-out regions; columns: models). Re-running skips finished runs and resumes an interrupted
+    one. `tensorboard --logdir LOGDIR` shows all runs in one HParams table.
+    """
+    from rts_tf.crossval import crossval
+
+    if overrides.get("decoder_filters"):
+        overrides["decoder_filters"] = [int(v) for v in overrides["decoder_filters"]]
+    result = crossval(records, logdir, arch=list(arch) or None, encoder=list(encoder) or None, grid=grid,
+                      regions=regions, overrides=overrides, report=click.echo)
+    click.echo(result.markdown())
+    click.echo(f"{result.trained} runs trained, {result.skipped} already complete; tables in {logdir}/crossval.md "
+               "and crossval.csv")
+
+
+@main.command("predict")
+@click.option("--run", "runs", multiple=True, required=True, type=click.Path(),
+              help="Run folder; repeat for an ensemble (the mean probability of the runs).")
+@click.option("--scene", "scenes", multiple=True, required=True, type=click.Path(),
+              help="A scene folder or a folder of scene folders (repeatable).")
+@click.option("--dem", multiple=True, type=click.Path(), help="DEM file, VRT or folder of tiles (repeatable).")
+@click.option("--rel-elevation", multiple=True, type=click.Path(), help="Precomputed relative elevation.")
+@click.option("--slope", multiple=True, type=click.Path(), help="Precomputed slope.")
+@click.option("--tcvis", multiple=True, required=True, type=click.Path(), help="TCVIS file, VRT or folder of tiles.")
+@click.option("--sites", type=click.Path(), default=None, help="Site polygons, to fill the polygons' region field.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: a quarter tile).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--tta", is_flag=True, default=False, help="Test-time augmentation: average over flips.")
+@click.option("--threshold", type=float, default=None,
+              help="Probability threshold for the mask (default: the run's best validation threshold).")
+@click.option("--min-area", type=float, default=100.0, show_default=True, help="Smallest polygon kept, m2.")
+@click.option("--drop-touching", is_flag=True, default=False,
+              help="Drop polygons touching nodata or the scene edge (possibly cut slumps).")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace earlier results in --out.")
+def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
+                    min_area, drop_touching, overwrite) -> None:
+    """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
+
+    Uses the same scene stack as build-records, so bands, order and normalisation match training.
+    Writes OUT/<scene_id>/<scene_id>_probability.tif, _mask.tif and _polygons.gpkg (area_m2, mean and
+    max probability, scene_id, image_date, region) and OUT/rts_polygons.gpkg (all scenes, EPSG:4326).
+    """
+    from rts_tf.predict import predict
+
+    update, close = progress_bar("tiles")
+    try:
+        summary = predict(list(runs), list(scenes), out, list(tcvis), dem=list(dem), rel_elevation=list(rel_elevation),
+                          slope=list(slope), sites=sites, overlap=overlap, batch_size=batch_size, flips=tta,
+                          threshold=threshold, min_area=min_area, drop_touching=drop_touching, overwrite=overwrite,
+                          progress=update)
+    finally:
+        close()
+    for line in summary.lines():
+        click.echo(line)

@@ -90,3 +90,25 @@ def demo_records(tmp_path_factory) -> Path:
                                   "--tile-size", "64", "--overlap", "8"])
     assert result.exit_code == 0, result.output
     return root / "records"
+
+
+TINY = ["--arch", "unet", "--encoder", "resnet18", "--decoder-filters", "16,16,8,8,8", "--batch-size", "4",
+        "--holdout-region", "Horton", "--image-every", "1", "--image-tiles", "2", "--schedule", "constant"]
+
+
+def fit_arguments(records, logdir, *extra):
+    return ["fit", "--records", str(records), "--logdir", str(logdir), *TINY, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_records, tmp_path_factory):
+    """A real 4-epoch fit of a tiny UNet on the demo records, Horton held out."""
+    from click.testing import CliRunner
+
+    from rts_tf.cli import main
+
+    logdir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = CliRunner().invoke(main, fit_arguments(demo_records, logdir, "--epochs", "4", "--no-augment",
+                                                    "--learning-rate", "0.003"))
+    assert result.exit_code == 0, result.output
+    return logdir

@@ -18,22 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rts_tf.cli import main
 from rts_tf.dataset import make_dataset
 
-TINY = ["--arch", "unet", "--encoder", "resnet18", "--decoder-filters", "16,16,8,8,8", "--batch-size", "4",
-        "--holdout-region", "Horton", "--image-every", "1", "--image-tiles", "2", "--schedule", "constant"]
-
-
-def fit_arguments(records, logdir, *extra):
-    return ["fit", "--records", str(records), "--logdir", str(logdir), *TINY, *extra]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(demo_records, tmp_path_factory):
-    logdir = tmp_path_factory.mktemp("runs") / "tiny"
-    result = CliRunner().invoke(main, fit_arguments(demo_records, logdir, "--epochs", "4", "--no-augment",
-                                                    "--learning-rate", "0.003"))
-    assert result.exit_code == 0, result.output
-    return logdir
-
+from conftest import fit_arguments
 
 def test_fit_lowers_the_loss_and_writes_a_self_contained_run(tiny_run, demo_records):
     run = json.loads((tiny_run / "run.json").read_text())

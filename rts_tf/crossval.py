@@ -1,0 +1,123 @@
+"""Regional cross-validation: one run per architecture, encoder and held-out region, and the table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from rts_tf.config import load_config
+from rts_tf.errors import InputError
+from rts_tf.records import read_manifest
+from rts_tf.train import FitConfig
+
+
+@dataclass
+class CrossvalResult:
+    logdir: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    trained: int = 0
+    skipped: int = 0
+
+    def markdown(self) -> str:
+        columns = sorted({row["model"] for row in self.rows})
+        regions = list(dict.fromkeys(row["region"] for row in self.rows))
+        cells = {(row["region"], row["model"]): row for row in self.rows}
+        lines = ["| held-out region | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+        for region in regions + ["mean"]:
+            values = []
+            for column in columns:
+                chosen = [cells[(r, column)] for r in regions if (r, column) in cells] if region == "mean" \
+                    else [cells[(region, column)]] if (region, column) in cells else []
+                if not chosen:
+                    values.append("")
+                    continue
+                mean = lambda key: sum(row[key] for row in chosen) / len(chosen)
+                values.append(f"{mean('iou'):.3f} / {mean('best_epoch_iou'):.3f} / {mean('f1'):.3f}")
+            lines.append(f"| {region} | " + " | ".join(values) + " |")
+        lines.append("")
+        lines.append("Cells: IoU on the held-out region's scene mosaics / best-epoch validation IoU / F1.")
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        buffer = io.StringIO()
+        keys = ["region", "model", "arch", "encoder", "iou", "best_epoch_iou", "f1", "precision", "recall",
+                "best_iou", "best_threshold", "object_f1", "boundary_iou", "best_epoch", "run"]
+        writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return buffer.getvalue()
+
+
+def grid_settings(grid: str | None, arch: list[str] | None, encoder: list[str] | None,
+                  overrides: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Architectures, encoders and shared fit settings from a grid file, overridden by flags."""
+    shared: dict[str, Any] = {}
+    if grid:
+        shared = load_config(grid, FitConfig.keys())
+    grid_arch = shared.pop("arch", None)
+    grid_encoder = shared.pop("encoder", None)
+    archs = arch or ([grid_arch] if isinstance(grid_arch, str) else grid_arch)
+    encoders = encoder or ([grid_encoder] if isinstance(grid_encoder, str) else grid_encoder)
+    if not archs or not encoders:
+        raise InputError("give --arch and --encoder (or a --grid file that lists them)")
+    for key in ("records", "logdir", "holdout_region", "train_regions", "val_regions"):
+        shared.pop(key, None)
+    shared.update({k: v for k, v in overrides.items() if v is not None})
+    return list(archs), list(encoders), shared
+
+
+def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: list[str] | None = None,
+             grid: str | None = None, regions: list[str] | None = None, overrides: dict[str, Any] | None = None,
+             report: Callable[[str], None] | None = None) -> CrossvalResult:
+    """Train and evaluate every architecture x encoder with each region held out once.
+
+    Each run lives in LOGDIR/<arch>_<encoder>/<region>; re-running skips finished runs and resumes an
+    interrupted one. Writes LOGDIR/crossval.csv and crossval.md.
+    """
+    import tensorflow as tf
+
+    from rts_tf.evaluate import evaluate
+    from rts_tf.train import check_config, fit
+
+    manifest = read_manifest(records)
+    archs, encoders, shared = grid_settings(grid, arch, encoder, overrides or {})
+    held_out = regions or list(manifest["regions"])
+    unknown = [r for r in held_out if r not in manifest["regions"]]
+    if unknown:
+        raise InputError(f"region '{unknown[0]}' is not in the records (regions: {', '.join(manifest['regions'])})")
+    if len(manifest["regions"]) < 2:
+        raise InputError(f"{records}: cross-validation needs at least two regions")
+    base = FitConfig(records=str(records), logdir=str(logdir), **shared)
+    configs = [replace(base, arch=a, encoder=e, holdout_region=r, logdir=str(Path(logdir) / f"{a}_{e}" / r))
+               for a in archs for e in encoders for r in held_out]
+    for config in configs:
+        check_config(config)  # every name is checked before hours of training start
+    result = CrossvalResult(str(logdir))
+    for config in configs:
+        fitted = fit(config)
+        result.skipped += fitted.skipped
+        result.trained += not fitted.skipped
+        run = Path(config.logdir)
+        metrics_file = run / "metrics.json"
+        if metrics_file.exists() and metrics_file.stat().st_mtime >= (run / "run.json").stat().st_mtime:
+            metrics = json.loads(metrics_file.read_text())
+        else:
+            metrics = evaluate(str(run), records)
+        overall = metrics["overall"]
+        run_info = json.loads((run / "run.json").read_text())
+        result.rows.append({"region": config.holdout_region, "model": f"{config.arch} {config.encoder}",
+                            "arch": config.arch, "encoder": config.encoder,
+                            "best_epoch_iou": run_info["metrics"].get("iou", 0.0),
+                            "best_epoch": run_info["best_epoch"], "run": str(run), **overall})
+        if report:
+            report(f"{config.arch} {config.encoder}, held out {config.holdout_region}: IoU {overall['iou']:.3f}"
+                   f"{' (already trained)' if fitted.skipped else ''}")
+        tf.keras.backend.clear_session()
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    (Path(logdir) / "crossval.csv").write_text(result.csv())
+    (Path(logdir) / "crossval.md").write_text(result.markdown() + "\n")
+    return result
