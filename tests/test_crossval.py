@@ -1,0 +1,34 @@
+"""`rts-tf crossval`: a tiny leave-one-region-out grid produces its table and resumes without retraining."""
+
+import csv
+
+from click.testing import CliRunner
+
+from rts_tf.cli import main
+
+
+def test_tiny_crossval_table_and_resume(world_records, tmp_path):
+    arguments = ["crossval", "--records", str(world_records), "--arch", "unet", "--encoder", "resnet18",
+                 "--logdir", str(tmp_path / "cv"), "--epochs", "1", "--batch-size", "2",
+                 "--decoder-filters", "8,8,8,8,8", "--image-every", "0"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert "2 runs trained, 0 already complete" in result.output
+    rows = list(csv.DictReader((tmp_path / "cv" / "crossval.csv").open()))
+    assert sorted(row["region"] for row in rows) == ["Alpha", "Beta"]
+    assert all(0 <= float(row["iou"]) <= 1 and row["model"] == "unet resnet18" for row in rows)
+    table = (tmp_path / "cv" / "crossval.md").read_text()
+    assert "| held-out region | unet resnet18 |" in table and "| Alpha |" in table and "| mean |" in table
+    models = {path: path.stat().st_mtime_ns for path in (tmp_path / "cv").rglob("model.keras")}
+    assert len(models) == 2
+    again = CliRunner().invoke(main, arguments)
+    assert again.exit_code == 0, again.output
+    assert "0 runs trained, 2 already complete" in again.output
+    assert {path: path.stat().st_mtime_ns for path in models} == models
+
+
+def test_crossval_rejects_unknown_names_before_training(world_records, tmp_path):
+    result = CliRunner().invoke(main, ["crossval", "--records", str(world_records), "--arch", "unet",
+                                       "--encoder", "resnet9000", "--logdir", str(tmp_path / "cv")])
+    assert result.exit_code != 0 and "resnet9000" in result.output
+    assert not (tmp_path / "cv").exists()
