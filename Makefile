@@ -15,10 +15,24 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+HOLDOUT ?= Herschel
+
 demo: $(STAMP)
 	$(VENV)/bin/rts-tf demo-data $(DEMO)/data --seed 0
 	$(VENV)/bin/rts-tf build-records --config experiments/demo-records.yaml --out records/demo
 	$(VENV)/bin/rts-tf inspect records/demo --previews $(DEMO)/previews --tensorboard $(DEMO)/tensorboard/records
+	$(VENV)/bin/rts-tf fit --config experiments/demo.yaml --records records/demo --holdout-region $(HOLDOUT) \
+		--logdir $(DEMO)/tensorboard/run_$(HOLDOUT)
+	$(VENV)/bin/rts-tf evaluate --run $(DEMO)/tensorboard/run_$(HOLDOUT) --records records/demo
+	$(VENV)/bin/rts-tf predict --run $(DEMO)/tensorboard/run_$(HOLDOUT) --overwrite \
+		--scene $$($(PY) -c "import json, pathlib; m = json.load(open('records/demo/manifest.json')); \
+		print(next(pathlib.Path(s['sources']['sr']).parent for s in m['scenes'] if s['region'] == '$(HOLDOUT)'))") \
+		--dem $(DEMO)/data/auxiliary/dem --tcvis $(DEMO)/data/auxiliary/tcvis --sites $(DEMO)/data/sites.geojson \
+		--out $(DEMO)/predictions
+	@echo
+	@echo "TensorBoard (records previews, training curves, image panels, HParams):"
+	@echo "  $(VENV)/bin/tensorboard --logdir $(DEMO)/tensorboard"
+	@echo "Maps of the held-out region ($(HOLDOUT)): $(DEMO)/predictions (GeoTIFFs and rts_polygons.gpkg open in QGIS)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -81,7 +81,10 @@ def predict_tiles(runs: Sequence[Run], tiles: np.ndarray, batch_size: int, flips
         for flip_rows, flip_cols in variants:
             batch = chosen[:, ::-1] if flip_rows else chosen
             batch = batch[:, :, ::-1] if flip_cols else batch
-            probability = run.model.predict(np.ascontiguousarray(batch), batch_size=batch_size, verbose=0)[..., 0]
+            batch = np.ascontiguousarray(batch)
+            # predict_on_batch per chunk: Keras' predict() sets up a data pipeline on every call.
+            probability = np.concatenate([np.asarray(run.model.predict_on_batch(batch[i:i + batch_size]))
+                                          for i in range(0, len(batch), batch_size)])[..., 0]
             probability = probability[:, ::-1] if flip_rows else probability
             total += probability[:, :, ::-1] if flip_cols else probability
     return total / (len(runs) * len(variants))
