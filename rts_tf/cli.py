@@ -161,11 +161,18 @@ def inspect_command(records: str, previews: str | None, samples: int, tensorboar
 
 
 def split_list(ctx, param, value):
-    """Comma-separated or repeated values as one list (None when not given)."""
-    if value is None or value == () or value == []:
+    """Repeated or comma-separated values (or a YAML list) as one list; None when not given."""
+    if not value:
         return None
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [part.strip() for item in values for part in str(item).split(",") if part.strip()]
+    return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+
+
+def split_integers(ctx, param, value):
+    values = split_list(ctx, param, value)
+    try:
+        return None if values is None else [int(v) for v in values]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers, got {', '.join(values)}", ctx=ctx, param=param) from None
 
 
 @main.command("fit")
@@ -179,7 +186,7 @@ def split_list(ctx, param, value):
 @click.option("--encoder-weights", default=None,
               help="'imagenet' (from the local Keras cache, never downloaded) or a 3-band .h5 weight file; "
                    "default: train from scratch.")
-@click.option("--decoder-filters", callback=split_list, default=None, help="Decoder widths, e.g. 128,64,32,16,8.")
+@click.option("--decoder-filters", multiple=True, callback=split_integers, help="Decoder widths, e.g. 128,64,32,16,8.")
 @click.option("--deep-supervision", is_flag=True, default=None, help="UNet++: average the outputs of all heads.")
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True,
@@ -187,8 +194,8 @@ def split_list(ctx, param, value):
 @click.option("--global-batch-size", type=int, default=None,
               help="Set the global batch instead; it must be divisible by the number of replicas.")
 @click.option("--holdout-region", default=None, help="Validate on this region, train on all others.")
-@click.option("--train-regions", callback=split_list, default=None, help="Comma-separated training regions.")
-@click.option("--val-regions", callback=split_list, default=None, help="Comma-separated validation regions.")
+@click.option("--train-regions", multiple=True, callback=split_list, help="Comma-separated training regions.")
+@click.option("--val-regions", multiple=True, callback=split_list, help="Comma-separated validation regions.")
 @click.option("--loss", type=click.Choice(["focal", "dice", "jaccard", "bce", "bce_dice"]), default="focal",
               show_default=True, help="All losses ignore label 255.")
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Initial AdamW learning rate.")
@@ -209,7 +216,7 @@ def split_list(ctx, param, value):
 @click.option("--shuffle-buffer", type=int, default=256, show_default=True, help="Tiles in the shuffle buffer.")
 @click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 compute (GPUs); float32 output.")
 @click.option("--xla", is_flag=True, default=None, help="Compile the training step with XLA (GPUs).")
-@click.option("--devices", callback=split_list, default=None,
+@click.option("--devices", multiple=True, callback=split_list,
               help="Comma-separated devices for MirroredStrategy (default: all GPUs).")
 @click.option("--logical-cpus", type=int, default=0, show_default=True,
               help="Split the CPU into this many devices and mirror over them (CPU-only machines, tests).")
@@ -263,11 +270,11 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
 @click.option("--logdir", required=True, type=click.Path(file_okay=False), help="Parent folder of all runs.")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None,
               help="YAML grid such as experiments/paper2021.yaml: arch and encoder lists plus fit options.")
-@click.option("--regions", callback=split_list, default=None,
+@click.option("--regions", multiple=True, callback=split_list,
               help="Comma-separated regions to hold out (default: every region).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Tiles per replica.")
-@click.option("--decoder-filters", callback=split_list, default=None)
+@click.option("--decoder-filters", multiple=True, callback=split_integers, help="Decoder widths.")
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--loss", default=None)
 @click.option("--image-every", type=int, default=None)
@@ -282,8 +289,6 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides)
     """
     from rts_tf.crossval import crossval
 
-    if overrides.get("decoder_filters"):
-        overrides["decoder_filters"] = [int(v) for v in overrides["decoder_filters"]]
     result = crossval(records, logdir, arch=list(arch) or None, encoder=list(encoder) or None, grid=grid,
                       regions=regions, overrides=overrides, report=click.echo)
     click.echo(result.markdown())

@@ -158,6 +158,10 @@ def test_bad_fit_input(demo_records, tmp_path):
     fails(fit_arguments(demo_records, tmp_path / "r3") + ["--holdout-region", "Atlantis"], "Atlantis", "Lena")
     fails(fit_arguments(demo_records, tmp_path / "r4") + ["--encoder", "resnet9000"], "resnet9000", "resnet34")
     fails(fit_arguments(demo_records, tmp_path / "r5") + ["--arch", "segformer"], "segformer", "unetpp")
+    listed = tmp_path / "lists.yaml"  # YAML lists reach list options intact (then the records are missing)
+    listed.write_text("decoder-filters: [64, 32, 16, 16, 8]\ntrain-regions: [Lena, Banks]\n")
+    fails(["fit", "--config", str(listed), "--records", str(tmp_path / "none"), "--logdir", str(tmp_path / "r0")],
+          "records folder not found")
     config = tmp_path / "bad.yaml"
     config.write_text("epochs: 1\nlearning_rat: 0.1\n")
     fails(["fit", "--config", str(config)], "learning_rat", str(config))

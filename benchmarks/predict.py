@@ -1,0 +1,92 @@
+"""Benchmark of `rts-tf predict`: km2 per minute, overhead over the bare forward pass, and peak RSS.
+
+Run by hand:  .venv/bin/python benchmarks/predict.py [--size 4096] [--rss-sizes 2048 8192]
+
+Uses the textured scenes of benchmarks/build_records.py (cached) and a UNet-resnet34 run folder
+with random weights (prediction cost does not depend on the weights). The overhead compares the
+whole command (reading, stacking, blending, writing COGs, polygons) with model.predict_on_batch
+over the same number of windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from build_records import make_dataset, run_measured  # noqa: E402
+
+
+def make_run(folder: Path, tile_size: int, encoder: str) -> Path:
+    if (folder / "run.json").exists():
+        return folder
+    import numpy as np
+
+    from rts_tf.scene import BANDS
+    from rts_tf.train import FitConfig, build_segmenter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_segmenter(FitConfig(arch="unet", encoder=encoder), 10, tile_size, np.zeros(10), np.ones(10))
+    model.save(str(folder / "model.keras"))
+    (folder / "run.json").write_text(json.dumps({"model": "model.keras", "tile_size": tile_size, "bands": BANDS,
+                                                 "threshold": 0.5}))
+    return folder
+
+
+def forward_seconds(run: Path, windows: int, tile_size: int, batch: int) -> float:
+    """Seconds of bare predict_on_batch over `windows` windows."""
+    code = f"""
+import time, numpy as np
+from rts_tf.models import load_model
+model = load_model('{run / 'model.keras'}')
+x = np.random.rand({batch}, {tile_size}, {tile_size}, 10).astype(np.float32)
+model.predict_on_batch(x)
+started = time.perf_counter()
+for _ in range({max(windows // batch, 1)}):
+    model.predict_on_batch(x)
+print(time.perf_counter() - started)
+"""
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(output.stdout.strip().splitlines()[-1])
+
+
+def run_predict(run: Path, data: Path, out: Path, batch: int) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of the real command in a child process."""
+    return run_measured([sys.executable, "-m", "rts_tf", "predict", "--run", str(run), "--scene", str(data / "scenes"),
+                         "--dem", str(data / "auxiliary" / "dem"), "--tcvis", str(data / "auxiliary" / "tcvis"),
+                         "--out", str(out), "--overwrite", "--batch-size", str(batch)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/rts-tf-benchmark"))
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--rss-sizes", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--encoder", default="resnet34")
+    args = parser.parse_args()
+
+    from rts_tf.tiling import tile_offsets
+
+    run = make_run(args.cache / f"run_unet_{args.encoder}_{args.tile}", args.tile, args.encoder)
+    data = make_dataset(args.cache, args.size, 1)
+    seconds, _ = run_predict(run, data, args.cache / "predictions", args.batch)
+    windows = len(tile_offsets(args.size, args.tile, args.tile // 4)) ** 2
+    forward = forward_seconds(run, windows, args.tile, args.batch)
+    km2 = (args.size * 3 / 1000) ** 2
+    print(f"predict: one {args.size} x {args.size} px scene ({km2:.0f} km2), UNet-{args.encoder}, {args.tile} px "
+          f"windows with {args.tile // 4} px overlap ({windows} windows), batch {args.batch}")
+    print(f"  whole command {seconds:.0f} s = {km2 / seconds * 60:.1f} km2/min; bare forward pass {forward:.0f} s; "
+          f"overhead {100 * (seconds - forward) / forward:.0f}% (includes ~10 s of start-up and model loading)")
+    for size in args.rss_sizes:
+        data = make_dataset(args.cache, size, 1)
+        seconds, peak = run_predict(run, data, args.cache / f"predictions_{size}", args.batch)
+        print(f"  {size} x {size} px: peak RSS {peak:.0f} MiB ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
