@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from rts_tf.records import IGNORE
+
 with warnings.catch_warnings():
     # tensorflow-addons announces its end of life on import; that is not a user's concern.
     warnings.simplefilter("ignore")
     import tensorflow_addons as tfa
 
-IGNORE = 255
 REFLECTANCE = ("blue", "green", "red", "nir")
 
 

@@ -18,19 +18,17 @@ import shapely
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.labels import (LABEL_VALUES, VectorLayer, rasterize_labels, read_polygons, scene_attribute,
-                           scene_labels, site_of)
-from rts_tf.rasters import RasterSource
-from rts_tf.records import (COMPRESSIONS, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics, ShardWriter,
-                            encode_example, features, read_manifest, shard_suffix, verify_shard, write_json)
+from rts_tf.labels import rasterize_labels, read_polygons, scene_attribute, scene_labels, site_of
+from rts_tf.rasters import GDAL_CACHE_BYTES, RasterSource
+from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
+                            ShardWriter, encode_example, features, read_manifest, shard_suffix, verify_shard,
+                            write_json)
 from rts_tf.scene import BANDS, SceneFiles, SceneStack, Terrain, find_scenes, scene_grid
 from rts_tf.tiling import blocks, check_tiling, count_tiles
 
 SETTINGS_NAME = "build-settings.json"
-IGNORE = LABEL_VALUES["ignore"]
 # Band statistics use every 4th pixel along rows and columns: plenty for normalisation, 16x cheaper.
 STATISTICS_STEP = 4
-GDAL_CACHE_BYTES = 64 * 2 ** 20
 
 
 @dataclass(frozen=True)

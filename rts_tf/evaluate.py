@@ -10,9 +10,8 @@ import numpy as np
 from scipy import ndimage
 
 from rts_tf.errors import InputError
-from rts_tf.records import read_manifest, write_json
+from rts_tf.records import IGNORE, read_manifest, write_json
 
-IGNORE = 255
 SWEEP = np.round(np.arange(0.05, 0.96, 0.05), 2)
 BOUNDARY_PIXELS = 2
 OBJECT_IOU = 0.5

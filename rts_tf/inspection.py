@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rts_tf.records import decode_example, read_manifest, verify_shard
+from rts_tf.records import IGNORE, decode_example, read_manifest, verify_shard
 from rts_tf.visualize import composite, grey, outline, side_by_side
 
 PANELS = ("true colour", "NIR false colour", "TCVIS", "relative elevation", "slope", "label")
@@ -99,7 +99,7 @@ def sample_tiles(records: str, manifest: dict, shards: list[str], samples: int, 
 def tile_panels(sample: dict, band_names: list[str]) -> np.ndarray:
     """One RGB image: the six preview panels of a tile side by side."""
     image, label = sample["image"], sample["label"][..., 0]
-    valid = label != 255
+    valid = label != IGNORE
     band = lambda name: image[..., band_names.index(name)]
     tcvis = np.clip(np.stack([band(n) for n in ("tcvis_brightness", "tcvis_greenness", "tcvis_wetness")], -1),
                     0, 255).astype(np.uint8)

@@ -18,8 +18,6 @@ from shapely.geometry import box, mapping, shape
 
 from rts_tf.errors import InputError
 from rts_tf.rasters import Grid
-
-LABEL_VALUES = {"background": 0, "rts": 1, "ignore": 255}
 POLYGON_TYPES = ("Polygon", "MultiPolygon")
 
 

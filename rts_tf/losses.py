@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-IGNORE = 255
+from rts_tf.records import IGNORE
+
 EPSILON = 1e-6
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from rts_tf.records import write_json
+from rts_tf.records import IGNORE, write_json
 from rts_tf.visualize import composite, error_map, grey, label_colour, side_by_side
 
 PANELS = ("true colour", "NIR false colour", "label", "probability", "errors (TP white, FP red, FN blue)")
@@ -77,7 +77,7 @@ class ImagePanels(tf.keras.callbacks.Callback):
         probabilities = self.model.predict(self.images, verbose=0)[..., 0]
         with self.writer.as_default():
             for index, (image, label, probability) in enumerate(zip(self.images, self.labels, probabilities)):
-                valid = label != 255
+                valid = label != IGNORE
                 panels = side_by_side([
                     composite(image, self.band_names, ("red", "green", "blue"), valid),
                     composite(image, self.band_names, ("nir", "red", "green"), valid),

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 
 from rts_tf.errors import InputError
 from rts_tf.labels import read_polygons, site_of
-from rts_tf.rasters import RasterSource
+from rts_tf.rasters import GDAL_CACHE_BYTES, RasterSource
 from rts_tf.scene import BAND_NAMES, SceneFiles, SceneStack, Terrain, find_scenes, scene_grid
 from rts_tf.tiling import tile_offsets
 from rts_tf.vectorize import Polygons, polygons_from_mask, write_polygons
@@ -26,7 +26,6 @@ from rts_tf.vectorize import Polygons, polygons_from_mask, write_polygons
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
 MERGED_NAME = "rts_polygons.gpkg"
-GDAL_CACHE_BYTES = 64 * 2 ** 20
 
 
 @dataclass

@@ -21,6 +21,8 @@ from rasterio.warp import reproject, transform_bounds
 from rts_tf.errors import InputError
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
+# GDAL's block cache while streaming a scene; its default (5% of RAM) would grow with the scene.
+GDAL_CACHE_BYTES = 64 * 2 ** 20
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import numpy as np
 from rts_tf.errors import InputError
 
 SCHEMA_VERSION = 1
+LABEL_VALUES = {"background": 0, "rts": 1, "ignore": 255}
+IGNORE = LABEL_VALUES["ignore"]
 MANIFEST_NAME = "manifest.json"
 COMPRESSIONS = {"gzip": "GZIP", "none": ""}
 

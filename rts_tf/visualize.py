@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-IGNORE = 255
+from rts_tf.records import IGNORE
+
 OUTLINE = (255, 255, 0)
 IGNORED = np.array([255, 0, 255])
 
