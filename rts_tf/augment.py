@@ -47,15 +47,15 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, band_names: lis
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
     label = tf.cast(label, tf.float32)
+    # Flips and quarter turns move pixels without interpolation: one stacked tensor serves both.
+    stacked = tf.concat([image, label], axis=-1)
     if settings.flips:
         flip = tf.random.stateless_uniform([2], seeds[0]) < 0.5
-        image = tf.cond(flip[0], lambda: tf.reverse(image, [1]), lambda: image)
-        label = tf.cond(flip[0], lambda: tf.reverse(label, [1]), lambda: label)
-        image = tf.cond(flip[1], lambda: tf.reverse(image, [0]), lambda: image)
-        label = tf.cond(flip[1], lambda: tf.reverse(label, [0]), lambda: label)
+        stacked = tf.cond(flip[0], lambda: tf.reverse(stacked, [1]), lambda: stacked)
+        stacked = tf.cond(flip[1], lambda: tf.reverse(stacked, [0]), lambda: stacked)
     if settings.rotate90:
-        turns = tf.random.stateless_uniform([], seeds[1], 0, 4, dtype=tf.int32)
-        image, label = tf.image.rot90(image, turns), tf.image.rot90(label, turns)
+        stacked = tf.image.rot90(stacked, tf.random.stateless_uniform([], seeds[1], 0, 4, dtype=tf.int32))
+    image, label = stacked[..., :-1], stacked[..., -1:]
     if settings.max_rotation_degrees > 0:
         limit = settings.max_rotation_degrees * math.pi / 180
         angle = tf.random.stateless_uniform([], seeds[2], -limit, limit)
@@ -80,21 +80,28 @@ def jitter_reflectance(image: tf.Tensor, seeds: tf.Tensor, band_names: list[str]
                        settings: AugmentSettings) -> tf.Tensor:
     """Brightness, contrast and multiplicative noise on the reflectance bands; NDVI is recomputed
     from the changed red and NIR so that the bands stay consistent."""
-    indexes = [band_names.index(name) for name in REFLECTANCE if name in band_names]
-    if not indexes or (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
+    if not any(name in band_names for name in REFLECTANCE) or \
+            (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
         return image
-    bands = tf.unstack(image, axis=-1)
-    reflectance = tf.stack([bands[i] for i in indexes], axis=-1)
+    # Per-band vectors (1 where a band is reflectance) keep every step a broadcast over the tile.
+    is_reflectance = tf.constant([float(name in REFLECTANCE) for name in band_names])
     gain = 1.0 + tf.random.stateless_uniform([], seeds[0], -settings.brightness, settings.brightness)
     contrast = 1.0 + tf.random.stateless_uniform([], seeds[1], -settings.contrast, settings.contrast)
-    mean = tf.reduce_mean(reflectance, axis=[0, 1], keepdims=True)
-    reflectance = ((reflectance - mean) * contrast + mean) * gain
-    reflectance *= 1.0 + settings.noise * tf.random.stateless_normal(tf.shape(reflectance), seeds[2])
-    reflectance = tf.maximum(reflectance, 0.0)
-    for position, index in enumerate(indexes):
-        bands[index] = reflectance[..., position]
+    mean = tf.reduce_mean(image, axis=[0, 1], keepdims=True)
+    changed = ((image - mean) * contrast + mean) * gain
+    # Noise is drawn for the reflectance bands only and placed on their channels by a selection
+    # matrix; it is uniform with standard deviation `noise` (a third of the cost of normal numbers).
+    reflectance_indexes = [i for i, name in enumerate(band_names) if name in REFLECTANCE]
+    selection = tf.one_hot(reflectance_indexes, len(band_names))
+    half_width = settings.noise * 3 ** 0.5
+    noise = tf.random.stateless_uniform(tf.concat([tf.shape(image)[:2], [len(reflectance_indexes)]], 0), seeds[2],
+                                        -half_width, half_width)
+    changed *= 1.0 + tf.tensordot(noise, selection, axes=1)
+    image = image + is_reflectance * (tf.maximum(changed, 0.0) - image)
     if {"red", "nir", "ndvi"} <= set(band_names):
-        red, nir = bands[band_names.index("red")], bands[band_names.index("nir")]
+        red, nir = image[..., band_names.index("red")], image[..., band_names.index("nir")]
         total = red + nir
-        bands[band_names.index("ndvi")] = tf.where(total > 0, (nir - red) / tf.maximum(total, 1e-6), 0.0)
-    return tf.stack(bands, axis=-1)
+        ndvi = tf.where(total > 0, (nir - red) / tf.maximum(total, 1e-6), 0.0)
+        is_ndvi = tf.one_hot(band_names.index("ndvi"), len(band_names))
+        image = image + is_ndvi * (ndvi[..., None] - image)
+    return image
