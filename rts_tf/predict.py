@@ -21,7 +21,7 @@ from rts_tf.labels import read_polygons, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES, RasterSource
 from rts_tf.scene import BAND_NAMES, SceneFiles, SceneStack, Terrain, find_scenes, scene_grid
 from rts_tf.tiling import tile_offsets
-from rts_tf.vectorize import Polygons, polygons_from_mask, write_polygons
+from rts_tf.vectorize import Polygons, polygons_from_rasters, write_polygons
 
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
@@ -250,7 +250,7 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, t
                 advance(len(cols))
     for kind in names:
         to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8")
-    polygons = scene_polygons(names["probability"], names["mask"], min_area, drop_touching)
+    polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)
     count = len(polygons)
     polygons.attributes.update(scene_id=[scene.scene_id] * count, image_date=[scene.image_date] * count,
                                region=[region] * count)
@@ -269,12 +269,3 @@ def to_cog(staging: Path, path: Path, dtype: str) -> None:
                          RESAMPLING=resampling, BLOCKSIZE=512)
     os.replace(temporary, path)
     staging.unlink()
-
-
-def scene_polygons(probability_path: Path, mask_path: Path, min_area: float, drop_touching: bool) -> Polygons:
-    """Polygons of a scene's mask, with probability statistics, in the scene's CRS."""
-    with rasterio.open(mask_path) as mask_file, rasterio.open(probability_path) as probability_file:
-        mask = mask_file.read(1)
-        probability = probability_file.read(1)
-        return polygons_from_mask(mask == 1, probability, mask != MASK_NODATA, mask_file.transform, mask_file.crs,
-                                  min_area=min_area, drop_touching=drop_touching)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pyogrio.raw
+import rasterio
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import shapes
+from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import shape
 
@@ -39,38 +41,92 @@ class Polygons:
                         {key: list(values) for key, values in self.attributes.items()})
 
 
-def polygons_from_mask(mask: np.ndarray, probability: np.ndarray, valid: np.ndarray, transform: Affine, crs: CRS,
-                       min_area: float = 100.0, drop_touching: bool = False) -> Polygons:
-    """One polygon per connected slump component (8-connected), with `area_m2` (of the pixels),
-    `mean_probability`, `max_probability` and `touches_nodata`. Components smaller than min_area m2
-    are dropped; with drop_touching, so are those touching nodata or the raster's edge."""
-    components, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    result = Polygons(crs, [], {"area_m2": [], "mean_probability": [], "max_probability": [], "touches_nodata": []})
-    if count == 0:
-        return result
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def polygons_from_rasters(probability_path: str | os.PathLike, mask_path: str | os.PathLike, nodata: int,
+                          min_area: float = 100.0, drop_touching: bool = False, strip_rows: int = 1024) -> Polygons:
+    """One polygon per 8-connected slump component of a mask raster (1 = slump, `nodata` = unusable),
+    with `area_m2`, `mean_probability`, `max_probability` and `touches_nodata` (the component
+    touches nodata or the raster's edge). Components under min_area m2 are dropped; with
+    drop_touching, so are those touching nodata.
+
+    The rasters are read in strips of `strip_rows`, so memory does not grow with the scene:
+    components are labelled per strip and those meeting across a strip edge are merged, their
+    pixel counts and probability sums added, maxima and flags combined, outlines unioned.
+    """
+    parent: dict[int, int] = {}
+
+    def root(label: int) -> int:
+        while parent[label] != label:
+            parent[label] = parent[parent[label]]
+            label = parent[label]
+        return label
+
+    pixels: dict[int, int] = {}
+    sums: dict[int, float] = {}
+    maxima: dict[int, float] = {}
+    touching: set[int] = set()
+    outlines: dict[int, list] = {}
+    with rasterio.open(mask_path) as mask_file, rasterio.open(probability_path) as probability_file:
+        height, width, transform, crs = mask_file.height, mask_file.width, mask_file.transform, mask_file.crs
+        previous_row, offset = None, 0
+        for top in range(0, height, strip_rows):
+            rows = min(strip_rows, height - top)
+            above, below = int(top > 0), int(top + rows < height)
+            context = mask_file.read(1, window=Window(0, top - above, width, rows + above + below))
+            slump = context[above:above + rows] == 1
+            local, count = ndimage.label(slump, EIGHT_CONNECTED)
+            if count == 0:
+                previous_row = np.zeros(width, dtype=np.int64)
+                continue
+            probability = probability_file.read(1, window=Window(0, top, width, rows))
+            index = np.arange(1, count + 1)
+            strip_pixels = np.bincount(local.ravel(), minlength=count + 1)[1:]
+            strip_sums = np.bincount(local.ravel(), weights=probability.ravel(), minlength=count + 1)[1:]
+            strip_maxima = ndimage.maximum(probability, local, index)
+            # Touching nodata: a component's 3x3 neighbourhood reaches an unusable pixel or the edge.
+            labelled = np.zeros(context.shape, dtype=np.int32)
+            labelled[above:above + rows] = local
+            edges = ((0 if above else 1, 0 if below else 1), (1, 1))
+            outside = np.pad(context == nodata, edges, constant_values=True)
+            grown = ndimage.grey_dilation(np.pad(labelled, edges), size=(3, 3))
+            strip_touching = np.unique(grown[outside & (grown > 0)])
+            strip_transform = transform @ Affine.translation(0, top)
+            for geometry, value in shapes(local, mask=slump, transform=strip_transform, connectivity=8):
+                outlines.setdefault(offset + int(value), []).append(shape(geometry))
+            for label in index:
+                key = offset + int(label)
+                parent[key] = key
+                pixels[key], sums[key], maxima[key] = int(strip_pixels[label - 1]), float(strip_sums[label - 1]), \
+                    float(strip_maxima[label - 1])
+            touching.update(offset + int(label) for label in strip_touching)
+            first_row = np.where(local[0] > 0, local[0] + offset, 0)
+            if previous_row is not None:
+                # 8-connectivity across the strip edge: the pixel below and its two diagonal neighbours.
+                for shift in (-1, 0, 1):
+                    upper = previous_row[max(0, -shift):width - max(0, shift)]
+                    lower = first_row[max(0, shift):width - max(0, -shift)]
+                    for a, b in set(zip(upper[(upper > 0) & (lower > 0)].tolist(), lower[(upper > 0) & (lower > 0)].tolist())):
+                        parent[root(b)] = root(a)
+            previous_row = np.where(local[-1] > 0, local[-1] + offset, 0)
+            offset += count
+    groups: dict[int, list[int]] = {}
+    for label in parent:
+        groups.setdefault(root(label), []).append(label)
     pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
-    index = np.arange(1, count + 1)
-    pixels = ndimage.sum_labels(np.ones_like(components), components, index)
-    means = ndimage.mean(probability, components, index)
-    maxima = ndimage.maximum(probability, components, index)
-    # A component touches nodata when its one-pixel dilation reaches an invalid pixel or the edge.
-    outside = np.pad(~valid, 1, constant_values=True)
-    grown = ndimage.grey_dilation(np.pad(components, 1), size=(3, 3))
-    touching = set(np.unique(grown[outside & (grown > 0)]).tolist())
-    geometries: dict[int, list] = {}
-    for geometry, value in shapes(components.astype(np.int32), mask=components > 0, transform=transform,
-                                  connectivity=8):
-        geometries.setdefault(int(value), []).append(shape(geometry))
-    for label in index:
-        area = float(pixels[label - 1] * pixel_area)
-        if area < min_area or (drop_touching and label in touching):
+    result = Polygons(crs, [], {"area_m2": [], "mean_probability": [], "max_probability": [], "touches_nodata": []})
+    for members in groups.values():
+        count = sum(pixels[m] for m in members)
+        touches = any(m in touching for m in members)
+        if count * pixel_area < min_area or (drop_touching and touches):
             continue
-        parts = geometries[int(label)]
+        parts = [part for m in members for part in outlines[m]]
         result.geometries.append(parts[0] if len(parts) == 1 else shapely.union_all(parts))
-        result.attributes["area_m2"].append(area)
-        result.attributes["mean_probability"].append(float(means[label - 1]))
-        result.attributes["max_probability"].append(float(maxima[label - 1]))
-        result.attributes["touches_nodata"].append(int(label in touching))
+        result.attributes["area_m2"].append(float(count * pixel_area))
+        result.attributes["mean_probability"].append(sum(sums[m] for m in members) / count)
+        result.attributes["max_probability"].append(max(maxima[m] for m in members))
+        result.attributes["touches_nodata"].append(int(touches))
     return result
 
 
