@@ -211,6 +211,7 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, t
     folder.mkdir(parents=True, exist_ok=True)
     names = {kind: folder / f"{scene.scene_id}_{kind}.tif" for kind in ("probability", "mask")}
     staging = {kind: folder / f".{kind}.staging.tif" for kind in names}
+    # A small GDAL cache for the whole scene: streaming, COG conversion and vectorising.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), SceneStack(scene, tcvis, terrain) as stack:
         grid = stack.grid
         profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=grid.crs,
@@ -248,9 +249,9 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, t
                     array[:size - shift] = array[shift:]
                     array[size - shift:] = 0
                 advance(len(cols))
-    for kind in names:
-        to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8")
-    polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)
+        for kind in names:
+            to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8")
+        polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)
     count = len(polygons)
     polygons.attributes.update(scene_id=[scene.scene_id] * count, image_date=[scene.image_date] * count,
                                region=[region] * count)

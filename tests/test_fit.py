@@ -183,3 +183,24 @@ def test_bad_fit_input(demo_records, tmp_path):
             del os.environ["KERAS_HOME"]
         else:
             os.environ["KERAS_HOME"] = previous
+
+
+def test_fit_with_mixed_precision_saves_a_float32_model(demo_records, tmp_path):
+    logdir = tmp_path / "mixed"
+    result = CliRunner().invoke(main, fit_arguments(demo_records, logdir, "--epochs", "1", "--mixed-precision",
+                                                    "--image-every", "0"))
+    assert result.exit_code == 0, result.output
+    from rts_tf.models import load_model
+
+    model = load_model(logdir / "model.keras")
+    assert model.output.dtype == tf.float32
+    assert any(layer.compute_dtype == "float16" for layer in model.layers[2].layers)  # the network computes in float16
+    assert tf.keras.mixed_precision.global_policy().name == "float32"  # the policy is restored afterwards
+
+
+@pytest.mark.slow
+def test_fit_with_xla(demo_records, tmp_path):
+    logdir = tmp_path / "xla"
+    result = CliRunner().invoke(main, fit_arguments(demo_records, logdir, "--epochs", "1", "--xla", "--image-every", "0"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((logdir / "run.json").read_text())["config"]["xla"] is True
