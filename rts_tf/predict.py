@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +27,7 @@ from rts_tf.vectorize import Polygons, polygons_from_rasters, write_polygons
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
 MERGED_NAME = "rts_polygons.gpkg"
+WINDOWS_PER_READ = 16  # windows stacked per read: bounds memory, keeps reads large enough to be cheap
 
 
 @dataclass
@@ -204,7 +206,7 @@ def prepare_output(out: Path, scene_ids: list[str], overwrite: bool) -> None:
 def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, terrain: Terrain, out: Path,
                   overlap: int, batch_size: int, flips: bool, threshold: float, min_area: float, drop_touching: bool,
                   region: str, advance: Callable[[int], None]) -> tuple[SceneResult, Polygons]:
-    """Stream one scene through the model row of tiles by row of tiles; write COGs and polygons."""
+    """Stream one scene through the model, row of tiles by row of tiles; write COGs and polygons."""
     size = runs[0].tile_size
     weights = window_weights(size)
     folder = out / scene.scene_id
@@ -222,19 +224,38 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, t
         sums = np.zeros((size, width), dtype=np.float32)
         norms = np.zeros((size, width), dtype=np.float32)
         valid_rows = np.zeros((size, width), dtype=bool)
+        # Each row of tiles is read in groups of a few batches, so no buffer grows with the scene.
+        per_read = batch_size * max(1, WINDOWS_PER_READ // batch_size)
+        groups = [cols[i:i + per_read] for i in range(0, len(cols), per_read)]
+        reads = [(index, group) for index in range(len(rows)) for group in groups]
+
+        def read(job: tuple[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+            index, group = job
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):  # GDAL environments are per thread
+                return stack.read(rows[index], group[0], size, group[-1] + size - group[0])
+
+        # One reader thread stacks the next group of windows while the model works on this one.
         with rasterio.open(staging["probability"], "w", dtype="float32", nodata=PROBABILITY_NODATA, **profile) as prob_out, \
-                rasterio.open(staging["mask"], "w", dtype="uint8", nodata=MASK_NODATA, **profile) as mask_out:
+                rasterio.open(staging["mask"], "w", dtype="uint8", nodata=MASK_NODATA, **profile) as mask_out, \
+                ThreadPoolExecutor(1) as reader:
             written = 0
-            for index, row in enumerate(rows):
-                image, valid = stack.read(row, 0, size, width)
-                tiles = np.stack([image[:, col:col + size] for col in cols])
-                probability = predict_tiles(runs, tiles, batch_size, flips)
-                for col, tile in zip(cols, probability):
+            upcoming = reader.submit(read, reads[0])
+            for number, (index, group) in enumerate(reads):
+                image, valid = upcoming.result()
+                if number + 1 < len(reads):
+                    upcoming = reader.submit(read, reads[number + 1])
+                left = group[0]
+                tiles = np.stack([image[:, col - left:col - left + size] for col in group])
+                for col, tile in zip(group, predict_tiles(runs, tiles, batch_size, flips)):
                     sums[:, col:col + size] += tile * weights
                     norms[:, col:col + size] += weights
-                valid_rows |= valid
-                final = rows[index + 1] - row if index + 1 < len(rows) else size
-                final = min(final, grid.height - written)
+                valid_rows[:, left:left + valid.shape[1]] |= valid
+                advance(len(group))
+                if group is not groups[-1]:
+                    continue
+                row = rows[index]
+                shift = rows[index + 1] - row if index + 1 < len(rows) else size
+                final = min(shift, grid.height - written)
                 if final > 0:
                     block = sums[:final, :grid.width] / np.maximum(norms[:final, :grid.width], 1e-12)
                     block_valid = valid_rows[:final, :grid.width]
@@ -244,11 +265,9 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, t
                     mask_out.write(np.where(block_valid, block >= threshold, MASK_NODATA).astype(np.uint8)[None],
                                    window=window)
                     written += final
-                shift = rows[index + 1] - row if index + 1 < len(rows) else size
                 for array in (sums, norms, valid_rows):
                     array[:size - shift] = array[shift:]
                     array[size - shift:] = 0
-                advance(len(cols))
         for kind in names:
             to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8")
         polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)

@@ -156,6 +156,20 @@ def test_flip_augmentation_of_a_pixelwise_model_changes_nothing(scene_world, tmp
                                atol=1e-5)
 
 
+def test_reading_rows_in_groups_of_windows_changes_nothing(scene_world, tmp_path, monkeypatch):
+    import rts_tf.predict
+
+    runner = CliRunner()
+    rows = runner.invoke(main, predict_arguments(scene_world, tmp_path / "rows", "random_a", extra=["--batch-size", "4"]))
+    monkeypatch.setattr(rts_tf.predict, "WINDOWS_PER_READ", 1)  # one read per window: 4 groups in each row
+    single = runner.invoke(main, predict_arguments(scene_world, tmp_path / "single", "random_a",
+                                                   extra=["--batch-size", "1"]))
+    assert rows.exit_code == 0 and single.exit_code == 0, single.output
+    np.testing.assert_allclose(read(tmp_path / "rows", "probability")[0], read(tmp_path / "single", "probability")[0],
+                               atol=1e-5)
+    np.testing.assert_array_equal(read(tmp_path / "rows", "mask")[0], read(tmp_path / "single", "mask")[0])
+
+
 def test_bad_predict_input(scene_world, tmp_path):
     runner = CliRunner()
 
