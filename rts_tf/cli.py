@@ -250,7 +250,10 @@ def fit_command(overwrite: bool, **options) -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for metrics.json and metrics.md (default: the run folder).")
-def evaluate_command(run: str, records: str, region: str | None, threshold: float, out: str | None) -> None:
+@click.option("--min-area", type=click.FloatRange(0), default=100.0, show_default=True,
+              help="Predicted objects smaller than this (m2) are not counted, as `predict` drops their polygons.")
+def evaluate_command(run: str, records: str, region: str | None, threshold: float, out: str | None,
+                     min_area: float) -> None:
     """Score a run on scene mosaics (overlapping tiles counted once), per region and overall.
 
     Pixel IoU, F1, precision, recall at the threshold; the best IoU over a threshold sweep;
@@ -259,7 +262,7 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
     """
     from rts_tf.evaluate import evaluate, markdown_table
 
-    result = evaluate(run, records, region=region, out=out, threshold=threshold)
+    result = evaluate(run, records, region=region, out=out, threshold=threshold, min_area=min_area)
     click.echo(markdown_table(result))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rasterio import Affine
 from scipy import ndimage
 
 from rts_tf.errors import InputError
@@ -65,8 +66,9 @@ class Counts:
         }
 
 
-def score_scene(label: np.ndarray, probability: np.ndarray, threshold: float = 0.5) -> Counts:
-    """Counts for one scene mosaic: label (0, 1, 255) and probability; ignored pixels excluded."""
+def score_scene(label: np.ndarray, probability: np.ndarray, threshold: float = 0.5, min_pixels: int = 0) -> Counts:
+    """Counts for one scene mosaic: label (0, 1, 255) and probability; ignored pixels excluded.
+    Predicted objects of fewer than `min_pixels` pixels are not counted as objects."""
     valid = label != IGNORE
     truth = (label == 1) & valid
     predicted = (probability >= threshold) & valid
@@ -78,18 +80,24 @@ def score_scene(label: np.ndarray, probability: np.ndarray, threshold: float = 0
     for index, level in enumerate(SWEEP):
         above = p >= level
         counts.sweep[:, index] = (np.count_nonzero(above & t), np.count_nonzero(above & ~t), np.count_nonzero(~above & t))
-    counts.true_objects, counts.predicted_objects, counts.matched_objects = match_objects(truth, predicted)
+    counts.true_objects, counts.predicted_objects, counts.matched_objects = match_objects(truth, predicted, min_pixels=min_pixels)
     intersection, union = boundary_overlap(truth, predicted, valid)
     counts.boundary_intersection, counts.boundary_union = intersection, union
     return counts
 
 
-def match_objects(truth: np.ndarray, predicted: np.ndarray, threshold: float = OBJECT_IOU) -> tuple[int, int, int]:
+def match_objects(truth: np.ndarray, predicted: np.ndarray, threshold: float = OBJECT_IOU,
+                  min_pixels: int = 0) -> tuple[int, int, int]:
     """(true objects, predicted objects, matched pairs): 8-connected components, a pair matching
-    when their IoU is at least 0.5 (such a match is unique, so no assignment problem arises)."""
+    when their IoU is at least 0.5 (such a match is unique, so no assignment problem arises).
+    Predicted components smaller than `min_pixels` are left out, as `predict` leaves out their polygons."""
     structure = np.ones((3, 3), dtype=bool)
     true_labels, true_count = ndimage.label(truth, structure)
     predicted_labels, predicted_count = ndimage.label(predicted, structure)
+    if min_pixels > 1 and predicted_count:
+        kept = np.bincount(predicted_labels.ravel()) >= min_pixels
+        kept[0] = False
+        predicted_labels, predicted_count = ndimage.label(kept[predicted_labels], structure)
     if true_count == 0 or predicted_count == 0:
         return true_count, predicted_count, 0
     overlap = (true_labels > 0) & (predicted_labels > 0)
@@ -139,10 +147,11 @@ def scene_mosaics(records: str, manifest: dict, scene: dict, run) -> tuple[np.nd
 
 
 def evaluate(run_path: str, records: str, region: str | None = None, out: str | None = None,
-             threshold: float = 0.5) -> dict:
+             threshold: float = 0.5, min_area: float = 100.0) -> dict:
     """Metrics per region and overall for a run on records; writes metrics.json and metrics.md.
 
     By default the run's validation regions are scored; region='all' scores every region.
+    Predicted objects smaller than `min_area` (m2) are not counted, as `predict` drops them.
     """
     from rts_tf.predict import load_run
 
@@ -168,12 +177,14 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     for scene in manifest["scenes"]:
         if scene["region"] in regions and scene["tiles"]:
             label, probability = scene_mosaics(records, manifest, scene, run)
-            by_region[scene["region"]].add(score_scene(label, probability, threshold))
+            transform = Affine(*scene["transform"][:6])
+            min_pixels = int(np.ceil(min_area / abs(transform.a * transform.e)))
+            by_region[scene["region"]].add(score_scene(label, probability, threshold, min_pixels))
     overall = Counts()
     for counts in by_region.values():
         overall.add(counts)
     result = {"run": str(run_path), "records": str(records), "threshold": threshold,
-              "regions": {name: counts.metrics() for name, counts in by_region.items()},
+              "min_area_m2": min_area, "regions": {name: counts.metrics() for name, counts in by_region.items()},
               "overall": overall.metrics()}
     out_dir = Path(out or run_path)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,19 @@ def test_missed_and_false_slumps_count_against_recall_and_precision():
     assert metrics["iou"] == pytest.approx(100 / (100 + 25 + 100))
 
 
+def test_predicted_specks_under_the_minimum_size_are_not_objects():
+    truth, predicted = blank(), blank()
+    truth[5:15, 5:15] = True
+    predicted[5:15, 5:15] = True
+    predicted[30:33, 40:44] = True  # a 12-pixel speck: 108 m2 at 3 m
+    predicted[30:32, 50:55] = True  # a 10-pixel speck: 90 m2
+    assert match_objects(truth, predicted) == (1, 3, 1)
+    assert match_objects(truth, predicted, min_pixels=12) == (1, 2, 1)
+    assert match_objects(truth, predicted, min_pixels=13) == (1, 1, 1)
+    counts = score_scene(truth.astype(np.uint8), predicted.astype(np.float32), min_pixels=13)
+    assert counts.fp == 22  # pixel metrics still count every pixel
+
+
 def test_ignored_pixels_are_excluded_everywhere():
     truth = blank()
     truth[5:15, 5:15] = True
@@ -96,5 +109,10 @@ def test_evaluate_a_trained_run_on_scene_mosaics(tiny_run, demo_records, tmp_pat
     every = CliRunner().invoke(main, ["evaluate", "--run", str(tiny_run), "--records", str(demo_records),
                                       "--out", str(tmp_path / "all"), "--region", "all"])
     assert every.exit_code == 0 and len(json.loads((tmp_path / "all" / "metrics.json").read_text())["regions"]) == 6
+    specks = CliRunner().invoke(main, ["evaluate", "--run", str(tiny_run), "--records", str(demo_records),
+                                       "--out", str(tmp_path / "specks"), "--min-area", "0"])
+    assert specks.exit_code == 0 and metrics["min_area_m2"] == 100
+    unfiltered = json.loads((tmp_path / "specks" / "metrics.json").read_text())["regions"]["Horton"]
+    assert unfiltered["predicted_objects"] >= horton["predicted_objects"] and unfiltered["iou"] == horton["iou"]
     missing = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path), "--records", str(demo_records)])
     assert missing.exit_code != 0 and "run.json" in missing.output
