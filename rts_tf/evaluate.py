@@ -80,7 +80,8 @@ def score_scene(label: np.ndarray, probability: np.ndarray, threshold: float = 0
     for index, level in enumerate(SWEEP):
         above = p >= level
         counts.sweep[:, index] = (np.count_nonzero(above & t), np.count_nonzero(above & ~t), np.count_nonzero(~above & t))
-    counts.true_objects, counts.predicted_objects, counts.matched_objects = match_objects(truth, predicted, min_pixels=min_pixels)
+    objects = match_objects(truth, predicted, min_pixels=min_pixels)
+    counts.true_objects, counts.predicted_objects, counts.matched_objects = objects
     intersection, union = boundary_overlap(truth, predicted, valid)
     counts.boundary_intersection, counts.boundary_union = intersection, union
     return counts
