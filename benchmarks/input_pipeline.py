@@ -1,8 +1,8 @@
 """Benchmark of the tf.data input pipeline: tiles per second from records to batches.
 
-Run by hand:  .venv/bin/python benchmarks/input_pipeline.py [--tiles 2000]
+Run by hand:  .venv/bin/python benchmarks/input_pipeline.py [--tiles 2000] [--compression none]
 
-Writes 256 x 256 x 10 float16 GZIP records (textured, like real tiles) once under a cache folder,
+Writes 256 x 256 x 10 float16 records (GZIP level 1 by default) (textured, like real tiles) once under a cache folder,
 then times full passes with and without augmentation, with TensorFlow limited to one core and to
 two cores (each in its own child process, as thread pools are fixed at start-up).
 """
@@ -41,11 +41,11 @@ print(json.dumps({"tiles": count, "seconds": time.perf_counter() - started}))
 """
 
 
-def make_records(folder: Path, tiles: int) -> None:
+def make_records(folder: Path, tiles: int, compression: str) -> None:
     """Records with `tiles` textured 256 px tiles in two regions, written with rts-tf's own schema."""
     import numpy as np
 
-    from rts_tf.records import BandStatistics, ShardWriter, encode_example, features
+    from rts_tf.records import COMPRESSIONS, BandStatistics, ShardWriter, encode_example, features, shard_suffix
     from rts_tf.scene import BANDS
 
     if (folder / "manifest.json").exists():
@@ -55,8 +55,8 @@ def make_records(folder: Path, tiles: int) -> None:
     shards, scenes = {}, []
     for index in range(8):
         region = "A" if index % 2 else "B"
-        path = f"{region}/scene{index}.tfrecord.gz"
-        writer = ShardWriter(folder / path, "GZIP", 1)
+        path = f"{region}/scene{index}{shard_suffix(COMPRESSIONS[compression])}"
+        writer = ShardWriter(folder / path, COMPRESSIONS[compression], 1)
         for tile in range(tiles // 8):
             smooth = rng.normal(1, 0.2, (16, 16, 10)).repeat(16, 0).repeat(16, 1)
             image = (smooth * rng.normal(1, 0.02, smooth.shape) * scale).astype(np.float16)
@@ -67,7 +67,7 @@ def make_records(folder: Path, tiles: int) -> None:
         scenes.append({"scene_id": f"scene{index}", "region": region, "tiles": tiles // 8,
                        "slump_tiles": tiles // 8, "shards": [path]})
     stats = BandStatistics(10).to_dict()
-    manifest = {"schema_version": 1, "tile_size": 256, "overlap": 0, "compression": "GZIP", "bands": BANDS,
+    manifest = {"schema_version": 1, "tile_size": 256, "overlap": 0, "compression": COMPRESSIONS[compression], "bands": BANDS,
                 "features": features(256, 10, "float16"), "regions": {"A": {}, "B": {}}, "scenes": scenes,
                 "shards": shards, "statistics": {"overall": stats, "regions": {"A": stats, "B": stats}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -77,12 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/rts-tf-benchmark/pipeline"))
     parser.add_argument("--tiles", type=int, default=1600)
+    parser.add_argument("--compression", choices=["gzip", "none"], default="gzip")
     args = parser.parse_args()
-    make_records(args.cache, args.tiles)
-    print(f"input pipeline: {args.tiles} tiles of 256 x 256 x 10 (float16, GZIP level 1), batch 16, one pass")
+    records = args.cache / f"{args.compression}_{args.tiles}"
+    make_records(records, args.tiles, args.compression)
+    print(f"input pipeline: {args.tiles} tiles of 256 x 256 x 10 (float16, compression {args.compression}), "
+          "batch 16, one pass")
     for augment in (False, True):
         for cores in (1, 2):
-            output = subprocess.run([sys.executable, "-c", CHILD, str(cores), str(int(augment)), str(args.cache)],
+            output = subprocess.run([sys.executable, "-c", CHILD, str(cores), str(int(augment)), str(records)],
                                     capture_output=True, text=True)
             if output.returncode:
                 raise SystemExit(output.stderr[-2000:])
