@@ -2,9 +2,10 @@
 
 Run by hand:  .venv/bin/python benchmarks/input_pipeline.py [--tiles 2000] [--compression none]
 
-Writes 256 x 256 x 10 float16 records (GZIP level 1 by default) (textured, like real tiles) once under a cache folder,
-then times full passes with and without augmentation, with TensorFlow limited to one core and to
-two cores (each in its own child process, as thread pools are fixed at start-up).
+Writes 256 x 256 x 10 float16 records (textured, like real tiles; GZIP level 1 unless
+--compression none) once under a cache folder, then times full passes with and without
+augmentation, with TensorFlow limited to one core and to two cores (each in its own child
+process, as thread pools are fixed at start-up).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def make_records(folder: Path, tiles: int, compression: str) -> None:
         scenes.append({"scene_id": f"scene{index}", "region": region, "tiles": tiles // 8,
                        "slump_tiles": tiles // 8, "shards": [path]})
     stats = BandStatistics(10).to_dict()
-    manifest = {"schema_version": 1, "tile_size": 256, "overlap": 0, "compression": COMPRESSIONS[compression], "bands": BANDS,
-                "features": features(256, 10, "float16"), "regions": {"A": {}, "B": {}}, "scenes": scenes,
+    manifest = {"schema_version": 1, "tile_size": 256, "overlap": 0, "compression": COMPRESSIONS[compression],
+                "bands": BANDS, "features": features(256, 10, "float16"), "regions": {"A": {}, "B": {}}, "scenes": scenes,
                 "shards": shards, "statistics": {"overall": stats, "regions": {"A": stats, "B": stats}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 

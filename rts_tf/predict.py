@@ -206,7 +206,8 @@ def prepare_output(out: Path, scene_ids: list[str], overwrite: bool) -> None:
 def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, terrain: Terrain, out: Path,
                   overlap: int, batch_size: int, flips: bool, threshold: float, min_area: float, drop_touching: bool,
                   region: str, advance: Callable[[int], None]) -> tuple[SceneResult, Polygons]:
-    """Stream one scene through the model, row of tiles by row of tiles; write COGs and polygons."""
+    """Stream one scene through the model in groups of windows along each row of tiles; write COGs
+    and polygons."""
     size = runs[0].tile_size
     weights = window_weights(size)
     folder = out / scene.scene_id
@@ -253,8 +254,7 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], tcvis: RasterSource, t
                 advance(len(group))
                 if group is not groups[-1]:
                     continue
-                row = rows[index]
-                shift = rows[index + 1] - row if index + 1 < len(rows) else size
+                shift = rows[index + 1] - rows[index] if index + 1 < len(rows) else size
                 final = min(shift, grid.height - written)
                 if final > 0:
                     block = sums[:final, :grid.width] / np.maximum(norms[:final, :grid.width], 1e-12)
