@@ -6,6 +6,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pyogrio
@@ -18,6 +19,7 @@ from shapely.geometry import box, mapping, shape
 
 from rts_tf.errors import InputError
 from rts_tf.rasters import Grid
+
 POLYGON_TYPES = ("Polygon", "MultiPolygon")
 
 
@@ -29,16 +31,32 @@ class VectorLayer:
     crs: CRS
     geometries: np.ndarray  # shapely geometries, repaired, polygonal
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    indices: np.ndarray | None = None  # each polygon's 0-based position among the file's features
+    fids: np.ndarray | None = None  # each polygon's feature id in the file (GeoPackage fids start at 1)
 
     def __len__(self) -> int:
         return len(self.geometries)
 
     def values(self, name: str, index: int) -> str | None:
+        """A field's value as text; None for a missing field, null, NaN or a blank string."""
         column = self.attributes.get(name)
         if column is None:
             return None
         value = column[index]
-        return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return None
+        text = str(value)
+        return text if text.strip() else None
+
+    def strings(self, name: str) -> np.ndarray:
+        """A field as an object array of text or None (see values); all None without the field."""
+        return np.array([self.values(name, index) for index in range(len(self))], dtype=object)
+
+    def file_index(self, position: int) -> int:
+        return int(self.indices[position]) if self.indices is not None else position
+
+    def fid(self, position: int) -> int:
+        return int(self.fids[position]) if self.fids is not None else self.file_index(position)
 
 
 def read_polygons(path: str | os.PathLike, what: str, required_fields: tuple[str, ...] = ()) -> VectorLayer:
@@ -47,7 +65,7 @@ def read_polygons(path: str | os.PathLike, what: str, required_fields: tuple[str
     if not path.exists():
         raise InputError(f"{path}: {what} file not found")
     try:
-        meta, _, wkb, field_data = pyogrio.raw.read(path)
+        meta, fids, wkb, field_data = pyogrio.raw.read(path, return_fids=True)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as error:
         raise InputError(f"{path}: not a readable vector file ({what}): {str(error).splitlines()[0]}") from None
     if meta.get("crs") is None:
@@ -66,7 +84,10 @@ def read_polygons(path: str | os.PathLike, what: str, required_fields: tuple[str
         raise InputError(f"{path}: {what} holds no polygons")
     attributes = {name: np.asarray(values, dtype=object)[keep][polygonal]
                   for name, values in zip(names, field_data)}
-    return VectorLayer(str(path), CRS.from_user_input(meta["crs"]), repaired[polygonal], attributes)
+    indices = np.flatnonzero(keep)[polygonal]
+    fids = np.asarray(fids)[indices] if fids is not None and len(fids) == len(keep) else None
+    return VectorLayer(str(path), CRS.from_user_input(meta["crs"]), repaired[polygonal], attributes,
+                       indices=indices, fids=fids)
 
 
 def _polygonal(geometry):
@@ -96,27 +117,104 @@ def reproject_geometries(geometries, source_crs: CRS, target_crs: CRS, path: str
     return result
 
 
-def scene_labels(labels: VectorLayer, scene_id: str, grid: Grid) -> list:
-    """The label polygons of one scene, in the scene's CRS.
+def select_labels(labels: VectorLayer, label_field: str | None,
+                  label_values: Sequence[str] | None) -> np.ndarray:
+    """Which polygons are slumps: those whose `label_field` is one of `label_values` (all by default)."""
+    if label_field is None and not label_values:
+        return np.ones(len(labels), dtype=bool)
+    if label_field is None:
+        raise InputError("--label-value needs --label-field (the label field that holds the class)")
+    if not label_values:
+        raise InputError(f"--label-field {label_field} needs --label-value (the value(s) that mark a slump)")
+    if label_field not in labels.attributes:
+        raise InputError(f"{labels.path}: labels have no field '{label_field}' (fields present: "
+                         f"{', '.join(labels.attributes) or 'none'})")
+    column, wanted = labels.strings(label_field), set(label_values)
+    selected = np.array([value in wanted for value in column], dtype=bool)
+    if not selected.any():
+        present = sorted({value for value in column if value is not None})
+        shown = ", ".join(present[:10]) + (f" and {len(present) - 10} more" if len(present) > 10 else "")
+        raise InputError(f"{labels.path}: no polygon has {label_field} = {', '.join(label_values)} "
+                         f"(values present: {shown or 'none'})")
+    return selected
 
-    Matched by `image_id` when the field exists (labels of other images of the same place must
-    not leak in), else by intersection with the scene's extent.
+
+@dataclass
+class SceneLabels:
+    """The label polygons of one scene and how they were matched to it."""
+
+    polygons: list  # the selected (slump) polygons, in the scene CRS
+    counts: dict[str, int]  # selected polygons matched per rule: {"image_id": n, "footprint": n}
+    positions: np.ndarray  # layer positions of every polygon matched to the scene, selected or not
+    region: str | None  # most common `region` of the matched polygons (image_id matches first)
+    site: str | None
+
+
+class LabelMatcher:
+    """Matches label polygons to scenes.
+
+    A polygon with an `image_id` belongs to the scene of that id (labels of other images of the
+    same place must not leak in); a polygon whose `image_id` is null or blank, or any polygon of a
+    file without that field, belongs to every scene whose footprint it intersects.
     """
-    if "image_id" in labels.attributes:
-        chosen = labels.geometries[labels.attributes["image_id"].astype(str) == scene_id]
-        return reproject_geometries(chosen, labels.crs, grid.crs, labels.path)
-    footprint = box(*grid.bounds)
-    moved = reproject_geometries(labels.geometries, labels.crs, grid.crs, labels.path)
-    return [geometry for geometry in moved if geometry.intersects(footprint)]
 
+    def __init__(self, labels: VectorLayer, selected: np.ndarray | None = None):
+        self.labels = labels
+        self.selected = np.ones(len(labels), dtype=bool) if selected is None else np.asarray(selected, dtype=bool)
+        self.image_ids = labels.strings("image_id")
+        self.by_footprint = np.array([value is None for value in self.image_ids], dtype=bool)
+        self._moved: dict[str, np.ndarray] = {}  # footprint candidates reprojected, per scene CRS
 
-def scene_attribute(labels: VectorLayer | None, scene_id: str, name: str) -> str | None:
-    """The most common value of a field among a scene's labels (by image_id), or None."""
-    if labels is None or name not in labels.attributes or "image_id" not in labels.attributes:
+    def match(self, scene_id: str, grid: Grid) -> SceneLabels:
+        by_id = np.flatnonzero(self.image_ids == scene_id)
+        candidates = np.flatnonzero(self.by_footprint)
+        moved = self._reprojected(candidates, grid.crs)
+        hits = shapely.intersects(moved, box(*grid.bounds)) if len(moved) else np.zeros(0, dtype=bool)
+        by_footprint = candidates[hits]
+        chosen = by_id[self.selected[by_id]]
+        polygons = reproject_geometries(self.labels.geometries[chosen], self.labels.crs, grid.crs, self.labels.path)
+        polygons += list(moved[hits][self.selected[by_footprint]])
+        counts = {"image_id": len(chosen), "footprint": int(self.selected[by_footprint].sum())}
+        return SceneLabels(polygons, counts, np.concatenate([by_id, by_footprint]),
+                           region=self._most_common("region", by_id, by_footprint),
+                           site=self._most_common("site", by_id, by_footprint))
+
+    def report(self, matches: Sequence[SceneLabels]) -> dict[str, Any]:
+        """Polygons in the file, selected as slumps, matched per rule, and the selected ones matched to no scene."""
+        matched = np.zeros(len(self.labels), dtype=bool)
+        for match in matches:
+            matched[match.positions] = True
+        selected = self.selected
+        unmatched = []
+        for position in np.flatnonzero(selected & ~matched):
+            entry = {"index": self.labels.file_index(position), "fid": self.labels.fid(position)}
+            if self.image_ids[position] is not None:
+                entry["image_id"] = self.image_ids[position]
+            unmatched.append(entry)
+        return {"polygons": len(self.labels), "selected": int(selected.sum()),
+                "matched": {"image_id": int((selected & matched & ~self.by_footprint).sum()),
+                            "footprint": int((selected & matched & self.by_footprint).sum())},
+                "unmatched": {"count": len(unmatched), "polygons": unmatched}}
+
+    def _reprojected(self, positions: np.ndarray, crs) -> np.ndarray:
+        key = str(crs)
+        if key not in self._moved:
+            moved = reproject_geometries(self.labels.geometries[positions], self.labels.crs, crs, self.labels.path)
+            self._moved[key] = np.array(moved, dtype=object)
+        return self._moved[key]
+
+    def _most_common(self, name: str, *groups: np.ndarray) -> str | None:
+        for positions in groups:
+            values = [self.labels.values(name, int(position)) for position in positions]
+            values = [value for value in values if value is not None]
+            if values:
+                return Counter(values).most_common(1)[0][0]
         return None
-    chosen = labels.attributes[name][labels.attributes["image_id"].astype(str) == scene_id]
-    values = [str(value) for value in chosen if value is not None]
-    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def scene_labels(labels: VectorLayer, scene_id: str, grid: Grid) -> list:
+    """The label polygons of one scene, in the scene's CRS (matched as LabelMatcher does)."""
+    return LabelMatcher(labels).match(scene_id, grid).polygons
 
 
 def site_of(sites: VectorLayer, grid: Grid) -> tuple[str | None, str | None]:
