@@ -59,6 +59,53 @@ def test_unet_plus_plus_deep_supervision_averages_four_heads():
     np.testing.assert_allclose(model(batch, training=False).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_unet_plus_plus_heads_output_stacks_the_mean_and_the_four_heads_and_shares_its_weights(tmp_path):
+    tf.keras.utils.set_random_seed(2)
+    with_heads = tiny_model("unetpp", deep_supervision=True, heads_output=True)
+    mean_only = tiny_model("unetpp", deep_supervision=True)
+
+    assert with_heads.output_shape == (None, TILE_SIZE, TILE_SIZE, 5)
+    assert with_heads.output.dtype == tf.float32
+    assert [layer.name for layer in with_heads.layers if layer.weights] == [
+        layer.name for layer in mean_only.layers if layer.weights]
+    with_heads.save_weights(str(tmp_path / "heads.h5"))
+    mean_only.load_weights(str(tmp_path / "heads.h5"))
+
+    batch = random_batch()
+    stacked = with_heads(batch, training=False).numpy()
+    mean = mean_only(batch, training=False).numpy()
+    np.testing.assert_allclose(stacked[..., :1], stacked[..., 1:].mean(axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean, stacked[..., :1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean, stacked[..., 1:].mean(axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert stacked[..., 1:].std(axis=-1).max() > 0  # four different heads
+
+
+def test_unet_plus_plus_with_heads_fits_a_step_with_the_focal_loss_and_the_metrics():
+    from rts_tf.losses import get_loss
+    from rts_tf.metrics import segmentation_metrics
+
+    tf.keras.utils.set_random_seed(4)
+    model = build_model("unetpp", "resnet18", NUM_BANDS, TILE_SIZE, decoder_filters=(16, 16, 8, 8, 8),
+                        deep_supervision=True, heads_output=True)
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=get_loss("focal"), metrics=segmentation_metrics())
+    images = random_batch(batch_size=2, seed=4)
+    labels = (np.random.default_rng(4).random((2, TILE_SIZE, TILE_SIZE, 1)) < 0.3).astype("uint8")
+    labels[:, :8] = 255
+
+    history = model.fit(images, labels, batch_size=2, epochs=1, verbose=0).history
+
+    assert sorted(history) == ["best_iou", "best_threshold", "f1", "iou", "loss", "precision", "recall"]
+    assert all(np.isfinite(values[0]) for values in history.values())
+
+
+def test_heads_output_is_for_unet_plus_plus_with_deep_supervision():
+    with pytest.raises(ValueError, match="heads_output needs deep_supervision"):
+        tiny_model("unetpp", heads_output=True)
+    with pytest.raises(ValueError, match="'unet' has no option heads_output"):
+        tiny_model("unet", heads_output=True)
+    assert tiny_model("unet", heads_output=False).output_shape == (None, TILE_SIZE, TILE_SIZE, 1)
+
+
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     tf.keras.utils.set_random_seed(1)
     model = tiny_model("unet")

@@ -8,12 +8,16 @@ full-resolution stage (upsample by 2, two conv-BN-ReLU) and a 3x3 convolution wi
 sigmoid turn X(0, 4) into the probability.
 
 Deep supervision (``deep_supervision=True``) gives each of X(0, 1), X(0, 2), X(0, 3), X(0, 4)
-its own full-resolution stage and head, and the model's single output is the mean of the four
-probabilities. One loss on that mean trains all heads jointly, so ``model.fit`` needs nothing
-special; the mean is also what inference uses (the paper's "accurate mode").
+its own full-resolution stage and head; the model's probability is the mean of the four heads
+(the paper's "accurate mode"), and that (H, W, 1) mean is the output by default, for inference
+and for the saved model. Zhou et al. train each head with its own loss: ``heads_output=True``
+returns the (H, W, 5) float32 stack [mean, head 1, ..., head 4] instead. Every loss in
+``rts_tf.losses`` averages the losses of channels 1..4 of such an output, and every metric in
+``rts_tf.metrics`` reads channel 0, so ``model.fit`` needs nothing else. The two variants have
+the same layers with weights, in the same order, so weights saved from one load into the other.
 
 Ops: Conv2D, FusedBatchNormV3, Relu, ConcatV2, ResizeBilinear (gradient ResizeBilinearGrad) and,
-with deep supervision, an element-wise mean, all compiled by XLA.
+with deep supervision, an element-wise mean (and a concatenation for the heads), all compiled by XLA.
 """
 
 from __future__ import annotations
@@ -27,12 +31,17 @@ def unet_plus_plus_decoder(
     features: dict[str, tf.Tensor],
     decoder_filters: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16),
     deep_supervision: bool = False,
+    heads_output: bool = False,
 ) -> tf.Tensor:
     """Return the (H, W, 1) float32 probability of a UNet++ decoder on the features ``P1``..``P5``.
 
     ``decoder_filters`` are the widths of the nodes at 1/16, 1/8, 1/4, 1/2 and full resolution.
+    With ``deep_supervision`` the probability is the mean of four heads; ``heads_output`` then
+    returns (H, W, 5): the mean followed by the four heads, for training each head.
     """
     filters = check_decoder_filters(decoder_filters, 5, "unetpp")
+    if heads_output and not deep_supervision:
+        raise ValueError("unetpp heads_output needs deep_supervision: without it there is one head")
     depth = 4
     # nodes[i][j] is X(i, j); level i has the resolution of P(i+1).
     nodes = [[features[f"P{level + 1}"]] for level in range(depth + 1)]
@@ -53,4 +62,7 @@ def unet_plus_plus_decoder(
     for column in range(1, depth + 1):
         x = decoder_block(nodes[0][column], [], filters[depth], name=f"decoder_full_resolution{column}")
         probabilities.append(segmentation_head(x, name=f"probability{column}"))
-    return tf.keras.layers.Average(dtype="float32", name="probability")(probabilities)
+    mean = tf.keras.layers.Average(dtype="float32", name="probability")(probabilities)
+    if not heads_output:
+        return mean
+    return tf.keras.layers.Concatenate(dtype="float32", name="probability_and_heads")([mean, *probabilities])
