@@ -18,12 +18,12 @@ import shapely
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.labels import rasterize_labels, read_polygons, scene_attribute, scene_labels, site_of
-from rts_tf.rasters import GDAL_CACHE_BYTES, RasterSource
+from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
+from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
                             ShardWriter, encode_example, features, read_manifest, shard_suffix, verify_shard,
                             write_json)
-from rts_tf.scene import BANDS, SceneFiles, SceneStack, Terrain, find_scenes, scene_grid
+from rts_tf.scene import BANDS, DEM_MIN_VALID, SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
 from rts_tf.tiling import blocks, check_tiling, count_tiles
 
 SETTINGS_NAME = "build-settings.json"
@@ -43,6 +43,7 @@ class BuildSettings:
     image_dtype: str = "float16"
     rel_elevation_radius: float = 100.0
     all_touched: bool = False
+    dem_min_valid: float = DEM_MIN_VALID
 
     def validate(self) -> None:
         check_tiling(self.tile_size, self.overlap)
@@ -75,6 +76,9 @@ class SceneJob:
     height: int = 0
     width: int = 0
     fingerprint: str = ""
+    label_counts: dict[str, int] = field(default_factory=dict)  # slump polygons matched per rule
+    label_selection: dict[str, Any] = field(default_factory=dict)  # --label-field/--label-value
+    region_from: str = ""  # "sites", "labels" or "default" (--default-region)
 
     @property
     def shard_path(self) -> str:
@@ -100,6 +104,9 @@ class BuildSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     regions: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)  # the manifest's "labels" entry
+    # scene_id -> {"region", "region_from", "image_id", "footprint"}: where each scene's labels came from
+    scene_labels: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         rate = self.tiles_built / self.seconds if self.seconds > 0 else 0.0
@@ -111,7 +118,30 @@ class BuildSummary:
             f"ignored pixels: {100 * self.ignored_share:.1f}%",
             f"written: {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
             f"({rate:.1f} tiles/s, {self.bytes_written / 1e6 / max(self.seconds, 1e-9):.1f} MB/s)",
+            *self.label_lines(),
         ]
+
+    def label_lines(self) -> list[str]:
+        """How many label polygons are slumps, how they reached scenes, and how many reached none."""
+        if not self.labels:
+            return []
+        info = self.labels
+        if info["label_field"]:
+            selection = (f"{info['selected']} of {info['polygons']} polygons selected as slumps "
+                         f"({info['label_field']} = {', '.join(info['label_values'])})")
+        else:
+            selection = f"{info['polygons']} polygons, all slumps"
+        unmatched = info["unmatched"]["count"]
+        lines = [f"labels: {selection}; matched {info['matched']['image_id']} by image_id, "
+                 f"{info['matched']['footprint']} by footprint; {unmatched} matched no scene"
+                 + (" (listed in manifest.json under labels.unmatched)" if unmatched else "")]
+        lines.append("labels by scene (by image_id + by footprint):")
+        for scene_id, scene in sorted(self.scene_labels.items()):
+            region = scene["region"] + (" from --default-region" if scene["region_from"] == "default" else "")
+            total = scene["image_id"] + scene["footprint"]
+            lines.append(f"  {scene_id} ({region}): {scene['image_id']} + {scene['footprint']}"
+                         + ("  no labels: all background" if total == 0 else ""))
+        return lines
 
 
 def folder_name(region: str) -> str:
@@ -123,16 +153,20 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
                   dem: Sequence[str] | None = None, rel_elevation: Sequence[str] | None = None,
                   slope: Sequence[str] | None = None, sites: str | None = None,
                   settings: BuildSettings = BuildSettings(), workers: int = 1, overwrite: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> BuildSummary:
+                  progress: Callable[[int, int], None] | None = None, label_field: str | None = None,
+                  label_values: Sequence[str] | None = None, default_region: str | None = None) -> BuildSummary:
     """Build TFRecord shards and manifest.json for scenes; resume where shards are complete.
 
-    progress(done, total) is called with tile counts as blocks finish.
+    progress(done, total) is called with tile counts as blocks finish. Polygons whose label_field
+    is one of label_values are slumps (every polygon without label_field). A scene in no site
+    polygon whose labels carry no region gets default_region; without it the build fails.
     """
     started = time.perf_counter()
     settings.validate()
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    jobs = plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings)
+    jobs, label_report = plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings,
+                                   label_field, label_values, default_region)
     out_path = Path(out)
     prepare_output(out_path, settings, overwrite)
 
@@ -155,11 +189,12 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
 
     for part in run_jobs(todo, workers, advance):
         parts[part["scene_id"]] = part
-    manifest = assemble_manifest(jobs, parts, settings)
+    manifest = assemble_manifest(jobs, parts, settings, label_report)
     write_json(out_path / MANIFEST_NAME, manifest)
 
     summary = BuildSummary(out=str(out_path), scenes=len(jobs), scenes_built=len(todo),
-                           scenes_skipped=len(jobs) - len(todo), seconds=time.perf_counter() - started)
+                           scenes_skipped=len(jobs) - len(todo), seconds=time.perf_counter() - started,
+                           labels=label_report)
     pixels = ignored = 0
     for job in jobs:
         part = parts[job.scene.scene_id]
@@ -168,6 +203,8 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
         summary.regions[part["region"]] = summary.regions.get(part["region"], 0) + part["tiles"]
         pixels += part["tiles"] * settings.tile_size ** 2
         ignored += part["ignored_pixels"]
+        summary.scene_labels[job.scene.scene_id] = {"region": job.region, "region_from": job.region_from,
+                                                    **job.label_counts}
         if job in todo:
             summary.tiles_built += part["tiles"]
             summary.bytes_written += sum(shard["bytes"] for shard in part["shards"].values())
@@ -175,41 +212,60 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     return summary
 
 
-def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings) -> list[SceneJob]:
-    """Validate every input and decide each scene's region, site and labels, before writing anything."""
+def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, label_field=None,
+              label_values=None, default_region=None) -> tuple[list[SceneJob], dict[str, Any]]:
+    """Validate every input and decide each scene's region, site and labels, before writing anything.
+
+    Returns the jobs and the manifest's "labels" entry: the label file, the selection, how many
+    polygons matched scenes by each rule and which matched none.
+    """
     scene_list = find_scenes(scenes)
-    if not dem and not (rel_elevation and slope):
-        raise InputError("give --dem, or both --rel-elevation and --slope")
+    if default_region is not None and not default_region.strip():
+        raise InputError("--default-region must not be empty")
     site_layer = read_polygons(sites, "sites", ("region",)) if sites else None
-    label_layer = read_polygons(labels, "labels", () if sites else ("region",))
-    sources = {"tcvis": RasterSource(tcvis, "TCVIS", bands=3)}
-    if dem:
-        sources["dem"] = RasterSource(dem, "DEM", bands=1)
-    else:
-        sources["rel_elevation"] = RasterSource(rel_elevation, "relative elevation", bands=1)
-        sources["slope"] = RasterSource(slope, "slope", bands=1)
-    try:
-        Terrain(sources.get("dem"), sources.get("rel_elevation"), sources.get("slope"))
+    label_layer = read_polygons(labels, "labels", () if sites or default_region else ("region",))
+    matcher = LabelMatcher(label_layer, select_labels(label_layer, label_field, label_values))
+    selection = {"label_field": label_field,
+                 "label_values": sorted(set(label_values)) if label_field and label_values else None}
+    matches, no_region = [], []
+    with open_sources(tcvis, dem, rel_elevation, slope, settings) as sources:
         jobs = []
         for scene in scene_list:
             grid = scene_grid(scene)
-            for source in sources.values():
-                source.check_overlaps(grid, f"scene {scene.scene_id} ({scene.sr})")
+            sources.check(scene, grid)
+            match = matcher.match(scene.scene_id, grid)
+            matches.append(match)
             site, region = site_of(site_layer, grid) if site_layer else (None, None)
-            region = region or scene_attribute(label_layer, scene.scene_id, "region") or "unknown"
-            site = site or scene_attribute(label_layer, scene.scene_id, "site") or region
-            job = SceneJob(scene, region, site, scene_labels(label_layer, scene.scene_id, grid),
-                           tcvis=sources["tcvis"].paths,
-                           dem=sources["dem"].paths if "dem" in sources else None,
-                           rel_elevation=sources["rel_elevation"].paths if "rel_elevation" in sources else None,
-                           slope=sources["slope"].paths if "slope" in sources else None,
-                           settings=settings, out=str(out), height=grid.height, width=grid.width)
+            region_from = "sites" if region else "labels" if match.region else "default"
+            region = region or match.region or default_region
+            if region is None:
+                no_region.append(scene.scene_id)
+                continue
+            site = site or match.site or region
+            job = SceneJob(scene, region, site, match.polygons,
+                           tcvis=sources.tcvis.paths,
+                           dem=sources.terrain.dem.paths if sources.terrain.dem else None,
+                           rel_elevation=sources.terrain.rel_elevation.paths if not sources.terrain.dem else None,
+                           slope=sources.terrain.slope.paths if not sources.terrain.dem else None,
+                           settings=settings, out=str(out), height=grid.height, width=grid.width,
+                           label_counts=match.counts, label_selection=selection, region_from=region_from)
             job.fingerprint = fingerprint(job, label_layer.path)
             jobs.append(job)
-    finally:
-        for source in sources.values():
-            source.close()
-    return jobs
+    if no_region:
+        names = ", ".join(no_region[:5]) + (f" and {len(no_region) - 5} more" if len(no_region) > 5 else "")
+        where = f"no site polygon in {sites} contains it" if sites else "no --sites given"
+        raise InputError(f"scene{'s' if len(no_region) > 1 else ''} {names}: region unknown ({where} and its "
+                         f"labels carry no region); give --sites covering it, a 'region' field in {labels}, "
+                         "or --default-region NAME")
+    return jobs, {"file": label_layer.path, **selection, "default_region": default_region,
+                  **matcher.report(matches)}
+
+
+def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings) -> SceneSources:
+    """The feature recipe of a build: its auxiliary sources with the build's settings."""
+    return SceneSources(tcvis, dem or None, rel_elevation or None, slope or None,
+                        rel_elevation_radius=settings.rel_elevation_radius,
+                        dem_min_valid=settings.dem_min_valid, image_dtype=settings.image_dtype)
 
 
 def fingerprint(job: SceneJob, labels_path: str) -> str:
@@ -222,7 +278,8 @@ def fingerprint(job: SceneJob, labels_path: str) -> str:
              *(job.slope or [])]
     content = {"settings": asdict(job.settings), "files": [stat(f) for f in files if f is not None],
                "region": job.region, "site": job.site, "schema_version": SCHEMA_VERSION,
-               "labels": hashlib.sha256(b"".join(shapely.to_wkb(g) for g in job.polygons)).hexdigest()}
+               "labels": hashlib.sha256(b"".join(shapely.to_wkb(g) for g in job.polygons)).hexdigest(),
+               "label_selection": job.label_selection}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -323,25 +380,20 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     settings = job.settings
     size = settings.tile_size
     limit = settings.max_ignored * size * size
-    tcvis = RasterSource(job.tcvis, "TCVIS", bands=3)
-    terrain = Terrain(RasterSource(job.dem, "DEM", bands=1) if job.dem else None,
-                      RasterSource(job.rel_elevation, "relative elevation", 1) if job.rel_elevation else None,
-                      RasterSource(job.slope, "slope", 1) if job.slope else None,
-                      radius=settings.rel_elevation_radius)
+    sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings)
     statistics = BandStatistics(len(BANDS))
     counts = {"tiles": 0, "slump_tiles": 0, "slump_pixels": 0, "ignored_pixels": 0, "dropped_tiles": 0}
     compression = COMPRESSIONS[settings.compression]
     writer = ShardWriter(Path(job.out) / job.shard_path, compression, settings.compression_level)
     try:
         # A small GDAL block cache: the default (5% of RAM) would grow with the scene.
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), SceneStack(job.scene, tcvis, terrain) as stack:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), sources.stack(job.scene) as stack:
             grid = stack.grid
             for block in blocks(grid.height, grid.width, size, settings.overlap):
                 image, valid = stack.read(block.row, block.col, block.height, block.width)
                 block_grid = grid.window_grid(block.row, block.col, block.height, block.width)
                 slumps = rasterize_labels(job.polygons, block_grid, settings.all_touched)
                 label = np.where(valid, slumps, IGNORE).astype(np.uint8)
-                image = image.astype(settings.image_dtype)
                 for row, col in block.tiles:
                     y, x = row - block.row, col - block.col
                     tile_label = label[y:y + size, x:x + size]
@@ -366,14 +418,14 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
         writer.abort()
         raise
     finally:
-        for source in (tcvis, *terrain.sources):
-            source.close()
+        sources.close()
     shard = writer.close()
     part = {
         "scene_id": job.scene.scene_id, "region": job.region, "site": job.site,
         "image_date": job.scene.image_date, "crs": grid.crs.to_wkt(), "epsg": grid.crs.to_epsg(),
         "transform": list(grid.transform)[:6], "width": grid.width, "height": grid.height,
-        **counts, "labels": len(job.polygons),
+        **counts, "label_polygons": len(job.polygons), "labels": dict(job.label_counts),
+        "region_from": job.region_from,
         "sources": {"sr": str(job.scene.sr), "udm2": str(job.scene.udm2) if job.scene.udm2 else None},
         "shards": {job.shard_path: shard},
         "statistics": statistics.to_dict(), "fingerprint": job.fingerprint,
@@ -382,8 +434,13 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     return part
 
 
-def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: BuildSettings) -> dict[str, Any]:
-    """The records' manifest.json: schema, bands, scenes, shards with checksums, band statistics."""
+def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: BuildSettings,
+                      labels: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The records' manifest.json: schema, bands, scenes, shards with checksums, band statistics, labels.
+
+    labels is plan_jobs' report on the label file. Each scene's label counts come from its job,
+    so that a reused part never shows stale matching.
+    """
     overall = BandStatistics(len(BANDS))
     by_region: dict[str, BandStatistics] = {}
     scenes, shards, regions = [], {}, {}
@@ -399,7 +456,8 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
         for path, info in part["shards"].items():
             shards[path] = {**info, "scene_id": part["scene_id"], "region": part["region"]}
         scenes.append({key: value for key, value in part.items() if key not in ("statistics", "fingerprint")}
-                      | {"shards": sorted(part["shards"])})
+                      | {"shards": sorted(part["shards"]), "label_polygons": len(job.polygons),
+                         "labels": dict(job.label_counts), "region_from": job.region_from})
     compression = COMPRESSIONS[settings.compression]
     return {
         "schema_version": SCHEMA_VERSION,
@@ -411,6 +469,10 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
         "features": features(settings.tile_size, len(BANDS), settings.image_dtype),
         "label_values": LABEL_VALUES,
         "settings": asdict(settings),
+        "labels": labels or {},
+        # What decides each pixel's band values: `fit` copies it into run.json for `predict`.
+        "recipe": recipe_settings("dem" if jobs and jobs[0].dem else "precomputed", settings.rel_elevation_radius,
+                                  settings.dem_min_valid, settings.image_dtype),
         "regions": dict(sorted(regions.items())),
         "scenes": scenes,
         "shards": shards,

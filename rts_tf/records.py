@@ -67,21 +67,24 @@ def encode_example(image: np.ndarray, label: np.ndarray, image_dtype: str, **sca
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def decode_example(serialized, manifest: dict, keep_dtype: bool = False):
+def decode_example(serialized, manifest: dict, keep_dtype: bool = False, keys=None):
     """Parse tf.train.Example bytes into a dict of tensors: image (H,W,C, float32 or as stored when
-    keep_dtype), label (H,W,1 uint8) and the scalar features. Works inside tf.data pipelines."""
+    keep_dtype), label (H,W,1 uint8) and the scalar features (only `keys` when given). Works inside
+    tf.data pipelines."""
     import tensorflow as tf
 
-    spec = manifest["features"]
+    spec = {key: value for key, value in manifest["features"].items() if keys is None or key in keys}
     # Everything but int64 scalars travels as bytes: strings and the raw image and label arrays.
     parse_spec = {key: tf.io.FixedLenFeature([], tf.int64 if value["dtype"] == "int64" else tf.string)
                   for key, value in spec.items()}
     parsed = tf.io.parse_single_example(serialized, parse_spec)
     sample = dict(parsed)
     for key in ("image", "label"):
+        if key not in spec:
+            continue
         raw = tf.io.decode_raw(parsed[key], tf.dtypes.as_dtype(spec[key]["dtype"]))
         sample[key] = tf.reshape(raw, spec[key]["shape"])
-    if not keep_dtype:
+    if not keep_dtype and "image" in sample:
         sample["image"] = tf.cast(sample["image"], tf.float32)
     return sample
 
@@ -153,16 +156,28 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def verify_shard(directory: Path, relative_path: str, expected: dict) -> str | None:
-    """None when the shard exists with the expected size and sha256, else what is wrong."""
+def verify_shard(directory: Path, relative_path: str, expected: dict, full: bool = True) -> str | None:
+    """None when the shard exists with the expected size (and, when full, sha256), else what is wrong.
+
+    A full check is done once per process for a file of unchanged size and modification time.
+    """
     path = Path(directory) / relative_path
     if not path.exists():
         return f"{path}: shard missing"
-    if path.stat().st_size != expected["bytes"]:
-        return f"{path}: shard is {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
-    if sha256_file(path) != expected["sha256"]:
-        return f"{path}: shard checksum does not match the manifest"
+    info = path.stat()
+    if info.st_size != expected["bytes"]:
+        return f"{path}: shard is {info.st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
+    if not full:
+        return None
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns, expected["sha256"])
+    if key not in _VERIFIED:
+        if sha256_file(path) != expected["sha256"]:
+            return f"{path}: shard checksum does not match the manifest"
+        _VERIFIED.add(key)
     return None
+
+
+_VERIFIED: set[tuple] = set()
 
 
 class BandStatistics:

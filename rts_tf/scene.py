@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +35,14 @@ BANDS: list[dict[str, str]] = [
 ]
 BAND_NAMES = [band["name"] for band in BANDS]
 REFLECTANCE_SCALE = 10000.0
+# TCVIS and terrain are resampled onto the scene grid in fixed chunks of this many pixels, aligned
+# with the scene's top-left corner: GDAL's warper gives slightly different values for the same
+# pixel in differently placed windows (up to 0.2 DN of TCVIS, 0.01 degree of slope on the demo
+# data), so a pixel's bands would depend on the tile or window it was read in. With fixed chunks
+# they depend on the scene grid alone, in build-records, evaluate and predict alike.
+AUXILIARY_CHUNK = 512
+# ArcticDEM's nodata is -9999; files without a declared nodata would let it in as elevation.
+DEM_MIN_VALID = -1000.0
 SR_PATTERN = re.compile(r"^(?P<id>.+?)(_3B_AnalyticMS_SR.*|_BGRN_SR)\.tiff?$", re.IGNORECASE)
 UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
 
@@ -105,7 +115,7 @@ class Terrain:
     """Relative elevation and slope on any grid: computed from a DEM or read precomputed."""
 
     def __init__(self, dem: RasterSource | None = None, rel_elevation: RasterSource | None = None,
-                 slope: RasterSource | None = None, radius: float = 100.0):
+                 slope: RasterSource | None = None, radius: float = 100.0, dem_min_valid: float = DEM_MIN_VALID):
         if dem is None and (rel_elevation is None or slope is None):
             raise InputError("give a DEM, or both a relative-elevation and a slope raster")
         for source in (dem, rel_elevation, slope):
@@ -113,6 +123,12 @@ class Terrain:
                 raise InputError(f"{source.paths[0]}: {source.what} must be in a projected CRS in metres, "
                                  f"not {source.crs}")
         self.dem, self.rel_elevation, self.slope, self.radius = dem, rel_elevation, slope, radius
+        self.dem_min_valid = dem_min_valid
+
+    @property
+    def kind(self) -> str:
+        """'dem' (computed here) or 'precomputed' (read from rasters)."""
+        return "dem" if self.dem is not None else "precomputed"
 
     @property
     def sources(self) -> list[RasterSource]:
@@ -128,22 +144,98 @@ class Terrain:
         if native is None:
             return warp_array(None, self.dem.crs, grid, 2)
         dem, transform = native
+        dem[dem < self.dem_min_valid] = np.nan  # undeclared nodata such as -9999
         terrain = np.stack([relative_elevation(dem[0], pixel_width, pixel_height, self.radius),
                             slope_degrees(dem[0], pixel_width, pixel_height)])
         return warp_array((terrain, transform), self.dem.crs, grid, 2)
 
 
+class SceneSources:
+    """The feature recipe: the auxiliary sources and settings that turn any scene into model bands.
+
+    `build-records`, `evaluate` and `predict` all stack scenes through this one class, so a pixel's
+    bands are made by the same code and settings at training and inference. `settings()` is what
+    records and runs carry (see `recipe_settings`).
+    """
+
+    def __init__(self, tcvis: Sequence[str], dem: Sequence[str] | None = None,
+                 rel_elevation: Sequence[str] | None = None, slope: Sequence[str] | None = None,
+                 rel_elevation_radius: float = 100.0, dem_min_valid: float = DEM_MIN_VALID,
+                 image_dtype: str = "float32"):
+        if not dem and not (rel_elevation and slope):
+            raise InputError("give --dem, or both --rel-elevation and --slope")
+        self.image_dtype = image_dtype
+        opened: list[RasterSource] = []
+
+        def open_source(paths: Sequence[str], what: str, bands: int) -> RasterSource:
+            opened.append(RasterSource(paths, what, bands=bands))
+            return opened[-1]
+
+        try:
+            self.tcvis = open_source(tcvis, "TCVIS", 3)
+            if dem:
+                self.terrain = Terrain(open_source(dem, "DEM", 1), radius=rel_elevation_radius,
+                                       dem_min_valid=dem_min_valid)
+            else:
+                self.terrain = Terrain(None, open_source(rel_elevation, "relative elevation", 1),
+                                       open_source(slope, "slope", 1), radius=rel_elevation_radius,
+                                       dem_min_valid=dem_min_valid)
+        except BaseException:
+            for source in opened:
+                source.close()
+            raise
+
+    @property
+    def sources(self) -> list[RasterSource]:
+        return [self.tcvis, *self.terrain.sources]
+
+    def settings(self) -> dict:
+        """The recipe's settings, as records and runs carry them."""
+        return recipe_settings(self.terrain.kind, self.terrain.radius, self.terrain.dem_min_valid, self.image_dtype)
+
+    def check(self, scene: SceneFiles, grid: "Grid | None" = None) -> None:
+        """Raise unless every source overlaps the scene."""
+        grid = grid or scene_grid(scene)
+        for source in self.sources:
+            source.check_overlaps(grid, f"scene {scene.scene_id} ({scene.sr})")
+
+    def stack(self, scene: SceneFiles) -> "SceneStack":
+        return SceneStack(scene, self.tcvis, self.terrain, self.image_dtype)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def __enter__(self) -> "SceneSources":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: float, image_dtype: str) -> dict:
+    """Every setting that decides a pixel's band values (besides the input files themselves)."""
+    return {"terrain": terrain, "rel_elevation_radius": float(rel_elevation_radius),
+            "dem_min_valid": float(dem_min_valid), "image_dtype": image_dtype,
+            "auxiliary_resampling": "bilinear", "auxiliary_chunk": AUXILIARY_CHUNK,
+            "valid_pixels": "scene data, UDM2 usable (clear; no snow, shadow, heavy haze, cloud, unusable), "
+                            "TCVIS and terrain defined"}
+
+
 class SceneStack:
     """All model bands of one scene on its grid, read window by window with bounded memory."""
 
-    def __init__(self, scene: SceneFiles, tcvis: RasterSource, terrain: Terrain):
+    def __init__(self, scene: SceneFiles, tcvis: RasterSource, terrain: Terrain, image_dtype: str = "float32"):
         self.scene = scene
         self.grid = scene_grid(scene)
-        self.tcvis, self.terrain = tcvis, terrain
+        self.tcvis, self.terrain, self.image_dtype = tcvis, terrain, image_dtype
         name = f"scene {scene.scene_id}"
         tcvis.check_overlaps(self.grid, name)
         for source in terrain.sources:
             source.check_overlaps(self.grid, name)
+        # Enough chunks for the rows of chunks one block or row of windows spans.
+        self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._capacity = 3 * math.ceil(self.grid.width / AUXILIARY_CHUNK) + 2
         self._sr = rasterio.open(scene.sr)
         self._udm2 = rasterio.open(scene.udm2) if scene.udm2 else None
 
@@ -151,6 +243,7 @@ class SceneStack:
         self._sr.close()
         if self._udm2 is not None:
             self._udm2.close()
+        self._chunks.clear()
 
     def __enter__(self) -> "SceneStack":
         return self
@@ -158,21 +251,48 @@ class SceneStack:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _chunk(self, chunk_row: int, chunk_col: int) -> np.ndarray:
+        """TCVIS and terrain (5, rows, cols) float32, NaN where unknown, of one fixed chunk."""
+        key = (chunk_row, chunk_col)
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        top, left = chunk_row * AUXILIARY_CHUNK, chunk_col * AUXILIARY_CHUNK
+        grid = self.grid.window_grid(top, left, min(AUXILIARY_CHUNK, self.grid.height - top),
+                                     min(AUXILIARY_CHUNK, self.grid.width - left))
+        chunk = np.concatenate([self.tcvis.read_on(grid), self.terrain.read(grid)])
+        self._chunks[key] = chunk
+        if len(self._chunks) > self._capacity:
+            self._chunks.popitem(last=False)
+        return chunk
+
+    def auxiliary(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """TCVIS and terrain (5, height, width) of a window inside the scene, from the fixed chunks."""
+        result = np.empty((5, height, width), dtype=np.float32)
+        for chunk_row in range(top // AUXILIARY_CHUNK, (top + height - 1) // AUXILIARY_CHUNK + 1):
+            for chunk_col in range(left // AUXILIARY_CHUNK, (left + width - 1) // AUXILIARY_CHUNK + 1):
+                chunk = self._chunk(chunk_row, chunk_col)
+                row0, col0 = chunk_row * AUXILIARY_CHUNK, chunk_col * AUXILIARY_CHUNK
+                rows = slice(max(top, row0), min(top + height, row0 + chunk.shape[1]))
+                cols = slice(max(left, col0), min(left + width, col0 + chunk.shape[2]))
+                result[:, rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = \
+                    chunk[:, rows.start - row0:rows.stop - row0, cols.start - col0:cols.stop - col0]
+        return result
+
     def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Bands (height, width, 10) float32 and a validity mask (height, width) for a window.
+        """Bands (height, width, 10) in the recipe's image dtype and a validity mask (height, width).
 
         The window may extend past the scene: pixels outside are 0 and invalid. A pixel is valid
         when the scene has data there, UDM2 calls it usable, and every auxiliary source covers it.
-        Invalid pixels hold 0 in every band.
+        Invalid pixels hold 0 in every band. A pixel's values do not depend on the window.
         """
         image = np.zeros((height, width, len(BANDS)), dtype=np.float32)
         valid = np.zeros((height, width), dtype=bool)
         top, left = max(row, 0), max(col, 0)
         bottom, right = min(row + height, self.grid.height), min(col + width, self.grid.width)
         if bottom <= top or right <= left:
-            return image, valid
+            return image.astype(self.image_dtype, copy=False), valid
         window = Window(left, top, right - left, bottom - top)
-        grid = self.grid.window_grid(top, left, bottom - top, right - left)
         try:
             reflectance = self._sr.read(window=window).astype(np.float32) / REFLECTANCE_SCALE
             usable = self._sr.dataset_mask(window=window) > 0
@@ -183,7 +303,7 @@ class SceneStack:
         _, _, red, nir = reflectance
         total = nir + red
         ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
-        auxiliary = np.concatenate([self.tcvis.read_on(grid), self.terrain.read(grid)])
+        auxiliary = self.auxiliary(top, left, bottom - top, right - left)
         usable &= np.isfinite(auxiliary).all(axis=0)
         # Write band by band into the channels-last view: no stacked copy of the whole block.
         view = image[top - row:bottom - row, left - col:right - col]
@@ -191,7 +311,7 @@ class SceneStack:
             view[..., index] = band
         view[~usable] = 0.0
         valid[top - row:bottom - row, left - col:right - col] = usable
-        return image, valid
+        return image.astype(self.image_dtype, copy=False), valid
 
 
 def usable_udm2(udm2: np.ndarray) -> np.ndarray:

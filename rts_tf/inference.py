@@ -1,0 +1,172 @@
+"""Inference: a trained run, its windows through the model, and one streaming blender for evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rts_tf.errors import InputError
+from rts_tf.scene import BAND_NAMES, recipe_settings
+
+# Runs saved before run.json carried the feature recipe: the settings prediction used then.
+LEGACY_RECIPE = recipe_settings("dem", 100.0, -1e30, "float32")
+
+
+@dataclass
+class Run:
+    """A trained run as inference needs it: the model and what travels with it."""
+
+    path: Path
+    model: object
+    tile_size: int
+    overlap: int
+    bands: list[str]
+    threshold: float
+    recipe: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Load run.json and model.keras from a run folder, with clear errors for incomplete runs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: run folder not found")
+    run_file = path / "run.json"
+    if not run_file.exists():
+        raise InputError(f"{path}: no run.json (is the run finished? `rts-tf fit` writes it at the end)")
+    try:
+        info = json.loads(run_file.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{run_file}: unreadable: {error}") from None
+    model_file = path / info.get("model", "model.keras")
+    if not model_file.exists():
+        raise InputError(f"{path}: no model file {model_file.name}")
+    from rts_tf.models import load_model
+
+    try:
+        model = load_model(model_file)
+    except Exception as error:  # Keras raises many kinds for broken files
+        raise InputError(f"{model_file}: cannot load the model: {str(error).splitlines()[0]}") from None
+    tile_size = int(info["tile_size"])
+    return Run(path, model, tile_size, int(info.get("overlap", tile_size // 4)), [b["name"] for b in info["bands"]],
+               float(info.get("threshold", 0.5)), dict(info.get("recipe") or LEGACY_RECIPE), info)
+
+
+def choose_threshold(runs: Sequence[Run], threshold: float | None = None) -> tuple[float, str]:
+    """The probability threshold for masks and scores, and where it comes from.
+
+    One policy for `evaluate` and `predict`: a threshold given by the user; else the one run's
+    threshold, selected on its validation data; an ensemble uses its runs' threshold when they
+    share one, else 0.5 (an average of thresholds chosen for other models means nothing).
+    """
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
+        return float(threshold), "given with --threshold"
+    values = sorted({run.threshold for run in runs})
+    if len(runs) == 1:
+        return values[0], f"selected on the validation data of {runs[0].path}"
+    if len(values) == 1:
+        return values[0], "selected on the validation data of every run of the ensemble"
+    return 0.5, "0.5: the runs' validation thresholds differ (give --threshold to choose another)"
+
+
+def check_recipes(runs: Sequence[Run]) -> dict:
+    """The feature recipe shared by the runs of an ensemble; refuse runs whose bands were made differently."""
+    for run in runs:
+        missing = [name for name in run.bands if name not in BAND_NAMES]
+        if missing:
+            raise InputError(f"{run.path}: the model needs bands the scene stack does not make: {', '.join(missing)}")
+    first = runs[0]
+    for run in runs[1:]:
+        if run.tile_size != first.tile_size:
+            raise InputError("the runs of an ensemble must share one tile size")
+        if run.recipe != first.recipe:
+            differs = sorted(k for k in first.recipe if run.recipe.get(k) != first.recipe[k])
+            raise InputError(f"{run.path}: its records were built with other feature settings than {first.path} "
+                             f"({', '.join(differs)}); an ensemble needs one recipe")
+    return first.recipe
+
+
+def window_weights(size: int, floor: float = 1e-3) -> np.ndarray:
+    """A 2-D blending window (squared sine in each direction) so that overlapping predictions fade
+    into each other without seams; a small floor keeps scene edges covered."""
+    ramp = np.sin(np.pi * (np.arange(size) + 0.5) / size) ** 2
+    return np.maximum(np.outer(ramp, ramp), floor).astype(np.float32)
+
+
+def predict_tiles(runs: Sequence[Run], tiles: np.ndarray, batch_size: int, flips: bool = False) -> np.ndarray:
+    """Mean probability of the runs (and of flipped copies with flips) for tiles (N, T, T, 10 bands).
+
+    Tiles hold the scene stack's bands in its order and dtype (as records store them); each run
+    gets its own bands, as float32.
+    """
+    total = np.zeros(tiles.shape[:3], dtype=np.float32)
+    variants = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
+    for run in runs:
+        chosen = tiles[..., [BAND_NAMES.index(name) for name in run.bands]].astype(np.float32)
+        for flip_rows, flip_cols in variants:
+            batch = chosen[:, ::-1] if flip_rows else chosen
+            batch = batch[:, :, ::-1] if flip_cols else batch
+            batch = np.ascontiguousarray(batch)
+            # predict_on_batch per chunk: Keras' predict() sets up a data pipeline on every call.
+            probability = np.concatenate([np.asarray(run.model.predict_on_batch(batch[i:i + batch_size]))
+                                          for i in range(0, len(batch), batch_size)])[..., 0]
+            probability = probability[:, ::-1] if flip_rows else probability
+            total += probability[:, :, ::-1] if flip_cols else probability
+    return total / (len(runs) * len(variants))
+
+
+class StripBlender:
+    """Blend overlapping window probabilities into a scene, handing out rows as they become final.
+
+    Windows are added with their top-left offset; `pop(row)` returns the rows above `row` (which
+    no later window may touch) and forgets them, so memory holds only the rows that windows still
+    overlap. A uint8 value per pixel (a label, a validity flag) can travel along; overlapping
+    windows carry the same value for a pixel, so it is assigned, not blended.
+    """
+
+    def __init__(self, height: int, width: int, size: int, fill: int = 0):
+        self.height, self.width, self.size, self.fill = height, width, size, fill
+        self.weights = window_weights(size)
+        self.top = 0
+        self.sums = np.zeros((0, width + size), dtype=np.float32)
+        self.norms = np.zeros((0, width + size), dtype=np.float32)
+        self.values = np.zeros((0, width + size), dtype=np.uint8)
+
+    def add(self, row: int, col: int, probability: np.ndarray, values: np.ndarray | None = None) -> None:
+        if row < self.top:
+            raise ValueError(f"window at row {row} added after rows up to {self.top} were handed out")
+        start, stop = row - self.top, row - self.top + self.size
+        if stop > len(self.sums):
+            grow = stop - len(self.sums)
+            self.sums = np.concatenate([self.sums, np.zeros((grow, self.sums.shape[1]), np.float32)])
+            self.norms = np.concatenate([self.norms, np.zeros((grow, self.norms.shape[1]), np.float32)])
+            self.values = np.concatenate([self.values, np.full((grow, self.values.shape[1]), self.fill, np.uint8)])
+        self.sums[start:stop, col:col + self.size] += probability * self.weights
+        self.norms[start:stop, col:col + self.size] += self.weights
+        if values is not None:
+            self.values[start:stop, col:col + self.size] = values
+
+    def pop(self, row: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(first row, probability, values, covered) of the final rows from the last pop up to `row`."""
+        stop = min(row, self.height) - self.top
+        first = self.top
+        rows = max(min(stop, len(self.sums)), 0)
+        sums, norms = self.sums[:rows, :self.width], self.norms[:rows, :self.width]
+        covered = norms > 0
+        probability = np.divide(sums, norms, out=np.zeros_like(sums), where=covered)
+        values = self.values[:rows, :self.width].copy()
+        if rows < stop:  # rows no window reached
+            missing = stop - rows
+            probability = np.concatenate([probability, np.zeros((missing, self.width), np.float32)])
+            values = np.concatenate([values, np.full((missing, self.width), self.fill, np.uint8)])
+            covered = np.concatenate([covered, np.zeros((missing, self.width), bool)])
+        self.sums, self.norms, self.values = self.sums[rows:].copy(), self.norms[rows:].copy(), self.values[rows:].copy()
+        self.top = first + max(stop, 0)
+        return first, probability, values, covered
