@@ -4,6 +4,12 @@ The only module that imports tensorflow_addons (rotations by arbitrary angles, G
 Every transform keeps ignored pixels ignored: geometric transforms move the label with the image
 (nearest neighbour) and fill uncovered corners with the ignore value; radiometric ones change the
 image only.
+
+Ignored pixels (stored as 0) must not leak into valid ones: the model normalises them to 0, the
+training mean, so here they hold the band means (`centre`) while interpolating rotations, blurs
+and contrast mix neighbours, and uncovered corners are filled with the means too. The valid pixels
+of a tile therefore do not depend on what its ignored pixels held. At the end ignored pixels are 0
+again, as in the records.
 """
 
 from __future__ import annotations
@@ -39,14 +45,19 @@ class AugmentSettings:
 
 
 def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, band_names: list[str],
-            settings: AugmentSettings = AugmentSettings()) -> tuple[tf.Tensor, tf.Tensor]:
+            settings: AugmentSettings = AugmentSettings(), centre: tf.Tensor | None = None
+            ) -> tuple[tf.Tensor, tf.Tensor]:
     """Randomly transform one tile: image (H, W, C) float32 in physical units, label (H, W, 1) uint8.
 
     seed is a shape-(2,) int tensor; the same seed gives the same transform (stateless ops), so a
-    run with a fixed --seed is repeatable whatever the parallelism.
+    run with a fixed --seed is repeatable whatever the parallelism. centre (C,) holds the band
+    means that ignored pixels take while pixels are mixed (default 0).
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
+    centre = tf.zeros([len(band_names)], tf.float32) if centre is None else tf.cast(centre, tf.float32)
     label = tf.cast(label, tf.float32)
+    # Work on deviations from the means: ignored pixels and fill values are 0 there.
+    image = tf.where(tf.not_equal(label, IGNORE), image - centre, 0.0)
     # Flips and quarter turns move pixels without interpolation: one stacked tensor serves both.
     stacked = tf.concat([image, label], axis=-1)
     if settings.flips:
@@ -70,16 +81,17 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, band_names: lis
                                                   for s in sigmas])
         blur = tf.random.stateless_uniform([], seeds[4]) < settings.blur_probability
         image = tf.cond(blur, blurred, lambda: image)
-    image = jitter_reflectance(image, seeds[5:8], band_names, settings)
     valid = tf.not_equal(label, IGNORE)
+    image = jitter_reflectance(image + centre, valid, seeds[5:8], band_names, settings)
     image = image * tf.cast(valid, image.dtype)  # ignored pixels hold 0, as in the records
     return image, tf.cast(label, tf.uint8)
 
 
-def jitter_reflectance(image: tf.Tensor, seeds: tf.Tensor, band_names: list[str],
+def jitter_reflectance(image: tf.Tensor, valid: tf.Tensor, seeds: tf.Tensor, band_names: list[str],
                        settings: AugmentSettings) -> tf.Tensor:
     """Brightness, contrast and multiplicative noise on the reflectance bands; NDVI is recomputed
-    from the changed red and NIR so that the bands stay consistent."""
+    from the changed red and NIR so that the bands stay consistent. Contrast turns about the mean
+    of the valid pixels (valid: (H, W, 1) bool)."""
     if not any(name in band_names for name in REFLECTANCE) or \
             (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
         return image
@@ -87,7 +99,8 @@ def jitter_reflectance(image: tf.Tensor, seeds: tf.Tensor, band_names: list[str]
     is_reflectance = tf.constant([float(name in REFLECTANCE) for name in band_names])
     gain = 1.0 + tf.random.stateless_uniform([], seeds[0], -settings.brightness, settings.brightness)
     contrast = 1.0 + tf.random.stateless_uniform([], seeds[1], -settings.contrast, settings.contrast)
-    mean = tf.reduce_mean(image, axis=[0, 1], keepdims=True)
+    weight = tf.cast(valid, image.dtype)
+    mean = tf.reduce_sum(image * weight, axis=[0, 1], keepdims=True) / tf.maximum(tf.reduce_sum(weight), 1.0)
     changed = ((image - mean) * contrast + mean) * gain
     # Noise is drawn for the reflectance bands only and placed on their channels by a selection
     # matrix; it is uniform with standard deviation `noise` (a third of the cost of normal numbers).

@@ -102,6 +102,15 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
               help="TCVIS (3-band uint8): a file, a VRT or a folder of tiles (repeatable).")
 @click.option("--sites", type=click.Path(), default=None,
               help="Site polygons with 'site' and 'region' fields; else regions come from the labels.")
+@click.option("--default-region", default=None,
+              help="Region of scenes that no site polygon contains and whose labels carry no region "
+                   "(without it such scenes are an error).")
+@click.option("--label-field", default=None,
+              help="Label field that holds the class, when the label file has several; needs --label-value.")
+# (a lambda because split_list is defined further down)
+@click.option("--label-value", "label_values", multiple=True, callback=lambda *args: split_list(*args),
+              help="Value(s) of --label-field that mark a slump (comma-separated or repeated); "
+                   "default: every polygon is a slump.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder to write.")
 @click.option("--tile-size", type=int, default=256, show_default=True, help="Tile width and height in pixels.")
 @click.option("--overlap", type=int, default=25, show_default=True, help="Overlap of neighbouring tiles in pixels.")
@@ -109,6 +118,8 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
               help="Drop tiles with a larger share of ignored pixels (cloud, nodata, no DEM/TCVIS).")
 @click.option("--rel-elevation-radius", type=float, default=100.0, show_default=True,
               help="Radius (m) of the circle whose mean elevation is subtracted.")
+@click.option("--dem-min-valid", type=float, default=-1000.0, show_default=True,
+              help="DEM values below this (m) are nodata, also where the DEM declares none (ArcticDEM: -9999).")
 @click.option("--all-touched", is_flag=True, default=False,
               help="Burn every pixel a label touches (default: pixel centres inside, unbiased areas).")
 @click.option("--compression", type=click.Choice(["gzip", "none"]), default="gzip", show_default=True)
@@ -116,9 +127,10 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
 @click.option("--image-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Scenes built in parallel processes.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace records built with other settings.")
-def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, out, tile_size, overlap,
-                          max_ignored, rel_elevation_radius, all_touched, compression, compression_level,
-                          image_dtype, workers, overwrite) -> None:
+def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, default_region, label_field,
+                          label_values, out, tile_size, overlap, max_ignored, rel_elevation_radius, dem_min_valid,
+                          all_touched,
+                          compression, compression_level, image_dtype, workers, overwrite) -> None:
     """Align scenes, terrain, TCVIS and labels, tile them and write TFRecord shards.
 
     Every source is brought onto each scene's grid. Pixels that are unusable (UDM2), nodata, or
@@ -130,12 +142,14 @@ def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, site
     settings = BuildSettings(tile_size=tile_size, overlap=overlap, max_ignored=max_ignored,
                              compression=compression, compression_level=compression_level,
                              image_dtype=image_dtype, rel_elevation_radius=rel_elevation_radius,
-                             all_touched=all_touched)
+                             all_touched=all_touched, dem_min_valid=dem_min_valid)
     update, close = progress_bar("tiles")
     try:
         summary = build_records(scenes=list(scenes), labels=labels, out=out, tcvis=list(tcvis), dem=list(dem),
                                 rel_elevation=list(rel_elevation), slope=list(slope), sites=sites,
-                                settings=settings, workers=workers, overwrite=overwrite, progress=update)
+                                settings=settings, workers=workers, overwrite=overwrite, progress=update,
+                                label_field=label_field, label_values=label_values,
+                                default_region=default_region)
     finally:
         close()
     for line in summary.lines():
@@ -193,9 +207,22 @@ def split_integers(ctx, param, value):
               help="Tiles per replica (per GPU); the global batch is this times the number of replicas.")
 @click.option("--global-batch-size", type=int, default=None,
               help="Set the global batch instead; it must be divisible by the number of replicas.")
-@click.option("--holdout-region", default=None, help="Validate on this region, train on all others.")
+@click.option("--holdout-region", default=None,
+              help="Test region: never trained on and never used to choose anything (checkpoint, early stopping, "
+                   "threshold); only scored for TensorBoard's test curves and by `evaluate`.")
 @click.option("--train-regions", multiple=True, callback=split_list, help="Comma-separated training regions.")
-@click.option("--val-regions", multiple=True, callback=split_list, help="Comma-separated validation regions.")
+@click.option("--val-regions", multiple=True, callback=split_list,
+              help="Comma-separated regions that validate (model selection) instead of a split of the training "
+                   "regions.")
+@click.option("--val-split", type=click.Choice(["auto", "scenes", "blocks"]), default="auto", show_default=True,
+              help="Validation from the training regions: whole scenes, or an edge strip of tiles in each scene "
+                   "with a one-tile buffer; auto takes scenes unless they would take over twice --val-fraction.")
+@click.option("--val-fraction", type=float, default=0.15, show_default=True,
+              help="Share of each training region's scenes (or of each scene's tile rows) that validates.")
+@click.option("--validate-on-training-data", is_flag=True, default=None,
+              help="Validate on the training data itself (no independent model selection).")
+@click.option("--test-curves/--no-test-curves", default=None,
+              help="Score the held-out region after every epoch for TensorBoard (never used for choices). [default: on]")
 @click.option("--loss", type=click.Choice(["focal", "dice", "jaccard", "bce", "bce_dice"]), default="focal",
               show_default=True, help="All losses ignore label 255.")
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Initial AdamW learning rate.")
@@ -225,8 +252,9 @@ def split_integers(ctx, param, value):
 @click.option("--image-tiles", type=int, default=4, show_default=True, help="Validation tiles in the panels.")
 @click.option("--profile", is_flag=True, default=None, help="Profile batches 2-4 for TensorBoard's profiler.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Fixed steps per epoch (default: one pass).")
+@click.option("--verify", is_flag=True, default=False, help="Check every shard's sha256 (default: its size).")
 @click.option("--overwrite", is_flag=True, default=False, help="Delete an existing run in --logdir first.")
-def fit_command(overwrite: bool, **options) -> None:
+def fit_command(overwrite: bool, verify: bool, **options) -> None:
     """Train a segmentation model on records.
 
     Multi-GPU: MirroredStrategy over all visible GPUs (or --devices). Multi-machine:
@@ -237,7 +265,7 @@ def fit_command(overwrite: bool, **options) -> None:
     from rts_tf.train import FitConfig, fit
 
     config = FitConfig(**{key: value for key, value in options.items() if value is not None})
-    result = fit(config, overwrite=overwrite)
+    result = fit(config, overwrite=overwrite, verify=verify)
     for line in result.lines():
         click.echo(line)
 
@@ -246,14 +274,16 @@ def fit_command(overwrite: bool, **options) -> None:
 @click.option("--run", "run", required=True, type=click.Path(), help="Run folder written by `rts-tf fit`.")
 @click.option("--records", required=True, type=click.Path(), help="Records folder.")
 @click.option("--region", default=None, help="Region to score ('all' for every region; default: the run's "
-                                             "validation regions).")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+                                             "held-out region).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Probability threshold (default: the run's, chosen on its validation data).")
+@click.option("--verify", is_flag=True, default=False, help="Check every shard's sha256 (default: its size).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for metrics.json and metrics.md (default: the run folder).")
 @click.option("--min-area", type=click.FloatRange(0), default=100.0, show_default=True,
               help="Predicted objects smaller than this (m2) are not counted, as `predict` drops their polygons.")
-def evaluate_command(run: str, records: str, region: str | None, threshold: float, out: str | None,
-                     min_area: float) -> None:
+def evaluate_command(run: str, records: str, region: str | None, threshold: float | None, out: str | None,
+                     min_area: float, verify: bool) -> None:
     """Score a run on scene mosaics (overlapping tiles counted once), per region and overall.
 
     Pixel IoU, F1, precision, recall at the threshold; the best IoU over a threshold sweep;
@@ -262,7 +292,7 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
     """
     from rts_tf.evaluate import evaluate, markdown_table
 
-    result = evaluate(run, records, region=region, out=out, threshold=threshold, min_area=min_area)
+    result = evaluate(run, records, region=region, out=out, threshold=threshold, min_area=min_area, verify=verify)
     click.echo(markdown_table(result))
 
 
@@ -282,6 +312,9 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
 @click.option("--loss", default=None)
 @click.option("--image-every", type=int, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--val-split", type=click.Choice(["auto", "scenes", "blocks"]), default=None,
+              help="Validation drawn from the training regions of each run (see `fit --help`).")
+@click.option("--val-fraction", type=float, default=None, help="Share of the training data that validates.")
 def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides) -> None:
     """Leave-one-region-out cross-validation over architectures and encoders.
 
@@ -310,17 +343,21 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides)
 @click.option("--tcvis", multiple=True, required=True, type=click.Path(), help="TCVIS file, VRT or folder of tiles.")
 @click.option("--sites", type=click.Path(), default=None, help="Site polygons, to fill the polygons' region field.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: a quarter tile).")
+@click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: the run's records').")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--tta", is_flag=True, default=False, help="Test-time augmentation: average over flips.")
 @click.option("--threshold", type=float, default=None,
-              help="Probability threshold for the mask (default: the run's best validation threshold).")
+              help="Probability threshold for the mask (default: the run's, chosen on its validation data).")
+@click.option("--rel-elevation-radius", type=float, default=None,
+              help="Only with --allow-feature-mismatch: another radius than the run's records were built with.")
+@click.option("--allow-feature-mismatch", is_flag=True, default=False,
+              help="Predict although the inputs make other bands than the model was trained on.")
 @click.option("--min-area", type=float, default=100.0, show_default=True, help="Smallest polygon kept, m2.")
 @click.option("--drop-touching", is_flag=True, default=False,
               help="Drop polygons touching nodata or the scene edge (possibly cut slumps).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace earlier results in --out.")
 def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
-                    min_area, drop_touching, overwrite) -> None:
+                    rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, overwrite) -> None:
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
     Uses the same scene stack as build-records, so bands, order and normalisation match training.
@@ -334,6 +371,7 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
         summary = predict(list(runs), list(scenes), out, list(tcvis), dem=list(dem), rel_elevation=list(rel_elevation),
                           slope=list(slope), sites=sites, overlap=overlap, batch_size=batch_size, flips=tta,
                           threshold=threshold, min_area=min_area, drop_touching=drop_touching, overwrite=overwrite,
+                          rel_elevation_radius=rel_elevation_radius, allow_feature_mismatch=allow_feature_mismatch,
                           progress=update)
     finally:
         close()

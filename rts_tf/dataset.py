@@ -2,54 +2,222 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from rts_tf.errors import InputError
-from rts_tf.records import BandStatistics, decode_example, verify_shard
+from rts_tf.records import IGNORE, BandStatistics, decode_example, verify_shard
+from rts_tf.tiling import tile_offsets
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+VAL_SPLITS = ("auto", "scenes", "blocks")
+
+
 @dataclass(frozen=True)
-class RegionSplit:
-    """Which regions train and which validate."""
+class Selection:
+    """Tiles of some scenes: all of each scene's tiles, or only the grid positions listed for it."""
 
-    train: tuple[str, ...]
-    validation: tuple[str, ...]
+    scenes: tuple[str, ...]
+    positions: dict = field(default_factory=dict)  # scene_id -> frozenset of (row, col) kept
+
+    def shards(self, manifest: dict) -> list[str]:
+        chosen = set(self.scenes)
+        return sorted(path for scene in manifest["scenes"] if scene["scene_id"] in chosen
+                      for path in scene["shards"] if manifest["shards"][path]["tiles"])
+
+    def tile_count(self, manifest: dict) -> tuple[int, int]:
+        """(tiles, tiles with slumps), pro rata of the grid positions kept where a scene is split."""
+        tiles = slumps = 0.0
+        for scene in manifest["scenes"]:
+            if scene["scene_id"] not in self.scenes:
+                continue
+            share = 1.0
+            if scene["scene_id"] in self.positions:
+                share = len(self.positions[scene["scene_id"]]) / len(grid_positions(manifest, scene))
+            tiles += scene["tiles"] * share
+            slumps += scene["slump_tiles"] * share
+        return int(round(tiles)), int(round(slumps))
 
 
-def split_regions(manifest: dict, holdout_region: str | None = None, train_regions=None,
-                  val_regions=None) -> RegionSplit:
-    """Training and validation regions: hold one region out (the paper's cross-validation), or
-    explicit lists; with neither, every region trains and validates."""
+@dataclass(frozen=True)
+class DataSplit:
+    """Which tiles train, which validate (model selection) and which test (the held-out region)."""
+
+    method: str  # "scenes", "blocks", "regions" (--val-regions) or "training data" (explicitly asked)
+    train_regions: tuple[str, ...]
+    train: Selection
+    validation: Selection
+    test: Selection | None = None
+    test_region: str | None = None
+    validation_regions: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.method == "scenes":
+            return f"validation: {len(self.validation.scenes)} whole scenes of the training regions " \
+                   f"({', '.join(self.validation.scenes)})"
+        if self.method == "blocks":
+            return f"validation: an edge strip of tiles in each of {len(self.validation.positions)} training scenes, " \
+                   "one tile row or column between it and the training tiles"
+        if self.method == "regions":
+            return f"validation: the regions {', '.join(self.validation_regions)}"
+        return "validation: the training data itself (--validate-on-training-data); scores are not independent"
+
+    def summary(self, manifest: dict) -> dict:
+        """What run.json records: the method, the scenes of each part, the tiles held out for validation."""
+        part = lambda selection: None if selection is None else {
+            "scenes": list(selection.scenes), "shards": selection.shards(manifest),
+            "tiles": selection.tile_count(manifest)[0],
+            "positions": {scene: sorted(map(list, kept)) for scene, kept in sorted(selection.positions.items())}}
+        return {"method": self.method, "train_regions": list(self.train_regions), "test_region": self.test_region,
+                "validation_regions": list(self.validation_regions),
+                "train": part(self.train), "validation": part(self.validation), "test": part(self.test),
+                "description": self.describe()}
+
+
+def scenes_of(manifest: dict, regions) -> list[dict]:
+    return [scene for scene in manifest["scenes"] if scene["region"] in regions and scene["tiles"]]
+
+
+def grid_positions(manifest: dict, scene: dict) -> list[tuple[int, int]]:
+    """Every tile position (row, col) of a scene's grid (kept or dropped at build time)."""
+    size, overlap = manifest["tile_size"], manifest["overlap"]
+    return [(row, col) for row in tile_offsets(scene["height"], size, overlap)
+            for col in tile_offsets(scene["width"], size, overlap)]
+
+
+def split_data(manifest: dict, holdout_region: str | None = None, train_regions=None, val_regions=None,
+               method: str = "auto", fraction: float = 0.15, seed: int = 0,
+               validate_on_training_data: bool = False) -> DataSplit:
+    """Split records into training, validation and test data.
+
+    The held-out region is the test set: nothing that chooses (checkpoint, early stopping,
+    threshold) sees it. Validation comes from the training regions: whole scenes (about `fraction`
+    of each region's scenes, at least one where a region has two or more), or an edge strip of
+    tiles in every training scene with a one-tile buffer so that no pixel is in both parts; `auto`
+    takes scenes unless they would take more than twice the fraction of the tiles. --val-regions
+    validates on whole regions instead.
+    """
     known = list(manifest["regions"])
     for name in [holdout_region, *(train_regions or ()), *(val_regions or ())]:
         if name is not None and name not in known:
             raise InputError(f"region '{name}' is not in the records (regions: {', '.join(known)})")
-    if holdout_region is not None:
-        validation = [holdout_region]
-        train = [r for r in (train_regions or known) if r != holdout_region]
-    else:
-        train = list(train_regions or known)
-        validation = list(val_regions or ([r for r in known if r not in train] or known))
+    if method not in VAL_SPLITS:
+        raise InputError(f"--val-split must be one of {', '.join(VAL_SPLITS)}, got {method}")
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    if holdout_region is not None and holdout_region in (val_regions or ()):
+        raise InputError(f"the held-out region '{holdout_region}' is the test set; it cannot validate")
+    candidates = [r for r in (train_regions or known) if r != holdout_region]
+    test = Selection(tuple(s["scene_id"] for s in scenes_of(manifest, [holdout_region]))) if holdout_region else None
+    if validate_on_training_data:
+        train = tuple(candidates)
+        if not train:
+            raise InputError("no training regions left (the held-out region is the only one in the records)")
+        everything = Selection(tuple(s["scene_id"] for s in scenes_of(manifest, train)))
+        return DataSplit("training data", train, everything, everything, test, holdout_region)
+    if val_regions:
+        overlap = sorted(set(val_regions) & set(train_regions or ()))
+        if overlap:
+            raise InputError(f"the region(s) {', '.join(overlap)} would both train and validate; the validation "
+                             "scores would not be independent (add --validate-on-training-data to do it anyway)")
+        train = tuple(r for r in candidates if r not in val_regions)
+        if not train:
+            raise InputError("no training regions left once the validation and held-out regions are set aside")
+        return DataSplit("regions", train, Selection(tuple(s["scene_id"] for s in scenes_of(manifest, train))),
+                         Selection(tuple(s["scene_id"] for s in scenes_of(manifest, val_regions))),
+                         test, holdout_region, tuple(val_regions))
+    train = tuple(candidates)
     if not train:
         raise InputError("no training regions left (the held-out region is the only one in the records)")
-    return RegionSplit(tuple(train), tuple(validation))
+    scenes = scenes_of(manifest, train)
+    by_scenes = scene_split(scenes, fraction, seed)
+    tiles = sum(s["tiles"] for s in scenes)
+    validation_tiles = sum(s["tiles"] for s in scenes if s["scene_id"] in by_scenes)
+    if method == "scenes" or (method == "auto" and 0 < validation_tiles <= 2 * fraction * tiles):
+        if not by_scenes:
+            raise InputError("--val-split scenes needs a training region with at least two scenes; "
+                             "use --val-split blocks")
+        return DataSplit("scenes", train,
+                         Selection(tuple(s["scene_id"] for s in scenes if s["scene_id"] not in by_scenes)),
+                         Selection(tuple(s["scene_id"] for s in scenes if s["scene_id"] in by_scenes)),
+                         test, holdout_region)
+    return block_split(manifest, scenes, train, fraction, seed, test, holdout_region)
 
 
-def shards_of(manifest: dict, regions, records: str | Path, verify: bool = True) -> list[str]:
-    """Paths of the shards of some regions, from the manifest alone; checksums verified."""
+def scene_split(scenes: list[dict], fraction: float, seed: int) -> set[str]:
+    """Scene ids drawn for validation: round(fraction x n) of each region's n scenes, at least one
+    where n >= 2, by a generator seeded with `seed` (the same seed draws the same scenes)."""
+    chosen: set[str] = set()
+    regions = sorted({s["region"] for s in scenes})
+    for index, region in enumerate(regions):
+        ids = sorted(s["scene_id"] for s in scenes if s["region"] == region)
+        if len(ids) < 2:
+            continue
+        count = min(max(1, round(fraction * len(ids))), len(ids) - 1)
+        rng = np.random.default_rng([seed, index])
+        chosen.update(rng.choice(ids, size=count, replace=False).tolist())
+    return chosen
+
+
+def block_split(manifest: dict, scenes: list[dict], train_regions: tuple[str, ...], fraction: float, seed: int,
+                test: Selection | None, test_region: str | None) -> DataSplit:
+    """Validation from an edge strip of tiles of every training scene, with a buffer of tiles
+    that would share pixels with both parts left out of either."""
+    size, overlap = manifest["tile_size"], manifest["overlap"]
+    stride = size - overlap
+    buffer = math.ceil(size / stride) - 1  # neighbours this many tiles away still share pixels
+    train_positions, validation_positions = {}, {}
+    for index, scene in enumerate(sorted(scenes, key=lambda s: s["scene_id"])):
+        rows = tile_offsets(scene["height"], size, overlap)
+        cols = tile_offsets(scene["width"], size, overlap)
+        rng = np.random.default_rng([seed, index])
+        side = int(rng.integers(4))  # top, bottom, left, right
+        along, length = (rows, scene["height"]) if side < 2 else (cols, scene["width"])
+        # Lines of tiles that lie mostly past the scene's edge (padding) go with the edge line.
+        inside = sum(1 for offset in along if offset + size / 2 <= length)
+        strip = max(1, round(fraction * inside))
+        if inside < strip + buffer + 1:
+            continue  # too small to split: the scene trains whole
+        lines = range(strip) if side % 2 == 0 else range(inside - strip, len(along))
+        reserved = range(strip + buffer) if side % 2 == 0 else range(inside - strip - buffer, len(along))
+        validation, training = set(), set()
+        for i, row in enumerate(rows):
+            for j, col in enumerate(cols):
+                line = i if side < 2 else j
+                if line in lines:
+                    validation.add((row, col))
+                elif line not in reserved:
+                    training.add((row, col))
+        validation_positions[scene["scene_id"]] = frozenset(validation)
+        train_positions[scene["scene_id"]] = frozenset(training)
+    if not validation_positions:
+        raise InputError(f"the training scenes are too small to split into validation and training blocks "
+                         f"(fewer than {buffer + 2} tiles across); give --val-regions or more data")
+    ids = tuple(s["scene_id"] for s in scenes)
+    return DataSplit("blocks", train_regions, Selection(ids, train_positions),
+                     Selection(tuple(validation_positions), validation_positions), test, test_region)
+
+
+def shards_of(manifest: dict, regions, records: str | Path, verify: bool = False) -> list[str]:
+    """Paths of the shards of some regions, from the manifest alone; every shard checked (all
+    problems named at once), by size or, with verify, by checksum."""
     chosen = sorted(path for path, info in manifest["shards"].items() if info["region"] in regions and info["tiles"])
-    if verify:
-        for path in chosen:
-            problem = verify_shard(Path(records), path, manifest["shards"][path])
-            if problem:
-                raise InputError(problem)
+    check_shards(manifest, chosen, records, verify)
     return [str(Path(records) / path) for path in chosen]
+
+
+def check_shards(manifest: dict, paths, records: str | Path, verify: bool = False) -> None:
+    problems = [problem for path in paths
+                if (problem := verify_shard(Path(records), path, manifest["shards"][path], full=verify))]
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise InputError(f"{problems[0]}{more}")
 
 
 def tile_count(manifest: dict, regions) -> tuple[int, int]:
@@ -67,18 +235,25 @@ def normalisation(manifest: dict, regions) -> tuple[np.ndarray, np.ndarray]:
     return np.array(stats["mean"], dtype=np.float32), np.maximum(np.array(stats["std"], dtype=np.float32), 1e-6)
 
 
-def make_dataset(records: str | Path, manifest: dict, regions, batch_size: int, training: bool,
+def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, training: bool,
                  seed: int = 0, augment_settings=None, oversample_slumps: int = 1, cache: bool = False,
-                 shuffle_buffer: int = 256, verify: bool = True) -> tf.data.Dataset:
+                 shuffle_buffer: int = 256, verify: bool = False, mean=None,
+                 pad_batches: bool = False) -> tf.data.Dataset:
     """Batches of (image float32 (B,H,W,C) in physical units, label uint8 (B,H,W,1), 255 = ignore).
 
-    Training data is shuffled (shards and tiles), optionally oversamples tiles with slumps
-    (each repeated `oversample_slumps` times per epoch), is augmented when augment_settings is
-    given, and drops the last incomplete batch so every replica gets equal batches.
+    `data` is a Selection or a list of region names. Training data is shuffled (shards and
+    tiles), optionally oversamples tiles with slumps (each repeated `oversample_slumps` times per
+    epoch), is augmented when augment_settings is given (about the band means `mean`, see
+    augment.py), and drops the last incomplete batch so every replica gets equal batches; evaluation
+    data with pad_batches fills its last batch up with ignored tiles instead.
     """
-    paths = shards_of(manifest, regions, records, verify)
+    selection = data if isinstance(data, Selection) else \
+        Selection(tuple(s["scene_id"] for s in scenes_of(manifest, data)))
+    shard_names = selection.shards(manifest)
+    check_shards(manifest, shard_names, records, verify)
+    paths = [str(Path(records) / path) for path in shard_names]
     if not paths:
-        raise InputError(f"{records}: no tiles in the regions {', '.join(regions)}")
+        raise InputError(f"{records}: no tiles in the scenes or regions chosen")
     band_names = [band["name"] for band in manifest["bands"]]
     files = tf.data.Dataset.from_tensor_slices(paths)
     if training:
@@ -87,6 +262,8 @@ def make_dataset(records: str | Path, manifest: dict, regions, batch_size: int, 
         lambda path: tf.data.TFRecordDataset(path, compression_type=manifest["compression"]),
         cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE, deterministic=True)
     dataset = dataset.map(lambda s: decode_example(s, manifest, keep_dtype=True), num_parallel_calls=AUTOTUNE)
+    if selection.positions:
+        dataset = dataset.filter(position_filter(selection))
     dataset = dataset.map(lambda s: {"image": s["image"], "label": s["label"], "slumps": s["slump_pixels"]},
                           num_parallel_calls=AUTOTUNE)
     if cache:
@@ -100,7 +277,37 @@ def make_dataset(records: str | Path, manifest: dict, regions, batch_size: int, 
     if training and augment_settings is not None:
         from rts_tf.augment import augment
 
+        centre = tf.constant(np.zeros(len(band_names)) if mean is None else mean, tf.float32)
         seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda pair, s: augment(pair[0], pair[1], s, band_names, augment_settings), num_parallel_calls=AUTOTUNE)
-    return dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+            lambda pair, s: augment(pair[0], pair[1], s, band_names, augment_settings, centre),
+            num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+    if pad_batches and not training:
+        # With several replicas a short last batch can leave one of them without a tile, which
+        # Keras cannot evaluate; ignored tiles fill it up and count in no metric.
+        def pad(image, label):
+            missing = batch_size - tf.shape(image)[0]
+            return (tf.pad(image, [[0, missing], [0, 0], [0, 0], [0, 0]]),
+                    tf.pad(label, [[0, missing], [0, 0], [0, 0], [0, 0]], constant_values=IGNORE))
+
+        dataset = dataset.map(pad, num_parallel_calls=AUTOTUNE)
+    return dataset.prefetch(AUTOTUNE)
+
+
+def position_filter(selection: Selection):
+    """A tf.data predicate keeping a sample when its scene is whole in the selection or its (row,
+    col) is one of the positions kept for its scene."""
+    keys = [f"{scene}/{row}/{col}" for scene, kept in selection.positions.items() for row, col in kept]
+    whole = [scene for scene in selection.scenes if scene not in selection.positions]
+    tiles = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(keys or ["-"], tf.string), tf.ones(max(len(keys), 1), tf.int64)), default_value=0)
+    scenes = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(whole or ["-"], tf.string), tf.ones(max(len(whole), 1), tf.int64)), default_value=0)
+
+    def keep(sample):
+        key = tf.strings.join([sample["scene_id"], tf.strings.as_string(sample["row"]),
+                               tf.strings.as_string(sample["col"])], separator="/")
+        return tf.logical_or(tiles.lookup(key) > 0, scenes.lookup(sample["scene_id"]) > 0)
+
+    return keep

@@ -1,4 +1,10 @@
-"""Evaluation: a run's predictions mosaicked per scene from records, scored per region and overall."""
+"""Evaluation: a run's predictions blended per scene from records, scored per region and overall.
+
+The scores are transfer scores: the model (best epoch) and the threshold were both chosen on the
+run's inner validation data, and the scored region (the held-out one by default) played no part in
+either. Beside them stands the paper-style number of Nitze et al. (2021): the best per-epoch IoU
+on the held-out region over training, which selects on the data it reports.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ from scipy import ndimage
 
 from rts_tf.errors import InputError
 from rts_tf.records import IGNORE, read_manifest, write_json
+from rts_tf.scoring import SWEEP, best_of_sweep, scores
 
-SWEEP = np.round(np.arange(0.05, 0.96, 0.05), 2)
 BOUNDARY_PIXELS = 2
 OBJECT_IOU = 0.5
 
@@ -39,22 +45,40 @@ class Counts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.sweep = self.sweep + other.sweep
 
+    def add_pixels(self, label: np.ndarray, probability: np.ndarray, threshold: float) -> None:
+        """Add the pixel counts of part of a scene (label 0, 1, 255 and probability)."""
+        valid = label != IGNORE
+        truth, p = label[valid] == 1, probability[valid]
+        predicted = p >= threshold
+        self.tp += float(np.count_nonzero(truth & predicted))
+        self.fp += float(np.count_nonzero(~truth & predicted))
+        self.fn += float(np.count_nonzero(truth & ~predicted))
+        for index, level in enumerate(SWEEP):
+            above = p >= level
+            self.sweep[:, index] += (np.count_nonzero(above & truth), np.count_nonzero(above & ~truth),
+                                     np.count_nonzero(~above & truth))
+
+    def add_objects(self, truth: np.ndarray, predicted: np.ndarray, valid: np.ndarray, min_pixels: int) -> None:
+        """Add the object and boundary counts of a whole scene's masks."""
+        objects = match_objects(truth, predicted, min_pixels=min_pixels)
+        self.true_objects += objects[0]
+        self.predicted_objects += objects[1]
+        self.matched_objects += objects[2]
+        intersection, union = boundary_overlap(truth, predicted, valid)
+        self.boundary_intersection += intersection
+        self.boundary_union += union
+
     def metrics(self) -> dict[str, float]:
         def ratio(a, b):
             return float(a / b) if b else 0.0
 
-        sweep_iou = np.divide(self.sweep[0], self.sweep.sum(axis=0), out=np.zeros(len(SWEEP)),
-                              where=self.sweep.sum(axis=0) > 0)
-        best = int(np.argmax(sweep_iou))
+        best_iou, best_threshold = best_of_sweep(*self.sweep)
         object_precision = ratio(self.matched_objects, self.predicted_objects)
         object_recall = ratio(self.matched_objects, self.true_objects)
         return {
-            "iou": ratio(self.tp, self.tp + self.fp + self.fn),
-            "f1": ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn),
-            "precision": ratio(self.tp, self.tp + self.fp),
-            "recall": ratio(self.tp, self.tp + self.fn),
-            "best_iou": float(sweep_iou[best]),
-            "best_threshold": float(SWEEP[best]),
+            **{key: float(value) for key, value in scores(self.tp, self.fp, self.fn).items()},
+            "best_iou": float(best_iou),
+            "best_threshold": float(best_threshold),
             "object_precision": object_precision,
             "object_recall": object_recall,
             "object_f1": ratio(2 * object_precision * object_recall, object_precision + object_recall),
@@ -69,21 +93,10 @@ class Counts:
 def score_scene(label: np.ndarray, probability: np.ndarray, threshold: float = 0.5, min_pixels: int = 0) -> Counts:
     """Counts for one scene mosaic: label (0, 1, 255) and probability; ignored pixels excluded.
     Predicted objects of fewer than `min_pixels` pixels are not counted as objects."""
-    valid = label != IGNORE
-    truth = (label == 1) & valid
-    predicted = (probability >= threshold) & valid
     counts = Counts(scenes=1)
-    counts.tp = float(np.count_nonzero(truth & predicted))
-    counts.fp = float(np.count_nonzero(~truth & predicted))
-    counts.fn = float(np.count_nonzero(truth & ~predicted))
-    p, t = probability[valid], truth[valid]
-    for index, level in enumerate(SWEEP):
-        above = p >= level
-        counts.sweep[:, index] = (np.count_nonzero(above & t), np.count_nonzero(above & ~t), np.count_nonzero(~above & t))
-    objects = match_objects(truth, predicted, min_pixels=min_pixels)
-    counts.true_objects, counts.predicted_objects, counts.matched_objects = objects
-    intersection, union = boundary_overlap(truth, predicted, valid)
-    counts.boundary_intersection, counts.boundary_union = intersection, union
+    counts.add_pixels(label, probability, threshold)
+    valid = label != IGNORE
+    counts.add_objects((label == 1) & valid, (probability >= threshold) & valid, valid, min_pixels)
     return counts
 
 
@@ -121,72 +134,105 @@ def boundary_overlap(truth: np.ndarray, predicted: np.ndarray, valid: np.ndarray
     return float(np.count_nonzero(true_band & predicted_band)), float(np.count_nonzero(true_band | predicted_band))
 
 
-def scene_mosaics(records: str, manifest: dict, scene: dict, run) -> tuple[np.ndarray, np.ndarray]:
-    """Label and blended probability over one scene's grid from its tiles (overlaps counted once)."""
+def blend_records_scene(records: str, manifest: dict, scene: dict, runs, batch_size: int = 32):
+    """Yield (first row, probability, label) strips of one scene from its records: the tiles go
+    through the model and are blended as `predict` blends its windows, rows handed out as they
+    become final, so the scene's probability is never held whole."""
     import tensorflow as tf
 
-    from rts_tf.predict import predict_tiles, window_weights
+    from rts_tf.inference import StripBlender, predict_tiles
     from rts_tf.records import decode_example
 
-    size = manifest["tile_size"]
-    height, width = scene["height"] + size, scene["width"] + size  # room for padded edge tiles
-    label = np.full((height, width), IGNORE, dtype=np.uint8)
-    sums = np.zeros((height, width), dtype=np.float32)
-    norms = np.zeros((height, width), dtype=np.float32)
-    weights = window_weights(size)
+    size, height, width = manifest["tile_size"], scene["height"], scene["width"]
     paths = [str(Path(records) / p) for p in scene["shards"]]
-    dataset = tf.data.TFRecordDataset(paths, compression_type=manifest["compression"]).map(
-        lambda s: decode_example(s, manifest)).batch(32)
-    for batch in dataset.as_numpy_iterator():
-        probability = predict_tiles([run], batch["image"], 32, flips=False)
+    shards = tf.data.TFRecordDataset(paths, compression_type=manifest["compression"])
+    # A first, cheap pass for the tiles' rows: rows above every later tile's are final.
+    rows = np.array([int(s["row"]) for s in shards.map(lambda s: decode_example(s, manifest, keys=("row",)))
+                     .as_numpy_iterator()], dtype=np.int64)
+    if len(rows) == 0:
+        return
+    final_before = np.append(np.minimum.accumulate(rows[::-1])[::-1], height)
+    blender = StripBlender(height, width, size, fill=IGNORE)
+    done = 0
+    tiles = shards.map(lambda s: decode_example(s, manifest, keep_dtype=True, keys=("image", "label", "row", "col")))
+    for batch in tiles.batch(batch_size).as_numpy_iterator():
+        probability = predict_tiles(runs, batch["image"], batch_size)
         for tile_label, tile_probability, row, col in zip(batch["label"], probability, batch["row"], batch["col"]):
-            label[row:row + size, col:col + size] = tile_label[..., 0]
-            sums[row:row + size, col:col + size] += tile_probability * weights
-            norms[row:row + size, col:col + size] += weights
-    probability = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-    return label[:scene["height"], :scene["width"]], probability[:scene["height"], :scene["width"]]
+            blender.add(int(row), int(col), tile_probability, tile_label[..., 0])
+        done += len(probability)
+        first, strip, label, _ = blender.pop(int(final_before[done]))
+        if len(strip):
+            yield first, strip, label
+
+
+def score_records_scene(records: str, manifest: dict, scene: dict, run, threshold: float, min_pixels: int) -> Counts:
+    """Counts for one scene from its records, scored strip by strip.
+
+    The object and boundary metrics need the scene's connected components, so three boolean masks
+    (3 bytes a pixel) are kept for them; nothing else grows with the scene.
+    """
+    counts = Counts(scenes=1)
+    truth, predicted, valid = (np.zeros((scene["height"], scene["width"]), dtype=bool) for _ in range(3))
+    for first, strip, label in blend_records_scene(records, manifest, scene, [run]):
+        counts.add_pixels(label, strip, threshold)
+        rows = slice(first, first + len(strip))
+        valid[rows] = label != IGNORE
+        truth[rows] = label == 1
+        predicted[rows] = (strip >= threshold) & valid[rows]
+    counts.add_objects(truth, predicted, valid, min_pixels)
+    return counts
 
 
 def evaluate(run_path: str, records: str, region: str | None = None, out: str | None = None,
-             threshold: float = 0.5, min_area: float = 100.0) -> dict:
-    """Metrics per region and overall for a run on records; writes metrics.json and metrics.md.
+             threshold: float | None = None, min_area: float = 100.0, verify: bool = False) -> dict:
+    """Transfer scores per region and overall for a run on records; writes metrics.json and metrics.md.
 
-    By default the run's validation regions are scored; region='all' scores every region.
-    Predicted objects smaller than `min_area` (m2) are not counted, as `predict` drops them.
+    By default the run's held-out (test) region is scored; region='all' scores every region. The
+    threshold is the run's (chosen on its validation data) unless given. Predicted objects smaller
+    than `min_area` (m2) are not counted, as `predict` drops them.
     """
-    from rts_tf.predict import load_run
+    from rts_tf.dataset import shards_of
+    from rts_tf.inference import choose_threshold, load_run
 
     run = load_run(run_path)
     manifest = read_manifest(records)
-    run_info = json.loads((Path(run_path) / "run.json").read_text())
     if [b["name"] for b in manifest["bands"]] != run.bands or manifest["tile_size"] != run.tile_size:
         raise InputError(f"{records}: records have other bands or tile size than the run {run_path}")
+    if manifest.get("recipe") and run.info.get("recipe") and manifest["recipe"] != run.recipe:
+        differs = sorted(k for k in run.recipe if manifest["recipe"].get(k) != run.recipe[k])
+        raise InputError(f"{records}: records were built with other feature settings than the run's "
+                         f"({', '.join(differs)}); its model would see other bands than it was trained on")
+    holdout = run.info.get("holdout_region")
     if region is None:
-        regions = [r for r in run_info["regions"]["validation"] if r in manifest["regions"]]
+        if not holdout:
+            raise InputError(f"{run_path}: the run has no held-out region; give --region NAME (or 'all')")
+        regions = [holdout]
     elif region == "all":
         regions = list(manifest["regions"])
     elif region in manifest["regions"]:
         regions = [region]
     else:
         raise InputError(f"region '{region}' is not in the records (regions: {', '.join(manifest['regions'])})")
-    if not regions:
-        raise InputError(f"{records}: none of the run's validation regions are in these records; use --region")
-    from rts_tf.dataset import shards_of
-
-    shards_of(manifest, regions, records)  # verify checksums first
+    unknown = [r for r in regions if r not in manifest["regions"]]
+    if unknown:
+        raise InputError(f"{records}: region '{unknown[0]}' is not in these records; use --region")
+    threshold, threshold_source = choose_threshold([run], threshold)
+    shards_of(manifest, regions, records, verify=verify)
     by_region: dict[str, Counts] = {name: Counts() for name in regions}
     for scene in manifest["scenes"]:
         if scene["region"] in regions and scene["tiles"]:
-            label, probability = scene_mosaics(records, manifest, scene, run)
             transform = Affine(*scene["transform"][:6])
             min_pixels = int(np.ceil(min_area / abs(transform.a * transform.e)))
-            by_region[scene["region"]].add(score_scene(label, probability, threshold, min_pixels))
+            by_region[scene["region"]].add(score_records_scene(records, manifest, scene, run, threshold, min_pixels))
     overall = Counts()
     for counts in by_region.values():
         overall.add(counts)
     result = {"run": str(run_path), "records": str(records), "threshold": threshold,
-              "min_area_m2": min_area, "regions": {name: counts.metrics() for name, counts in by_region.items()},
-              "overall": overall.metrics()}
+              "threshold_source": threshold_source, "min_area_m2": min_area,
+              "regions": {name: counts.metrics() for name, counts in by_region.items()},
+              "overall": overall.metrics(), "paper_style": paper_style(run.info)}
+    for name, metrics in result["regions"].items():
+        metrics["paper_max_iou"] = result["paper_style"]["max_iou"] if name == holdout else None
     out_dir = Path(out or run_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", result)
@@ -194,18 +240,38 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     return result
 
 
+def paper_style(run_info: dict) -> dict:
+    """The best per-epoch IoU on the held-out region over training (Nitze et al. 2021's number)."""
+    curve = (run_info.get("history") or {}).get("test_iou") or []
+    if not curve:
+        return {"region": run_info.get("holdout_region"), "max_iou": None, "epoch": None}
+    best = int(np.nanargmax(curve))
+    return {"region": run_info.get("holdout_region"), "max_iou": float(curve[best]), "epoch": best + 1}
+
+
 COLUMNS = [("iou", "IoU"), ("f1", "F1"), ("precision", "precision"), ("recall", "recall"),
-           ("best_iou", "best IoU"), ("best_threshold", "at"), ("object_precision", "obj. P"),
-           ("object_recall", "obj. R"), ("object_f1", "obj. F1"), ("boundary_iou", "boundary IoU")]
+           ("object_precision", "obj. P"), ("object_recall", "obj. R"), ("object_f1", "obj. F1"),
+           ("boundary_iou", "boundary IoU"), ("paper_max_iou", "paper-style max IoU"),
+           ("best_iou", "oracle IoU"), ("best_threshold", "at")]
 
 
 def markdown_table(result: dict) -> str:
-    """The metrics as a Markdown table: a row per region and one for all."""
+    """The metrics as a Markdown table: a row per region and one for all, and what the columns mean."""
     header = "| region | scenes | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + " --- |" * (len(COLUMNS) + 2)]
-    rows = list(result["regions"].items()) + [("all", result["overall"])]
+    rows = list(result["regions"].items()) + ([("all", result["overall"])] if len(result["regions"]) > 1 else [])
+
+    def cell(key, value):
+        if value is None:
+            return "-"
+        return f"{value:.2f}" if key == "best_threshold" else f"{value:.3f}"
+
     for name, metrics in rows:
         lines.append(f"| {name} | {metrics['scenes']} | " +
-                     " | ".join(f"{metrics[key]:.3f}" if key != "best_threshold" else f"{metrics[key]:.2f}"
-                                for key, _ in COLUMNS) + " |")
+                     " | ".join(cell(key, metrics.get(key)) for key, _ in COLUMNS) + " |")
+    lines += ["", f"Transfer scores (IoU to boundary IoU) at threshold {result['threshold']:.2f} "
+                  f"({result['threshold_source']}), model chosen on the inner validation data.",
+              "Paper-style max IoU: the best per-epoch IoU on the held-out region over training, as Nitze et al. "
+              "(2021) report it; it selects on the data it scores.",
+              "Oracle IoU: the best IoU over thresholds chosen on the scored region itself (not a transfer score)."]
     return "\n".join(lines)

@@ -37,6 +37,58 @@ class EpochLog(tf.keras.callbacks.Callback):
         keys = sorted({k for e in self.epochs for k in e if k != "epoch"})
         return {k: [e.get(k, float("nan")) for e in self.epochs] for k in keys}
 
+    def best(self, key: str) -> float | None:
+        """The highest value of a logged metric over the finished epochs, or None before any."""
+        values = [e[key] for e in self.epochs if key in e]
+        return max(values) if values else None
+
+
+class ResumableEarlyStopping(tf.keras.callbacks.EarlyStopping):
+    """Early stopping whose patience and best value continue from a resumed run's history
+    (Keras' own starts again from nothing at every `fit`)."""
+
+    def __init__(self, epoch_log: EpochLog, **kwargs):
+        super().__init__(**kwargs)
+        self.epoch_log = epoch_log
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        values = [e[self.monitor] for e in self.epoch_log.epochs if self.monitor in e]
+        if values:
+            best = int(np.argmax(values) if self.monitor_op == np.greater else np.argmin(values))
+            self.best, self.wait = values[best], len(values) - 1 - best
+
+
+class TestCurves(tf.keras.callbacks.Callback):
+    """After every epoch, score the held-out (test) region for TensorBoard's `test` run and for
+    run.json. Nothing is added to the epoch logs, so no callback that chooses can read it."""
+
+    def __init__(self, dataset: tf.data.Dataset, logdir: Path, path: Path):
+        super().__init__()
+        self.dataset, self.logdir, self.path = dataset, Path(logdir), Path(path)
+        self.epochs = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.model.evaluate(self.dataset, verbose=0, return_dict=True)
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1]
+        self.epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in results.items()}})
+        write_json(self.path, self.epochs)
+        self.writer = self.writer or tf.summary.create_file_writer(str(self.logdir))
+        with self.writer.as_default():
+            for key, value in results.items():
+                tf.summary.scalar(f"epoch_{key}", value, step=epoch,
+                                  description="held-out (test) region: for the curves only, never for choices")
+        self.writer.flush()
+
+    def history(self) -> dict[str, list[float]]:
+        keys = sorted({k for e in self.epochs for k in e if k != "epoch"})
+        return {k: [e.get(k, float("nan")) for e in self.epochs] for k in keys}
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.close()
+
 
 class LearningRateLogger(tf.keras.callbacks.Callback):
     """Adds the optimiser's current learning rate to the epoch logs (TensorBoard shows it)."""
@@ -51,8 +103,8 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 
 class ImagePanels(tf.keras.callbacks.Callback):
-    """Every N epochs, TensorBoard images of fixed validation tiles: true colour, NIR false colour,
-    label, predicted probability and the error map."""
+    """After the first epoch, every N epochs and after the last, TensorBoard images of fixed
+    validation tiles: true colour, NIR false colour, label, predicted probability and the error map."""
 
     def __init__(self, validation: tf.data.Dataset, band_names: list[str], logdir: Path, every: int, tiles: int):
         super().__init__()
@@ -69,10 +121,16 @@ class ImagePanels(tf.keras.callbacks.Callback):
                 break
         self.images, self.labels = np.array(images), np.array(labels)
         self.writer = None
+        self.written = self.last = None  # the last epoch whose panels were written, the last epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        if len(self.images) == 0 or (epoch + 1) % self.every:
-            return
+        self.last = epoch
+        last = epoch + 1 == self.params.get("epochs")
+        if len(self.images) and (epoch == 0 or last or (epoch + 1) % self.every == 0):
+            self.write(epoch)
+
+    def write(self, epoch: int) -> None:
+        self.written = epoch
         self.writer = self.writer or tf.summary.create_file_writer(str(self.logdir))
         probabilities = self.model.predict(self.images, verbose=0)[..., 0]
         with self.writer.as_default():
@@ -87,6 +145,9 @@ class ImagePanels(tf.keras.callbacks.Callback):
         self.writer.flush()
 
     def on_train_end(self, logs=None):
+        # A run stopped early also gets the panels of its last epoch.
+        if len(self.images) and self.last is not None and self.written != self.last:
+            self.write(self.last)
         if self.writer is not None:
             self.writer.close()
 
@@ -95,7 +156,8 @@ HPARAM_METRICS = [hp.Metric("epoch_iou", group="validation", display_name="IoU (
                   hp.Metric("epoch_f1", group="validation", display_name="F1 (val)"),
                   hp.Metric("epoch_best_iou", group="validation", display_name="best-threshold IoU (val)"),
                   hp.Metric("epoch_loss", group="validation", display_name="loss (val)"),
-                  hp.Metric("epoch_iou", group="train", display_name="IoU (train)")]
+                  hp.Metric("epoch_iou", group="train", display_name="IoU (train)"),
+                  hp.Metric("epoch_iou", group="test", display_name="IoU (held-out test region)")]
 
 
 def hparams_callback(logdir: Path, hparams: dict, trial_id: str) -> tf.keras.callbacks.Callback:

@@ -18,6 +18,7 @@ import yaml
 
 import rts_tf
 from rts_tf.errors import InputError
+from rts_tf.inference import LEGACY_RECIPE
 from rts_tf.records import read_manifest, write_json
 
 RUN_NAME = "run.json"
@@ -43,6 +44,10 @@ class FitConfig:
     holdout_region: str | None = None
     train_regions: list[str] | None = None
     val_regions: list[str] | None = None
+    val_split: str = "auto"
+    val_fraction: float = 0.15
+    validate_on_training_data: bool = False
+    test_curves: bool = True
     loss: str = "focal"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -81,6 +86,7 @@ class FitResult:
     skipped: bool = False
     seconds: float = 0.0
     history: dict[str, list[float]] = field(default_factory=dict)
+    split: str = ""
 
     def lines(self) -> list[str]:
         if self.skipped:
@@ -88,13 +94,15 @@ class FitResult:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in self.metrics.items())
         resumed = f", resumed after epoch {self.resumed_from}" if self.resumed_from else ""
         return [f"run: {self.logdir} ({self.epochs_run} epochs in {self.seconds:.0f} s{resumed})",
-                f"best epoch {self.best_epoch}: {metrics}",
+                self.split,
+                f"best epoch {self.best_epoch} (on validation): {metrics}",
                 f"model: {Path(self.logdir) / MODEL_NAME}",
                 f"TensorBoard: tensorboard --logdir {self.logdir}"]
 
 
 def check_config(config: FitConfig) -> None:
     """Reject impossible settings before anything is built."""
+    from rts_tf.dataset import VAL_SPLITS
     from rts_tf.losses import LOSSES
     from rts_tf.models import ARCHITECTURES, ENCODERS
 
@@ -115,6 +123,10 @@ def check_config(config: FitConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.learning_rate <= 0:
         raise InputError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.val_split not in VAL_SPLITS:
+        raise InputError(f"unknown --val-split '{config.val_split}'; choose one of: {', '.join(VAL_SPLITS)}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
 
 
 def make_strategy(config: FitConfig):
@@ -150,24 +162,25 @@ def is_chief(strategy) -> bool:
                                               and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def build_segmenter(config: FitConfig, num_bands: int, tile_size: int, mean, std):
-    """The model saved with a run: normalisation layer (the manifest's statistics) + network."""
+def build_segmenter(config: FitConfig, num_bands: int, tile_size: int, mean, std, heads: bool = False):
+    """The model saved with a run: normalisation layer (the manifest's statistics; ignored pixels
+    become 0) + network. With heads, a deep-supervision UNet++ also outputs each head (training)."""
     import tensorflow as tf
 
-    from rts_tf.models import build_model
+    from rts_tf.models import IgnoreAwareNormalization, build_model
 
     options = {}
     if config.decoder_filters:
         options["decoder_filters"] = tuple(config.decoder_filters)
     if config.deep_supervision:
         options["deep_supervision"] = True
+        options["heads_output"] = heads
     try:
         network = build_model(config.arch, config.encoder, num_bands, tile_size, config.encoder_weights, **options)
     except ValueError as error:
         raise InputError(str(error)) from None
     inputs = tf.keras.Input((tile_size, tile_size, num_bands), name="image", dtype="float32")
-    normalised = tf.keras.layers.Normalization(mean=list(map(float, mean)), variance=[float(s) ** 2 for s in std],
-                                               name="normalise")(inputs)
+    normalised = IgnoreAwareNormalization(mean, std, name="normalise")(inputs)
     return tf.keras.Model(inputs, network(normalised), name=f"rts_{config.arch}_{config.encoder}")
 
 
@@ -215,19 +228,27 @@ def prepare_run(config: FitConfig, overwrite: bool) -> tuple[Path, bool]:
     return logdir, False
 
 
-def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
+def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool = False) -> FitResult:
     """Train a model on records and write a self-contained run folder (model.keras, run.json,
-    saved_model/, TensorBoard logs, checkpoints). Re-running resumes an interrupted run."""
+    saved_model/, TensorBoard logs, checkpoints). Re-running resumes an interrupted run.
+
+    The held-out region (--holdout-region) is a test set: the checkpoint, early stopping and the
+    threshold are chosen on validation data drawn from the training regions (see
+    dataset.split_data); the held-out region is only scored for TensorBoard's `test` curves.
+    `callbacks` run first at every step (tests use them to script or interrupt a run).
+    """
     started = time.perf_counter()
     check_config(config)
     manifest = read_manifest(config.records)
-    from rts_tf.dataset import make_dataset, normalisation, split_regions, tile_count
+    from rts_tf.dataset import make_dataset, normalisation, split_data
 
-    split = split_regions(manifest, config.holdout_region, config.train_regions, config.val_regions)
+    split = split_data(manifest, config.holdout_region, config.train_regions, config.val_regions, config.val_split,
+                       config.val_fraction, config.seed, config.validate_on_training_data)
     logdir, complete = prepare_run(config, overwrite)
     if complete:
         run = json.loads((logdir / RUN_NAME).read_text())
-        return FitResult(str(logdir), run["epochs_run"], run["best_epoch"], run["metrics"], skipped=True)
+        return FitResult(str(logdir), run["epochs_run"], run["best_epoch"], run["metrics"], skipped=True,
+                         split=run.get("split", {}).get("description", ""))
 
     import tensorflow as tf
 
@@ -248,8 +269,8 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         tile_size, bands = manifest["tile_size"], [b["name"] for b in manifest["bands"]]
-        mean, std = normalisation(manifest, split.train)
-        train_tiles, train_slumps = tile_count(manifest, split.train)
+        mean, std = normalisation(manifest, split.train_regions)
+        train_tiles, train_slumps = split.train.tile_count(manifest)
         epoch_tiles = train_tiles + (config.oversample_slumps - 1) * train_slumps
         steps = config.steps_per_epoch or max(epoch_tiles // global_batch, 1)
         if epoch_tiles < global_batch:
@@ -258,16 +279,22 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
         train = make_dataset(config.records, manifest, split.train, global_batch, training=True, seed=config.seed,
                              augment_settings=AugmentSettings() if config.augment else None,
                              oversample_slumps=config.oversample_slumps, cache=config.cache,
-                             shuffle_buffer=config.shuffle_buffer)
-        validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False)
+                             shuffle_buffer=config.shuffle_buffer, verify=verify, mean=mean)
+        validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False,
+                                  verify=verify, pad_batches=replicas > 1)
+        test = None
+        if split.test is not None and config.test_curves:
+            test = make_dataset(config.records, manifest, split.test, global_batch, training=False, verify=verify,
+                                pad_batches=replicas > 1)
         if config.steps_per_epoch:
             train = train.repeat()
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         train, validation = train.with_options(options), validation.with_options(options)
+        test = test.with_options(options) if test is not None else None
 
         with strategy.scope():
-            model = build_segmenter(config, len(bands), tile_size, mean, std)
+            model = build_segmenter(config, len(bands), tile_size, mean, std, heads=True)
             optimizer = tf.keras.optimizers.AdamW(learning_rate(config, steps), weight_decay=config.weight_decay)
             model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
                           jit_compile=config.xla)
@@ -278,17 +305,21 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
         checkpoints.mkdir(parents=True, exist_ok=True)
         hparams = {"arch": config.arch, "encoder": config.encoder, "holdout_region": config.holdout_region or "",
                    "learning_rate": config.learning_rate, "loss": config.loss, "batch_size": global_batch}
-        from rts_tf.monitor import EpochLog, ImagePanels, LearningRateLogger, hparams_callback
+        from rts_tf.monitor import EpochLog, ImagePanels, LearningRateLogger, ResumableEarlyStopping, TestCurves, \
+            hparams_callback
 
         history_log = EpochLog(writable / "history.json")
+        # A resumed run goes on from its history: the best validation IoU so far stays the bar.
+        best_so_far = history_log.best("val_iou")
         keras_callbacks = [
-            tf.keras.callbacks.BackupAndRestore(str(logdir / "backup")),
+            *callbacks,
             LearningRateLogger(),
             history_log,
             tf.keras.callbacks.TensorBoard(str(writable), histogram_freq=0, write_graph=False,
                                            profile_batch=(2, 4) if config.profile else 0),
             tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "best.h5"), monitor="val_iou", mode="max",
-                                               save_best_only=True, save_weights_only=True),
+                                               save_best_only=True, save_weights_only=True,
+                                               initial_value_threshold=best_so_far),
             tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.h5"), save_weights_only=True),
             hparams_callback(writable, hparams, logdir.name),
         ]
@@ -296,20 +327,26 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=()) -> FitResult:
             keras_callbacks.append(ImagePanels(validation, bands, writable / "images", config.image_every,
                                                config.image_tiles))
         if config.early_stopping > 0:
-            keras_callbacks.append(tf.keras.callbacks.EarlyStopping(monitor="val_iou", mode="max",
-                                                                    patience=config.early_stopping))
-        keras_callbacks.extend(callbacks)
+            keras_callbacks.append(ResumableEarlyStopping(history_log, monitor="val_iou", mode="max",
+                                                          patience=config.early_stopping))
+        test_curves = TestCurves(test, writable / "test", writable / "test_history.json") if test is not None else None
+        if test_curves is not None:
+            keras_callbacks.append(test_curves)
+        # Last, so that an epoch counts as done for a resume only once everything above is written.
+        keras_callbacks.append(tf.keras.callbacks.BackupAndRestore(str(logdir / "backup")))
         # A finite dataset is re-iterated each epoch only without steps_per_epoch (Keras keeps one
         # iterator otherwise), so it is passed only with the repeating dataset of --steps-per-epoch.
         model.fit(train, validation_data=validation, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
                   callbacks=keras_callbacks, verbose=2)
 
         history = history_log.history()
+        if test_curves is not None:
+            history.update({f"test_{key}": values for key, values in test_curves.history().items()})
         best_index = int(np.argmax(history["val_iou"])) if history.get("val_iou") else len(history_log.epochs) - 1
         metrics = {k[4:]: float(v[best_index]) for k, v in history.items() if k.startswith("val_")}
         result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics,
                            resumed_from=history_log.first_epoch or 0,
-                           seconds=time.perf_counter() - started, history=history)
+                           seconds=time.perf_counter() - started, history=history, split=split.describe())
         if chief:
             # The saved model is rebuilt outside the strategy and given the best epoch's weights.
             final = build_segmenter(config, len(bands), tile_size, mean, std)
@@ -357,8 +394,14 @@ def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result:
         "normalisation": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
         "label_values": manifest["label_values"],
         "threshold": result.metrics.get("best_threshold", 0.5),
+        "threshold_source": "best threshold of the validation data at the best epoch",
         "records": str(Path(config.records).resolve()),
-        "regions": {"train": list(split.train), "validation": list(split.validation)},
+        # How the bands were made: predict and evaluate rebuild scenes with exactly this recipe.
+        "recipe": manifest.get("recipe") or LEGACY_RECIPE,
+        "build_settings": manifest.get("settings", {}),
+        "regions": {"train": list(split.train_regions), "validation": list(split.validation_regions),
+                    "test": [split.test_region] if split.test_region else []},
+        "split": split.summary(manifest),
         "holdout_region": config.holdout_region,
         "global_batch_size": global_batch,
         "replicas": replicas,

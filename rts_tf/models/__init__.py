@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from rts_tf.models.deeplab_v3 import deeplab_v3_decoder, deeplab_v3_plus_decoder
 from rts_tf.models.encoders import DEFAULT_RGB_BANDS, ENCODERS, build_encoder, check_encoder_name
+from rts_tf.models.normalisation import IgnoreAwareNormalization
 from rts_tf.models.unet import unet_decoder
 from rts_tf.models.unet_plus_plus import unet_plus_plus_decoder
 
@@ -31,7 +32,7 @@ ARCHITECTURES = {
     "deeplabv3plus": deeplab_v3_plus_decoder,
 }
 
-__all__ = ["ARCHITECTURES", "ENCODERS", "build_encoder", "build_model", "load_model"]
+__all__ = ["ARCHITECTURES", "ENCODERS", "IgnoreAwareNormalization", "build_encoder", "build_model", "load_model"]
 
 
 def build_model(
@@ -49,13 +50,17 @@ def build_model(
     downloaded) or the path of a 3-band ``.h5`` weight file; ``rgb_bands`` are the input indexes
     of the R, G, B bands that receive the pretrained RGB filters (2, 1, 0 in the rts-tf band
     order B, G, R, ...). ``options`` go to the decoder, for example ``decoder_filters`` or
-    ``deep_supervision`` (unetpp). The tile size must be a multiple of 32.
+    ``deep_supervision`` and ``heads_output`` (unetpp: a (tile, tile, 5) output of the mean and the
+    four heads, for training). ``heads_output=False`` is accepted by every architecture. The tile
+    size must be a multiple of 32.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     check_encoder_name(encoder)
     decoder = ARCHITECTURES[arch]
     accepted = [name for name in inspect.signature(decoder).parameters if name != "features"]
+    if "heads_output" not in accepted and not options.get("heads_output", True):
+        del options["heads_output"]  # one output channel is what every other architecture gives
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
