@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from rts_tf.augment import AugmentSettings, augment
-from rts_tf.dataset import make_dataset, normalisation, split_regions, tile_count
+from rts_tf.dataset import grid_positions, make_dataset, normalisation, split_data, tile_count
 from rts_tf.errors import InputError
 
 
@@ -23,15 +23,111 @@ def collect(dataset):
 
 
 def test_batches_have_the_manifest_shapes_and_dtypes(demo_records, manifest):
-    split = split_regions(manifest, holdout_region="Lena")
-    assert split.validation == ("Lena",) and "Lena" not in split.train and len(split.train) == 5
+    split = split_data(manifest, holdout_region="Lena", method="scenes")
+    assert split.test_region == "Lena" and "Lena" not in split.train_regions and len(split.train_regions) == 5
     dataset = make_dataset(demo_records, manifest, split.train, 4, training=True, augment_settings=AugmentSettings())
     image, label = next(iter(dataset))
     assert image.shape == (4, 64, 64, 10) and image.dtype == tf.float32
     assert label.shape == (4, 64, 64, 1) and label.dtype == tf.uint8
-    tiles, _ = tile_count(manifest, split.train)
+    tiles, _ = split.train.tile_count(manifest)
     images, _ = collect(dataset)
     assert len(images) == tiles // 4 * 4  # one pass, last partial batch dropped
+
+
+def scene_regions(manifest):
+    return {s["scene_id"]: s["region"] for s in manifest["scenes"]}
+
+
+def test_the_held_out_region_is_only_the_test_set(manifest):
+    regions = scene_regions(manifest)
+    for method in ("scenes", "blocks"):
+        split = split_data(manifest, holdout_region="Lena", method=method)
+        assert {regions[s] for s in split.test.scenes} == {"Lena"}
+        assert "Lena" not in {regions[s] for s in split.train.scenes + split.validation.scenes}
+        shards = split.summary(manifest)
+        lena = [p for p, info in manifest["shards"].items() if info["region"] == "Lena"]
+        assert shards["test"]["shards"] == sorted(lena)
+        assert not set(lena) & set(shards["train"]["shards"] + shards["validation"]["shards"])
+
+
+def test_scene_split_draws_whole_scenes_per_region_repeatably(manifest):
+    regions = scene_regions(manifest)
+    split = split_data(manifest, holdout_region="Herschel", method="scenes", seed=3)
+    assert split_data(manifest, holdout_region="Herschel", method="scenes", seed=3) == split
+    assert not set(split.train.scenes) & set(split.validation.scenes)
+    # round(0.15 x 2) = 0 -> at least one of each two-scene region; one-scene regions only train.
+    per_region = {}
+    for scene in manifest["scenes"]:
+        per_region.setdefault(scene["region"], []).append(scene["scene_id"])
+    expected = sum(1 for region, ids in per_region.items() if region != "Herschel" and len(ids) >= 2)
+    assert len(split.validation.scenes) == expected
+    assert all(len(per_region[regions[s]]) >= 2 for s in split.validation.scenes)
+
+
+def test_block_split_leaves_a_buffer_so_no_pixel_is_in_both(manifest):
+    split = split_data(manifest, holdout_region="Lena", method="blocks", seed=1)
+    size = manifest["tile_size"]
+    assert split.method == "blocks" and split.validation.positions
+    for scene in manifest["scenes"]:
+        validation = split.validation.positions.get(scene["scene_id"], frozenset())
+        train = split.train.positions.get(scene["scene_id"])
+        if not validation:
+            continue
+        covered = np.zeros((scene["height"] + size, scene["width"] + size), dtype=np.uint8)
+        for row, col in validation:
+            covered[row:row + size, col:col + size] |= 1
+        for row, col in train:
+            covered[row:row + size, col:col + size] |= 2
+        assert not (covered == 3).any(), scene["scene_id"]
+        # One edge line of tiles validates; left out are only tiles that share pixels with it.
+        everything = set(grid_positions(manifest, scene))
+        rows, cols = sorted({r for r, _ in everything}), sorted({c for _, c in everything})
+        line = len(cols) if len({r for r, _ in validation}) < len(rows) else len(rows)
+        assert len(validation) % line == 0  # whole lines (the edge line, and padding lines beyond it)
+        for row, col in everything - validation - train:
+            assert any(abs(row - r) < size and abs(col - c) < size for r, c in validation)
+        assert len(everything - validation - train) == line  # the buffer is one line
+
+
+def test_block_split_datasets_read_only_their_tiles(demo_records, manifest):
+    split = split_data(manifest, holdout_region="Lena", method="blocks", seed=1)
+    scene = next(iter(split.validation.positions))
+
+    def positions(selection):
+        dataset = make_dataset(demo_records, manifest, selection, 1, training=False)
+        return dataset
+
+    from rts_tf.dataset import Selection
+
+    only = Selection((scene,), {scene: split.validation.positions[scene]})
+    kept = manifest_positions(demo_records, manifest, scene)
+    _, labels = collect(positions(only))
+    assert len(labels) == len(kept & split.validation.positions[scene])
+
+
+def manifest_positions(records, manifest, scene_id):
+    from rts_tf.records import decode_example
+
+    scene = next(s for s in manifest["scenes"] if s["scene_id"] == scene_id)
+    dataset = tf.data.TFRecordDataset([str(records / p) for p in scene["shards"]], compression_type="GZIP")
+    return {(int(s["row"]), int(s["col"])) for s in dataset.map(
+        lambda s: decode_example(s, manifest, keys=("row", "col"))).as_numpy_iterator()}
+
+
+def test_auto_takes_blocks_when_whole_scenes_would_take_too_much(manifest):
+    # The demo has one or two scenes a region: whole scenes would validate on about half the data.
+    assert split_data(manifest, holdout_region="Lena").method == "blocks"
+
+
+def test_training_on_the_validation_data_needs_the_explicit_flag(manifest):
+    with pytest.raises(InputError, match="both train and validate.*--validate-on-training-data"):
+        split_data(manifest, train_regions=["Lena", "Horton"], val_regions=["Lena"])
+    split = split_data(manifest, train_regions=["Lena", "Horton"], validate_on_training_data=True)
+    assert split.train == split.validation and split.method == "training data"
+    with pytest.raises(InputError, match="held-out region 'Lena' is the test set"):
+        split_data(manifest, holdout_region="Lena", val_regions=["Lena"])
+    regions = split_data(manifest, holdout_region="Lena", val_regions=["Horton"])
+    assert regions.validation_regions == ("Horton",) and "Horton" not in regions.train_regions
 
 
 def test_validation_holds_exactly_the_held_out_region(demo_records, manifest):
@@ -64,7 +160,7 @@ def test_oversampling_repeats_slump_tiles(demo_records, manifest):
 
 def test_unknown_region_lists_the_known_ones(manifest):
     with pytest.raises(InputError, match="Atlantis.*Lena"):
-        split_regions(manifest, holdout_region="Atlantis")
+        split_data(manifest, holdout_region="Atlantis")
 
 
 def test_normalisation_combines_the_training_regions(manifest):
@@ -110,3 +206,36 @@ def test_same_seed_same_batches(demo_records, manifest):
     first, again, other = make(1), make(1), make(2)
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert not np.array_equal(first[0], other[0])
+
+
+def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
+    """A half-ignored tile: whatever its ignored half held, the valid half comes out the same."""
+    band_names = ["blue", "green", "red", "nir", "ndvi", "tcvis_brightness", "tcvis_greenness", "tcvis_wetness",
+                  "relative_elevation", "slope"]
+    rng = np.random.default_rng(1)
+    centre = np.array([0.04, 0.06, 0.05, 0.25, 0.6, 120, 140, 110, 0.0, 4.0], np.float32)
+    image = (centre * rng.uniform(0.8, 1.2, (64, 64, 10))).astype(np.float32)
+    label = np.zeros((64, 64, 1), np.uint8)
+    label[:, 32:] = 255
+    zeros, garbage = image.copy(), image.copy()
+    zeros[:, 32:] = 0.0  # as records store ignored pixels
+    garbage[:, 32:] = rng.uniform(-500, 500, (64, 32, 10))
+    for seed in range(6):
+        outputs = [augment(tf.constant(x), tf.constant(label), tf.constant([seed, 3]), band_names, AugmentSettings(
+            blur_probability=1.0), tf.constant(centre)) for x in (zeros, garbage)]
+        (first, first_label), (second, second_label) = [(a.numpy(), b.numpy()) for a, b in outputs]
+        np.testing.assert_array_equal(first_label, second_label)
+        valid = first_label[..., 0] != 255
+        np.testing.assert_allclose(first[valid], second[valid], rtol=0, atol=1e-5)
+        assert (first[~valid] == 0).all()
+    # Near the ignored half, blur and rotation mix in the band means, not zeros: the valid pixels
+    # next to it stay at the scale of the means (TCVIS about 120, not pulled towards 0).
+    assert first[valid][:, 5].min() > 0.5 * centre[5]
+
+
+def test_the_model_normalises_ignored_pixels_to_zero():
+    from rts_tf.models import IgnoreAwareNormalization
+
+    layer = IgnoreAwareNormalization([1.0, 100.0], [0.5, 10.0])
+    pixels = tf.constant([[[[2.0, 110.0], [0.0, 0.0], [0.0, 90.0]]]])
+    np.testing.assert_allclose(layer(pixels).numpy()[0, 0], [[2.0, 1.0], [0.0, 0.0], [-2.0, -1.0]])
