@@ -383,6 +383,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings)
     statistics = BandStatistics(len(BANDS))
     counts = {"tiles": 0, "slump_tiles": 0, "slump_pixels": 0, "ignored_pixels": 0, "dropped_tiles": 0}
+    positions = []  # the (row, col) of every tile written: lets fit split scenes into blocks exactly
     compression = COMPRESSIONS[settings.compression]
     writer = ShardWriter(Path(job.out) / job.shard_path, compression, settings.compression_level)
     try:
@@ -410,6 +411,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
                     lattice = (slice(None, None, STATISTICS_STEP),) * 2
                     statistics.update(tile_image[lattice][tile_label[lattice] != IGNORE])
                     counts["tiles"] += 1
+                    positions.append([row, col])
                     counts["slump_tiles"] += slump_pixels > 0
                     counts["slump_pixels"] += slump_pixels
                     counts["ignored_pixels"] += ignored
@@ -427,7 +429,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
         **counts, "label_polygons": len(job.polygons), "labels": dict(job.label_counts),
         "region_from": job.region_from,
         "sources": {"sr": str(job.scene.sr), "udm2": str(job.scene.udm2) if job.scene.udm2 else None},
-        "shards": {job.shard_path: shard},
+        "shards": {job.shard_path: shard}, "positions": positions,
         "statistics": statistics.to_dict(), "fingerprint": job.fingerprint,
     }
     write_json(job.part_path, part)

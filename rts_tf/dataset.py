@@ -32,16 +32,16 @@ class Selection:
                       for path in scene["shards"] if manifest["shards"][path]["tiles"])
 
     def tile_count(self, manifest: dict) -> tuple[int, int]:
-        """(tiles, tiles with slumps), pro rata of the grid positions kept where a scene is split."""
+        """(tiles, tiles with slumps); where a scene is split, slump tiles pro rata of its tiles."""
         tiles = slumps = 0.0
         for scene in manifest["scenes"]:
             if scene["scene_id"] not in self.scenes:
                 continue
-            share = 1.0
+            count = scene["tiles"]
             if scene["scene_id"] in self.positions:
-                share = len(self.positions[scene["scene_id"]]) / len(grid_positions(manifest, scene))
-            tiles += scene["tiles"] * share
-            slumps += scene["slump_tiles"] * share
+                count = len(self.positions[scene["scene_id"]] & kept_positions(manifest, scene))
+            tiles += count
+            slumps += scene["slump_tiles"] * count / max(scene["tiles"], 1)
         return int(round(tiles)), int(round(slumps))
 
 
@@ -89,6 +89,14 @@ def grid_positions(manifest: dict, scene: dict) -> list[tuple[int, int]]:
     size, overlap = manifest["tile_size"], manifest["overlap"]
     return [(row, col) for row in tile_offsets(scene["height"], size, overlap)
             for col in tile_offsets(scene["width"], size, overlap)]
+
+
+def kept_positions(manifest: dict, scene: dict) -> set[tuple[int, int]]:
+    """The positions of the tiles a scene's shards hold (records from before the manifest listed
+    them: every grid position)."""
+    if "positions" in scene:
+        return {(int(row), int(col)) for row, col in scene["positions"]}
+    return set(grid_positions(manifest, scene))
 
 
 def split_data(manifest: dict, holdout_region: str | None = None, train_regions=None, val_regions=None,
@@ -168,37 +176,37 @@ def scene_split(scenes: list[dict], fraction: float, seed: int) -> set[str]:
 def block_split(manifest: dict, scenes: list[dict], train_regions: tuple[str, ...], fraction: float, seed: int,
                 test: Selection | None, test_region: str | None) -> DataSplit:
     """Validation from an edge strip of tiles of every training scene, with a buffer of tiles
-    that would share pixels with both parts left out of either."""
+    that would share pixels with both parts left out of either.
+
+    The strip holds the `fraction` of the scene's lines of tiles (rows or columns, at least one)
+    nearest to one edge, counting only lines that hold tiles; the edge is drawn with `seed`
+    (another is tried when a side would leave no training tiles). The buffer is the next
+    line(s) of tiles, as many as still overlap the strip.
+    """
     size, overlap = manifest["tile_size"], manifest["overlap"]
-    stride = size - overlap
-    buffer = math.ceil(size / stride) - 1  # neighbours this many tiles away still share pixels
+    buffer = math.ceil(size / (size - overlap)) - 1  # neighbours this many lines away still share pixels
     train_positions, validation_positions = {}, {}
     for index, scene in enumerate(sorted(scenes, key=lambda s: s["scene_id"])):
-        rows = tile_offsets(scene["height"], size, overlap)
-        cols = tile_offsets(scene["width"], size, overlap)
+        kept = kept_positions(manifest, scene)
         rng = np.random.default_rng([seed, index])
-        side = int(rng.integers(4))  # top, bottom, left, right
-        along, length = (rows, scene["height"]) if side < 2 else (cols, scene["width"])
-        # Lines of tiles that lie mostly past the scene's edge (padding) go with the edge line.
-        inside = sum(1 for offset in along if offset + size / 2 <= length)
-        strip = max(1, round(fraction * inside))
-        if inside < strip + buffer + 1:
-            continue  # too small to split: the scene trains whole
-        lines = range(strip) if side % 2 == 0 else range(inside - strip, len(along))
-        reserved = range(strip + buffer) if side % 2 == 0 else range(inside - strip - buffer, len(along))
-        validation, training = set(), set()
-        for i, row in enumerate(rows):
-            for j, col in enumerate(cols):
-                line = i if side < 2 else j
-                if line in lines:
-                    validation.add((row, col))
-                elif line not in reserved:
-                    training.add((row, col))
-        validation_positions[scene["scene_id"]] = frozenset(validation)
-        train_positions[scene["scene_id"]] = frozenset(training)
+        for side in rng.permutation(4):  # top, bottom, left, right
+            axis = 0 if side < 2 else 1
+            lines = sorted({position[axis] for position in kept}, reverse=bool(side % 2))
+            offsets = sorted({position[axis] for position in grid_positions(manifest, scene)},
+                             reverse=bool(side % 2))
+            strip = max(1, round(fraction * len(lines)))
+            if len(lines) <= strip:
+                continue
+            last = offsets.index(lines[strip - 1])  # the strip's innermost line, counted from the edge
+            validation = {p for p in kept if offsets.index(p[axis]) <= last}
+            training = {p for p in kept if offsets.index(p[axis]) > last + buffer}
+            if validation and training:
+                validation_positions[scene["scene_id"]] = frozenset(validation)
+                train_positions[scene["scene_id"]] = frozenset(training)
+                break
     if not validation_positions:
         raise InputError(f"the training scenes are too small to split into validation and training blocks "
-                         f"(fewer than {buffer + 2} tiles across); give --val-regions or more data")
+                         f"({buffer + 2} lines of tiles are needed); give --val-regions or more data")
     ids = tuple(s["scene_id"] for s in scenes)
     return DataSplit("blocks", train_regions, Selection(ids, train_positions),
                      Selection(tuple(validation_positions), validation_positions), test, test_region)

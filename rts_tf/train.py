@@ -271,6 +271,9 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
         tile_size, bands = manifest["tile_size"], [b["name"] for b in manifest["bands"]]
         mean, std = normalisation(manifest, split.train_regions)
         train_tiles, train_slumps = split.train.tile_count(manifest)
+        if not split.validation.tile_count(manifest)[0]:
+            raise InputError(f"{config.records}: the validation data ({split.describe()}) holds no tiles; "
+                             "give --val-regions or another --val-split")
         epoch_tiles = train_tiles + (config.oversample_slumps - 1) * train_slumps
         steps = config.steps_per_epoch or max(epoch_tiles // global_batch, 1)
         if epoch_tiles < global_batch:

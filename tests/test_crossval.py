@@ -11,7 +11,7 @@ from rts_tf.cli import main
 
 def test_tiny_crossval_table_and_resume(world_records, tmp_path):
     arguments = ["crossval", "--records", str(world_records), "--arch", "unet", "--encoder", "resnet18",
-                 "--logdir", str(tmp_path / "cv"), "--epochs", "1", "--batch-size", "2",
+                 "--logdir", str(tmp_path / "cv"), "--epochs", "1", "--batch-size", "1",
                  "--decoder-filters", "8,8,8,8,8", "--image-every", "0"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output

@@ -79,14 +79,14 @@ def test_block_split_leaves_a_buffer_so_no_pixel_is_in_both(manifest):
         for row, col in train:
             covered[row:row + size, col:col + size] |= 2
         assert not (covered == 3).any(), scene["scene_id"]
-        # One edge line of tiles validates; left out are only tiles that share pixels with it.
-        everything = set(grid_positions(manifest, scene))
-        rows, cols = sorted({r for r, _ in everything}), sorted({c for _, c in everything})
-        line = len(cols) if len({r for r, _ in validation}) < len(rows) else len(rows)
-        assert len(validation) % line == 0  # whole lines (the edge line, and padding lines beyond it)
-        for row, col in everything - validation - train:
+        # One edge line of the scene's tiles validates (round(0.15 x 3 or 4 lines) = 1); left out
+        # are only tiles that share pixels with it.
+        kept = {tuple(p) for p in scene["positions"]}
+        assert validation | train <= kept and len(kept) == scene["tiles"]
+        assert len({r for r, _ in validation}) == 1 or len({c for _, c in validation}) == 1
+        for row, col in kept - validation - train:
             assert any(abs(row - r) < size and abs(col - c) < size for r, c in validation)
-        assert len(everything - validation - train) == line  # the buffer is one line
+        assert set(grid_positions(manifest, scene)) >= kept
 
 
 def test_block_split_datasets_read_only_their_tiles(demo_records, manifest):
@@ -101,8 +101,9 @@ def test_block_split_datasets_read_only_their_tiles(demo_records, manifest):
 
     only = Selection((scene,), {scene: split.validation.positions[scene]})
     kept = manifest_positions(demo_records, manifest, scene)
+    assert kept == {tuple(p) for p in next(s for s in manifest["scenes"] if s["scene_id"] == scene)["positions"]}
     _, labels = collect(positions(only))
-    assert len(labels) == len(kept & split.validation.positions[scene])
+    assert len(labels) == len(kept & split.validation.positions[scene]) == only.tile_count(manifest)[0] > 0
 
 
 def manifest_positions(records, manifest, scene_id):
