@@ -47,7 +47,7 @@ def make_records(folder: Path, tiles: int, compression: str) -> None:
     import numpy as np
 
     from rts_tf.records import COMPRESSIONS, BandStatistics, ShardWriter, encode_example, features, shard_suffix
-    from rts_tf.scene import BANDS
+    from rts_tf.bands import BANDS
 
     if (folder / "manifest.json").exists():
         return

@@ -25,11 +25,11 @@ def make_run(folder: Path, tile_size: int, encoder: str) -> Path:
         return folder
     import numpy as np
 
-    from rts_tf.scene import BANDS
+    from rts_tf.bands import BAND_NAMES, BANDS
     from rts_tf.train import FitConfig, build_segmenter
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = build_segmenter(FitConfig(arch="unet", encoder=encoder), 10, tile_size, np.zeros(10), np.ones(10))
+    model = build_segmenter(FitConfig(arch="unet", encoder=encoder), BAND_NAMES, tile_size, np.zeros(10), np.ones(10))
     model.save(str(folder / "model.keras"))
     (folder / "run.json").write_text(json.dumps({"model": "model.keras", "tile_size": tile_size, "bands": BANDS,
                                                  "threshold": 0.5}))

@@ -25,6 +25,7 @@ def main() -> None:
 
     import tensorflow as tf
 
+    from rts_tf.bands import BAND_NAMES
     from rts_tf.losses import focal
     from rts_tf.train import FitConfig, build_segmenter
 
@@ -34,7 +35,7 @@ def main() -> None:
     print(f"training step on CPU: {args.encoder}, {args.size} px x 10 bands, batch {args.batch}")
     for arch in args.arch:
         config = FitConfig(arch=arch, encoder=args.encoder)
-        model = build_segmenter(config, 10, args.size, np.zeros(10), np.ones(10))
+        model = build_segmenter(config, BAND_NAMES, args.size, np.zeros(10), np.ones(10))
         model.compile(optimizer=tf.keras.optimizers.AdamW(1e-3), loss=focal)
         model.train_on_batch(images, labels)
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from rts_tf.bands import REFLECTANCE_BANDS
 from rts_tf.records import IGNORE
 
 with warnings.catch_warnings():
@@ -27,7 +28,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import tensorflow_addons as tfa
 
-REFLECTANCE = ("blue", "green", "red", "nir")
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,11 @@ def jitter_reflectance(image: tf.Tensor, valid: tf.Tensor, seeds: tf.Tensor, ban
     """Brightness, contrast and multiplicative noise on the reflectance bands; NDVI is recomputed
     from the changed red and NIR so that the bands stay consistent. Contrast turns about the mean
     of the valid pixels (valid: (H, W, 1) bool)."""
-    if not any(name in band_names for name in REFLECTANCE) or \
+    if not any(name in band_names for name in REFLECTANCE_BANDS) or \
             (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
         return image
     # Per-band vectors (1 where a band is reflectance) keep every step a broadcast over the tile.
-    is_reflectance = tf.constant([float(name in REFLECTANCE) for name in band_names])
+    is_reflectance = tf.constant([float(name in REFLECTANCE_BANDS) for name in band_names])
     gain = 1.0 + tf.random.stateless_uniform([], seeds[0], -settings.brightness, settings.brightness)
     contrast = 1.0 + tf.random.stateless_uniform([], seeds[1], -settings.contrast, settings.contrast)
     weight = tf.cast(valid, image.dtype)
@@ -104,7 +104,7 @@ def jitter_reflectance(image: tf.Tensor, valid: tf.Tensor, seeds: tf.Tensor, ban
     changed = ((image - mean) * contrast + mean) * gain
     # Noise is drawn for the reflectance bands only and placed on their channels by a selection
     # matrix; it is uniform with standard deviation `noise` (a third of the cost of normal numbers).
-    reflectance_indexes = [i for i, name in enumerate(band_names) if name in REFLECTANCE]
+    reflectance_indexes = [i for i, name in enumerate(band_names) if name in REFLECTANCE_BANDS]
     selection = tf.one_hot(reflectance_indexes, len(band_names))
     half_width = settings.noise * 3 ** 0.5
     noise = tf.random.stateless_uniform(tf.concat([tf.shape(image)[:2], [len(reflectance_indexes)]], 0), seeds[2],

@@ -17,46 +17,20 @@ import rasterio
 import shapely
 
 import rts_tf
+from rts_tf.bands import BANDS
 from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
                             ShardWriter, encode_example, features, read_manifest, shard_suffix, verify_shard,
                             write_json)
-from rts_tf.scene import BANDS, DEM_MIN_VALID, SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
-from rts_tf.tiling import blocks, check_tiling, count_tiles
+from rts_tf.scene import SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
+from rts_tf.settings import BuildSettings
+from rts_tf.tiling import blocks, count_tiles
 
 SETTINGS_NAME = "build-settings.json"
 # Band statistics use every 4th pixel along rows and columns: plenty for normalisation, 16x cheaper.
 STATISTICS_STEP = 4
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    """Everything that changes the content of records; a folder is built with one set of these."""
-
-    tile_size: int = 256
-    overlap: int = 25
-    max_ignored: float = 0.5
-    compression: str = "gzip"
-    compression_level: int = 1
-    image_dtype: str = "float16"
-    rel_elevation_radius: float = 100.0
-    all_touched: bool = False
-    dem_min_valid: float = DEM_MIN_VALID
-
-    def validate(self) -> None:
-        check_tiling(self.tile_size, self.overlap)
-        if not 0.0 <= self.max_ignored <= 1.0:
-            raise InputError(f"--max-ignored must be between 0 and 1, got {self.max_ignored}")
-        if self.compression not in COMPRESSIONS:
-            raise InputError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression}")
-        if not 0 <= self.compression_level <= 9:
-            raise InputError(f"--compression-level must be 0 to 9, got {self.compression_level}")
-        if self.image_dtype not in ("float16", "float32"):
-            raise InputError(f"--image-dtype must be float16 or float32, got {self.image_dtype}")
-        if self.rel_elevation_radius <= 0:
-            raise InputError(f"--rel-elevation-radius must be positive, got {self.rel_elevation_radius}")
 
 
 @dataclass

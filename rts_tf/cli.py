@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -9,6 +10,22 @@ import click
 
 from rts_tf import __version__
 from rts_tf.errors import InputError
+from rts_tf.settings import BuildSettings, FitConfig
+
+
+FIT, BUILD = FitConfig(), BuildSettings()  # option defaults come from the settings classes
+
+
+class TableChoice(click.Choice):
+    """A choice among the names of one of the library's tables (architectures, losses, ...),
+    imported only when a value is checked or help is shown, so start-up stays fast."""
+
+    def __init__(self, module: str, table: str):
+        self.module, self.table, self.case_sensitive = module, table, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.table))
 
 
 class Commands(click.Group):
@@ -112,19 +129,24 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
               help="Value(s) of --label-field that mark a slump (comma-separated or repeated); "
                    "default: every polygon is a slump.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder to write.")
-@click.option("--tile-size", type=int, default=256, show_default=True, help="Tile width and height in pixels.")
-@click.option("--overlap", type=int, default=25, show_default=True, help="Overlap of neighbouring tiles in pixels.")
-@click.option("--max-ignored", type=float, default=0.5, show_default=True,
+@click.option("--tile-size", type=int, default=BUILD.tile_size,
+              show_default=True, help="Tile width and height in pixels.")
+@click.option("--overlap", type=int, default=BUILD.overlap,
+              show_default=True, help="Overlap of neighbouring tiles in pixels.")
+@click.option("--max-ignored", type=float, default=BUILD.max_ignored, show_default=True,
               help="Drop tiles with a larger share of ignored pixels (cloud, nodata, no DEM/TCVIS).")
-@click.option("--rel-elevation-radius", type=float, default=100.0, show_default=True,
+@click.option("--rel-elevation-radius", type=float, default=BUILD.rel_elevation_radius, show_default=True,
               help="Radius (m) of the circle whose mean elevation is subtracted.")
-@click.option("--dem-min-valid", type=float, default=-1000.0, show_default=True,
+@click.option("--dem-min-valid", type=float, default=BUILD.dem_min_valid, show_default=True,
               help="DEM values below this (m) are nodata, also where the DEM declares none (ArcticDEM: -9999).")
 @click.option("--all-touched", is_flag=True, default=False,
               help="Burn every pixel a label touches (default: pixel centres inside, unbiased areas).")
-@click.option("--compression", type=click.Choice(["gzip", "none"]), default="gzip", show_default=True)
-@click.option("--compression-level", type=int, default=1, show_default=True, help="GZIP level 0-9.")
-@click.option("--image-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--compression", type=TableChoice("rts_tf.records", "COMPRESSIONS"), default=BUILD.compression,
+              show_default=True)
+@click.option("--compression-level", type=int, default=BUILD.compression_level,
+              show_default=True, help="GZIP level 0-9.")
+@click.option("--image-dtype", type=TableChoice("rts_tf.settings", "IMAGE_DTYPES"), default=BUILD.image_dtype,
+              show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Scenes built in parallel processes.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace records built with other settings.")
 def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, default_region, label_field,
@@ -193,17 +215,17 @@ def split_integers(ctx, param, value):
 @config_option
 @click.option("--records", type=click.Path(), help="Records folder (with manifest.json).")
 @click.option("--logdir", type=click.Path(file_okay=False), help="Run folder: checkpoints, TensorBoard logs, model.")
-@click.option("--arch", type=click.Choice(["unet", "unetpp", "deeplabv3", "deeplabv3plus"]), default="unetpp",
+@click.option("--arch", type=TableChoice("rts_tf.models", "ARCHITECTURES"), default=FIT.arch,
               show_default=True, help="Decoder architecture.")
-@click.option("--encoder", default="resnet34", show_default=True,
+@click.option("--encoder", default=FIT.encoder, show_default=True,
               help="Any segmentation-models backbone: resnet18/34/50/101, efficientnetb0-b7, ...")
 @click.option("--encoder-weights", default=None,
               help="'imagenet' (from the local Keras cache, never downloaded) or a 3-band .h5 weight file; "
                    "default: train from scratch.")
 @click.option("--decoder-filters", multiple=True, callback=split_integers, help="Decoder widths, e.g. 128,64,32,16,8.")
-@click.option("--deep-supervision", is_flag=True, default=None, help="UNet++: average the outputs of all heads.")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True,
+@click.option("--deep-supervision", is_flag=True, default=None, help="UNet++: train each of the four heads with its own loss; predict with their mean.")
+@click.option("--epochs", type=int, default=FIT.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=FIT.batch_size, show_default=True,
               help="Tiles per replica (per GPU); the global batch is this times the number of replicas.")
 @click.option("--global-batch-size", type=int, default=None,
               help="Set the global batch instead; it must be divisible by the number of replicas.")
@@ -214,48 +236,59 @@ def split_integers(ctx, param, value):
 @click.option("--val-regions", multiple=True, callback=split_list,
               help="Comma-separated regions that validate (model selection) instead of a split of the training "
                    "regions.")
-@click.option("--val-split", type=click.Choice(["auto", "scenes", "blocks"]), default="auto", show_default=True,
+@click.option("--val-split", type=TableChoice("rts_tf.settings", "VAL_SPLITS"), default=FIT.val_split,
+              show_default=True,
               help="Validation from the training regions: whole scenes, or an edge strip of tiles in each scene "
                    "with a one-tile buffer; auto takes scenes unless they would take over twice --val-fraction.")
-@click.option("--val-fraction", type=float, default=0.15, show_default=True,
+@click.option("--val-fraction", type=float, default=FIT.val_fraction, show_default=True,
               help="Share of each training region's scenes (or of each scene's tile rows) that validates.")
 @click.option("--validate-on-training-data", is_flag=True, default=None,
               help="Validate on the training data itself (no independent model selection).")
 @click.option("--test-curves/--no-test-curves", default=None,
-              help="Score the held-out region after every epoch for TensorBoard (never used for choices). [default: on]")
-@click.option("--loss", type=click.Choice(["focal", "dice", "jaccard", "bce", "bce_dice"]), default="focal",
+              help="Score the held-out region after every epoch for TensorBoard (never used for choices). "
+                   "[default: on]")
+@click.option("--loss", type=TableChoice("rts_tf.losses", "LOSSES"), default=FIT.loss,
               show_default=True, help="All losses ignore label 255.")
-@click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Initial AdamW learning rate.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="AdamW weight decay.")
-@click.option("--schedule", type=click.Choice(["constant", "step", "exponential", "cosine"]), default="cosine",
+@click.option("--learning-rate", type=float, default=FIT.learning_rate,
+              show_default=True, help="Initial AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=FIT.weight_decay, show_default=True, help="AdamW weight decay.")
+@click.option("--schedule", type=TableChoice("rts_tf.settings", "SCHEDULES"), default=FIT.schedule,
               show_default=True, help="Learning-rate schedule over the run.")
-@click.option("--schedule-step-epochs", type=int, default=30, show_default=True, help="Epochs per step (step).")
-@click.option("--schedule-decay", type=float, default=0.1, show_default=True,
+@click.option("--schedule-step-epochs", type=int, default=FIT.schedule_step_epochs,
+              show_default=True, help="Epochs per step (step).")
+@click.option("--schedule-decay", type=float, default=FIT.schedule_decay, show_default=True,
               help="Factor per step (step) or over the run (exponential).")
-@click.option("--early-stopping", type=int, default=0, show_default=True,
+@click.option("--early-stopping", type=int, default=FIT.early_stopping, show_default=True,
               help="Stop after this many epochs without a better validation IoU (0: never).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, shuffling, augmentation.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
+@click.option("--seed", type=int, default=FIT.seed,
+              show_default=True, help="Seed for weights, shuffling, augmentation.")
+@click.option("--augment/--no-augment", default=FIT.augment, show_default=True,
               help="Flips, rotations, blur, brightness/contrast, noise (training only).")
-@click.option("--oversample-slumps", type=int, default=1, show_default=True,
+@click.option("--oversample-slumps", type=int, default=FIT.oversample_slumps, show_default=True,
               help="Show tiles with slumps this many times per epoch.")
 @click.option("--cache", is_flag=True, default=None, help="Cache decoded tiles in memory after the first epoch.")
-@click.option("--shuffle-buffer", type=int, default=256, show_default=True, help="Tiles in the shuffle buffer.")
+@click.option("--shuffle-buffer", type=int, default=FIT.shuffle_buffer,
+              show_default=True, help="Tiles in the shuffle buffer.")
 @click.option("--mixed-precision", is_flag=True, default=None, help="mixed_float16 compute (GPUs); float32 output.")
 @click.option("--xla", is_flag=True, default=None, help="Compile the training step with XLA (GPUs).")
 @click.option("--devices", multiple=True, callback=split_list,
               help="Comma-separated devices for MirroredStrategy (default: all GPUs).")
-@click.option("--logical-cpus", type=int, default=0, show_default=True,
+@click.option("--logical-cpus", type=int, default=FIT.logical_cpus, show_default=True,
               help="Split the CPU into this many devices and mirror over them (CPU-only machines, tests).")
-@click.option("--image-every", type=int, default=5, show_default=True,
+@click.option("--image-every", type=int, default=FIT.image_every, show_default=True,
               help="Write validation image panels to TensorBoard every N epochs (0: never).")
-@click.option("--image-tiles", type=int, default=4, show_default=True, help="Validation tiles in the panels.")
+@click.option("--image-tiles", type=int, default=FIT.image_tiles,
+              show_default=True, help="Validation tiles in the panels.")
 @click.option("--profile", is_flag=True, default=None, help="Profile batches 2-4 for TensorBoard's profiler.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Fixed steps per epoch (default: one pass).")
 @click.option("--verify", is_flag=True, default=False, help="Check every shard's sha256 (default: its size).")
 @click.option("--overwrite", is_flag=True, default=False, help="Delete an existing run in --logdir first.")
 def fit_command(overwrite: bool, verify: bool, **options) -> None:
     """Train a segmentation model on records.
+
+    With --holdout-region the held-out region is a test set: the best checkpoint, early stopping
+    and the threshold are chosen on validation data drawn from the training regions (--val-split),
+    and the held-out region is only scored for TensorBoard's test curves and by `evaluate`.
 
     Multi-GPU: MirroredStrategy over all visible GPUs (or --devices). Multi-machine:
     MultiWorkerMirroredStrategy when TF_CONFIG is set. Re-running the same command resumes an
@@ -309,10 +342,10 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
 @click.option("--batch-size", type=int, default=None, help="Tiles per replica.")
 @click.option("--decoder-filters", multiple=True, callback=split_integers, help="Decoder widths.")
 @click.option("--learning-rate", type=float, default=None)
-@click.option("--loss", default=None)
+@click.option("--loss", type=TableChoice("rts_tf.losses", "LOSSES"), default=None)
 @click.option("--image-every", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--val-split", type=click.Choice(["auto", "scenes", "blocks"]), default=None,
+@click.option("--val-split", type=TableChoice("rts_tf.settings", "VAL_SPLITS"), default=None,
               help="Validation drawn from the training regions of each run (see `fit --help`).")
 @click.option("--val-fraction", type=float, default=None, help="Share of the training data that validates.")
 def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides) -> None:

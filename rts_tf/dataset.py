@@ -11,12 +11,10 @@ import tensorflow as tf
 
 from rts_tf.errors import InputError
 from rts_tf.records import IGNORE, BandStatistics, decode_example, verify_shard
+from rts_tf.settings import VAL_SPLITS
 from rts_tf.tiling import tile_offsets
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-VAL_SPLITS = ("auto", "scenes", "blocks")
 
 
 @dataclass(frozen=True)

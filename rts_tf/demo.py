@@ -20,6 +20,8 @@ from rasterio.warp import transform as transform_points
 from rasterio.warp import transform_bounds, transform_geom
 from scipy import ndimage
 
+from rts_tf.bands import REFLECTANCE_BANDS
+
 PIXEL_SIZE = 3.0
 DEFAULT_SCENE_SIZE = 640
 DEM_RESOLUTION = 10.0
@@ -28,7 +30,7 @@ DEM_CRS = "EPSG:3413"
 TCVIS_CRS = "EPSG:4326"
 TCVIS_LAT_STEP = 0.00027
 AUXILIARY_MARGIN = 450.0  # metres around the scenes; the contract asks for at least 300
-SR_BANDS = ("blue", "green", "red", "nir")
+SR_BANDS = REFLECTANCE_BANDS
 UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
 TCVIS_BANDS = ("brightness_trend", "greenness_trend", "wetness_trend")
 SATELLITES = ("0f15", "0f22", "0f4c", "1003", "1006", "100c", "1025", "103c", "1049", "105e")

@@ -8,7 +8,6 @@ on the held-out region over training, which selects on the data it reports.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

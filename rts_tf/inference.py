@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from rts_tf.errors import InputError
-from rts_tf.scene import BAND_NAMES, recipe_settings
+from rts_tf.bands import BAND_NAMES
+from rts_tf.scene import recipe_settings
 
 # Runs saved before run.json carried the feature recipe: the settings prediction used then.
 LEGACY_RECIPE = recipe_settings("dem", 100.0, -1e30, "float32")
@@ -55,6 +56,15 @@ def load_run(path: str | os.PathLike) -> Run:
     tile_size = int(info["tile_size"])
     return Run(path, model, tile_size, int(info.get("overlap", tile_size // 4)), [b["name"] for b in info["bands"]],
                float(info.get("threshold", 0.5)), dict(info.get("recipe") or LEGACY_RECIPE), info)
+
+
+def manifest_recipe(manifest: dict) -> dict:
+    """The feature recipe of records; for records from before manifests carried it, their settings."""
+    if manifest.get("recipe"):
+        return manifest["recipe"]
+    settings = manifest.get("settings", {})
+    return recipe_settings("dem", settings.get("rel_elevation_radius", 100.0), LEGACY_RECIPE["dem_min_valid"],
+                           settings.get("image_dtype", "float16"))
 
 
 def choose_threshold(runs: Sequence[Run], threshold: float | None = None) -> tuple[float, str]:
@@ -167,6 +177,7 @@ class StripBlender:
             probability = np.concatenate([probability, np.zeros((missing, self.width), np.float32)])
             values = np.concatenate([values, np.full((missing, self.width), self.fill, np.uint8)])
             covered = np.concatenate([covered, np.zeros((missing, self.width), bool)])
-        self.sums, self.norms, self.values = self.sums[rows:].copy(), self.norms[rows:].copy(), self.values[rows:].copy()
+        self.sums, self.norms = self.sums[rows:].copy(), self.norms[rows:].copy()
+        self.values = self.values[rows:].copy()
         self.top = first + max(stop, 0)
         return first, probability, values, covered

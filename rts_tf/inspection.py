@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rts_tf.bands import NIR_FALSE_COLOUR, TCVIS_BANDS, TRUE_COLOUR
 from rts_tf.records import IGNORE, decode_example, read_manifest, verify_shard
 from rts_tf.visualize import composite, grey, outline, side_by_side
 
@@ -101,12 +102,12 @@ def tile_panels(sample: dict, band_names: list[str]) -> np.ndarray:
     image, label = sample["image"], sample["label"][..., 0]
     valid = label != IGNORE
     band = lambda name: image[..., band_names.index(name)]
-    tcvis = np.clip(np.stack([band(n) for n in ("tcvis_brightness", "tcvis_greenness", "tcvis_wetness")], -1),
+    tcvis = np.clip(np.stack([band(n) for n in TCVIS_BANDS], -1),
                     0, 255).astype(np.uint8)
     relief = float(np.percentile(np.abs(band("relative_elevation")[valid]), 98)) if valid.any() else 1.0
-    true_colour = composite(image, band_names, ("red", "green", "blue"), valid)
+    true_colour = composite(image, band_names, TRUE_COLOUR, valid)
     return side_by_side([
-        true_colour, composite(image, band_names, ("nir", "red", "green"), valid), tcvis,
+        true_colour, composite(image, band_names, NIR_FALSE_COLOUR, valid), tcvis,
         grey(band("relative_elevation"), valid, -max(relief, 0.5), max(relief, 0.5)),
         grey(band("slope"), valid, 0.0, 30.0), outline(true_colour, label)])
 

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
+from rts_tf.bands import NIR_FALSE_COLOUR, TRUE_COLOUR
 from rts_tf.records import IGNORE, write_json
 from rts_tf.visualize import composite, error_map, grey, label_colour, side_by_side
 
@@ -137,8 +138,8 @@ class ImagePanels(tf.keras.callbacks.Callback):
             for index, (image, label, probability) in enumerate(zip(self.images, self.labels, probabilities)):
                 valid = label != IGNORE
                 panels = side_by_side([
-                    composite(image, self.band_names, ("red", "green", "blue"), valid),
-                    composite(image, self.band_names, ("nir", "red", "green"), valid),
+                    composite(image, self.band_names, TRUE_COLOUR, valid),
+                    composite(image, self.band_names, NIR_FALSE_COLOUR, valid),
                     label_colour(label), grey(probability, valid, 0.0, 1.0), error_map(label, probability)])
                 tf.summary.image(f"validation/tile_{index}", panels[None], step=epoch + 1,
                                  description=" | ".join(PANELS))

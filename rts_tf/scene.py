@@ -12,28 +12,15 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from rts_tf.bands import BANDS
 from rts_tf.errors import InputError
 from rts_tf.rasters import Grid, RasterSource, check_readable, open_raster, warp_array
+from rts_tf.settings import DEM_MIN_VALID
 from rts_tf.terrain import relative_elevation, slope_degrees
 
-# The model bands of Nitze et al. (2021), in order: name and physical unit.
-BANDS: list[dict[str, str]] = [
-    {"name": "blue", "unit": "reflectance"},
-    {"name": "green", "unit": "reflectance"},
-    {"name": "red", "unit": "reflectance"},
-    {"name": "nir", "unit": "reflectance"},
-    {"name": "ndvi", "unit": "1"},
-    {"name": "tcvis_brightness", "unit": "DN"},
-    {"name": "tcvis_greenness", "unit": "DN"},
-    {"name": "tcvis_wetness", "unit": "DN"},
-    {"name": "relative_elevation", "unit": "m"},
-    {"name": "slope", "unit": "degree"},
-]
-BAND_NAMES = [band["name"] for band in BANDS]
 REFLECTANCE_SCALE = 10000.0
 # TCVIS and terrain are resampled onto the scene grid in fixed chunks of this many pixels, aligned
 # with the scene's top-left corner: GDAL's warper gives slightly different values for the same
@@ -41,8 +28,6 @@ REFLECTANCE_SCALE = 10000.0
 # data), so a pixel's bands would depend on the tile or window it was read in. With fixed chunks
 # they depend on the scene grid alone, in build-records, evaluate and predict alike.
 AUXILIARY_CHUNK = 512
-# ArcticDEM's nodata is -9999; files without a declared nodata would let it in as elevation.
-DEM_MIN_VALID = -1000.0
 SR_PATTERN = re.compile(r"^(?P<id>.+?)(_3B_AnalyticMS_SR.*|_BGRN_SR)\.tiff?$", re.IGNORECASE)
 UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,62 +18,12 @@ import yaml
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.inference import LEGACY_RECIPE
 from rts_tf.records import read_manifest, write_json
+from rts_tf.settings import SCHEDULES, VAL_SPLITS, FitConfig
 
 RUN_NAME = "run.json"
 CONFIG_NAME = "config.yaml"
 MODEL_NAME = "model.keras"
-SCHEDULES = ("constant", "step", "exponential", "cosine")
-
-
-@dataclass
-class FitConfig:
-    """Everything that defines a training run; YAML files and command-line flags set these keys."""
-
-    records: str = ""
-    logdir: str = ""
-    arch: str = "unetpp"
-    encoder: str = "resnet34"
-    encoder_weights: str | None = None
-    decoder_filters: list[int] | None = None
-    deep_supervision: bool = False
-    epochs: int = 100
-    batch_size: int = 8
-    global_batch_size: int | None = None
-    holdout_region: str | None = None
-    train_regions: list[str] | None = None
-    val_regions: list[str] | None = None
-    val_split: str = "auto"
-    val_fraction: float = 0.15
-    validate_on_training_data: bool = False
-    test_curves: bool = True
-    loss: str = "focal"
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    schedule_step_epochs: int = 30
-    schedule_decay: float = 0.1
-    early_stopping: int = 0
-    seed: int = 0
-    augment: bool = True
-    oversample_slumps: int = 1
-    cache: bool = False
-    shuffle_buffer: int = 256
-    mixed_precision: bool = False
-    xla: bool = False
-    devices: list[str] | None = None
-    logical_cpus: int = 0
-    image_every: int = 5
-    image_tiles: int = 4
-    profile: bool = False
-    steps_per_epoch: int | None = None
-
-    @classmethod
-    def keys(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
-
-
 @dataclass
 class FitResult:
     """What a run produced."""
@@ -102,7 +52,6 @@ class FitResult:
 
 def check_config(config: FitConfig) -> None:
     """Reject impossible settings before anything is built."""
-    from rts_tf.dataset import VAL_SPLITS
     from rts_tf.losses import LOSSES
     from rts_tf.models import ARCHITECTURES, ENCODERS
 
@@ -162,11 +111,12 @@ def is_chief(strategy) -> bool:
                                               and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def build_segmenter(config: FitConfig, num_bands: int, tile_size: int, mean, std, heads: bool = False):
+def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, std, heads: bool = False):
     """The model saved with a run: normalisation layer (the manifest's statistics; ignored pixels
     become 0) + network. With heads, a deep-supervision UNet++ also outputs each head (training)."""
     import tensorflow as tf
 
+    from rts_tf.bands import rgb_indexes
     from rts_tf.models import IgnoreAwareNormalization, build_model
 
     options = {}
@@ -176,10 +126,12 @@ def build_segmenter(config: FitConfig, num_bands: int, tile_size: int, mean, std
         options["deep_supervision"] = True
         options["heads_output"] = heads
     try:
-        network = build_model(config.arch, config.encoder, num_bands, tile_size, config.encoder_weights, **options)
+        if config.encoder_weights:  # the pretrained R, G, B filters go to the bands of those names
+            options["rgb_bands"] = rgb_indexes(bands)
+        network = build_model(config.arch, config.encoder, len(bands), tile_size, config.encoder_weights, **options)
     except ValueError as error:
         raise InputError(str(error)) from None
-    inputs = tf.keras.Input((tile_size, tile_size, num_bands), name="image", dtype="float32")
+    inputs = tf.keras.Input((tile_size, tile_size, len(bands)), name="image", dtype="float32")
     normalised = IgnoreAwareNormalization(mean, std, name="normalise")(inputs)
     return tf.keras.Model(inputs, network(normalised), name=f"rts_{config.arch}_{config.encoder}")
 
@@ -297,7 +249,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
         test = test.with_options(options) if test is not None else None
 
         with strategy.scope():
-            model = build_segmenter(config, len(bands), tile_size, mean, std, heads=True)
+            model = build_segmenter(config, bands, tile_size, mean, std, heads=True)
             optimizer = tf.keras.optimizers.AdamW(learning_rate(config, steps), weight_decay=config.weight_decay)
             model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
                           jit_compile=config.xla)
@@ -352,7 +304,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
                            seconds=time.perf_counter() - started, history=history, split=split.describe())
         if chief:
             # The saved model is rebuilt outside the strategy and given the best epoch's weights.
-            final = build_segmenter(config, len(bands), tile_size, mean, std)
+            final = build_segmenter(config, bands, tile_size, mean, std)
             final.load_weights(str(checkpoints / ("best.h5" if (checkpoints / "best.h5").exists() else "last.h5")))
             save_run(final, config, manifest, split, mean, std, result, global_batch, replicas)
         else:
@@ -372,6 +324,8 @@ def tempfile_dir(logdir: Path) -> str:
 def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result: FitResult,
              global_batch: int, replicas: int) -> None:
     """model.keras, saved_model/ and run.json: everything prediction needs."""
+    from rts_tf.inference import manifest_recipe
+
     logdir = Path(config.logdir)
     temporary = logdir / f"tmp-{MODEL_NAME}"
     model.save(str(temporary))
@@ -400,7 +354,7 @@ def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result:
         "threshold_source": "best threshold of the validation data at the best epoch",
         "records": str(Path(config.records).resolve()),
         # How the bands were made: predict and evaluate rebuild scenes with exactly this recipe.
-        "recipe": manifest.get("recipe") or LEGACY_RECIPE,
+        "recipe": manifest_recipe(manifest),
         "build_settings": manifest.get("settings", {}),
         "regions": {"train": list(split.train_regions), "validation": list(split.validation_regions),
                     "test": [split.test_region] if split.test_region else []},

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from rts_tf.augment import AugmentSettings, augment
+from rts_tf.bands import BAND_NAMES
 from rts_tf.dataset import grid_positions, make_dataset, normalisation, split_data, tile_count
 from rts_tf.errors import InputError
 
@@ -173,8 +174,7 @@ def test_normalisation_combines_the_training_regions(manifest):
 
 
 def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
-    band_names = ["blue", "green", "red", "nir", "ndvi", "tcvis_brightness", "tcvis_greenness", "tcvis_wetness",
-                  "relative_elevation", "slope"]
+    band_names = BAND_NAMES
     rng = np.random.default_rng(0)
     image = np.zeros((64, 64, 10), np.float32)
     image[..., :4] = 0.05
@@ -211,8 +211,7 @@ def test_same_seed_same_batches(demo_records, manifest):
 
 def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
     """A half-ignored tile: whatever its ignored half held, the valid half comes out the same."""
-    band_names = ["blue", "green", "red", "nir", "ndvi", "tcvis_brightness", "tcvis_greenness", "tcvis_wetness",
-                  "relative_elevation", "slope"]
+    band_names = BAND_NAMES
     rng = np.random.default_rng(1)
     centre = np.array([0.04, 0.06, 0.05, 0.25, 0.6, 120, 140, 110, 0.0, 4.0], np.float32)
     image = (centre * rng.uniform(0.8, 1.2, (64, 64, 10))).astype(np.float32)

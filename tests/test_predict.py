@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from helpers import write_dem, write_scene, write_tcvis
 from rts_tf.cli import main
-from rts_tf.scene import BANDS, BAND_NAMES
+from rts_tf.bands import BAND_NAMES, BANDS
 
 SCENE = "20210720_190000_1020"
 

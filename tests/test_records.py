@@ -17,7 +17,7 @@ from rts_tf.cli import main
 from rts_tf.labels import rasterize_labels, read_polygons, scene_labels
 from rts_tf.rasters import Grid
 from rts_tf.records import decode_example, encode_example, features
-from rts_tf.scene import BANDS
+from rts_tf.bands import BANDS
 
 
 def read_tiles(records, manifest=None):

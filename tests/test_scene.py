@@ -8,7 +8,8 @@ from rasterio.warp import transform
 
 from helpers import ORIGIN, SCENE_CRS, scene_bounds_in, write_dem, write_raster, write_scene, write_tcvis
 from rts_tf.rasters import RasterSource
-from rts_tf.scene import BAND_NAMES, SceneStack, Terrain, find_scenes
+from rts_tf.bands import BAND_NAMES
+from rts_tf.scene import SceneStack, Terrain, find_scenes
 
 
 def stack_for(folder, dem_paths, tcvis_paths, **terrain):
@@ -132,3 +133,29 @@ def test_precomputed_terrain_replaces_the_dem(tmp_path):
     assert valid.all()
     np.testing.assert_allclose(image[..., BAND_NAMES.index("relative_elevation")], 1.5, atol=1e-4)
     np.testing.assert_allclose(image[..., BAND_NAMES.index("slope")], 12.0, atol=1e-4)
+
+
+def test_dem_values_below_the_floor_are_nodata_even_when_undeclared(tmp_path):
+    """ArcticDEM's -9999 in a file that declares no nodata: the pixels it reaches are invalid,
+    and the rest keep the relative elevation of the valid DEM (here a plane: 0 away from holes)."""
+    scene = write_scene(tmp_path / "scenes", "20200711_190000_1011", size=48)
+    dem_path = write_dem(tmp_path / "dem.tif", lambda x, y: 50 + 0.1 * (x - ORIGIN[0]), size=48, nodata=None)
+    with rasterio.open(dem_path, "r+") as dataset:
+        dem = dataset.read(1)
+        hole_row, hole_col = dem.shape[0] // 2, dem.shape[1] // 2
+        dem[hole_row - 3:hole_row + 3, hole_col - 3:hole_col + 3] = -9999.0
+        dataset.write(dem, 1)
+        assert dataset.nodata is None
+        # The scene pixel at the hole's centre.
+        x, y = dataset.xy(hole_row, hole_col)
+    ux, uy = transform("EPSG:3413", SCENE_CRS, [x], [y])
+    row, col = rowcol(from_origin(ORIGIN[0], ORIGIN[1], 3.0, 3.0), ux[0], uy[0])
+    tcvis = write_tcvis(tmp_path / "t.tif", size=48)
+    with stack_for(scene, [dem_path], [tcvis]) as stack:
+        image, valid = stack.read(0, 0, 48, 48)
+    assert not valid[row, col] and (image[row, col] == 0).all()
+    relative = image[..., BAND_NAMES.index("relative_elevation")][valid]
+    assert valid.sum() > 0.5 * valid.size and np.abs(relative).max() < 1.0  # no -9999 pulled into any mean
+    with stack_for(scene, [dem_path], [tcvis], dem_min_valid=-1e9) as stack:
+        _, all_valid = stack.read(0, 0, 48, 48)
+    assert all_valid[row, col]  # told otherwise, -9999 is an elevation

@@ -53,13 +53,15 @@ os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from rts_tf.bands import BAND_NAMES, rgb_indexes  # noqa: E402
+
 with contextlib.redirect_stdout(io.StringIO()):
     # segmentation-models announces its framework on stdout at import; library code stays quiet.
     import segmentation_models  # noqa: E402
 
 ENCODERS: list[str] = sorted(segmentation_models.Backbones.models_names())
 FEATURE_LEVELS: tuple[str, ...] = ("P1", "P2", "P3", "P4", "P5")
-DEFAULT_RGB_BANDS: tuple[int, int, int] = (2, 1, 0)
+DEFAULT_RGB_BANDS: tuple[int, int, int] = rgb_indexes(BAND_NAMES)  # (2, 1, 0): R, G, B of B, G, R, NIR, ...
 
 
 def keras_cache_dir() -> Path:

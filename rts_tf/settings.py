@@ -1,0 +1,94 @@
+"""Settings of the two long jobs: what defines a records build and a training run (defaults live here).
+
+A light module (no TensorFlow, no GDAL): the command line reads its defaults from these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from rts_tf.errors import InputError
+from rts_tf.records import COMPRESSIONS
+from rts_tf.tiling import check_tiling
+
+IMAGE_DTYPES = ("float16", "float32")
+SCHEDULES = ("constant", "step", "exponential", "cosine")
+VAL_SPLITS = ("auto", "scenes", "blocks")
+# ArcticDEM's nodata is -9999; files without a declared nodata would let it in as elevation.
+DEM_MIN_VALID = -1000.0
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything that changes the content of records; a folder is built with one set of these."""
+
+    tile_size: int = 256
+    overlap: int = 25
+    max_ignored: float = 0.5
+    compression: str = "gzip"
+    compression_level: int = 1
+    image_dtype: str = "float16"
+    rel_elevation_radius: float = 100.0
+    all_touched: bool = False
+    dem_min_valid: float = DEM_MIN_VALID
+
+    def validate(self) -> None:
+        check_tiling(self.tile_size, self.overlap)
+        if not 0.0 <= self.max_ignored <= 1.0:
+            raise InputError(f"--max-ignored must be between 0 and 1, got {self.max_ignored}")
+        if self.compression not in COMPRESSIONS:
+            raise InputError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression}")
+        if not 0 <= self.compression_level <= 9:
+            raise InputError(f"--compression-level must be 0 to 9, got {self.compression_level}")
+        if self.image_dtype not in IMAGE_DTYPES:
+            raise InputError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {self.image_dtype}")
+        if self.rel_elevation_radius <= 0:
+            raise InputError(f"--rel-elevation-radius must be positive, got {self.rel_elevation_radius}")
+
+
+
+@dataclass
+class FitConfig:
+    """Everything that defines a training run; YAML files and command-line flags set these keys."""
+
+    records: str = ""
+    logdir: str = ""
+    arch: str = "unetpp"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    decoder_filters: list[int] | None = None
+    deep_supervision: bool = False
+    epochs: int = 100
+    batch_size: int = 8
+    global_batch_size: int | None = None
+    holdout_region: str | None = None
+    train_regions: list[str] | None = None
+    val_regions: list[str] | None = None
+    val_split: str = "auto"
+    val_fraction: float = 0.15
+    validate_on_training_data: bool = False
+    test_curves: bool = True
+    loss: str = "focal"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    schedule_step_epochs: int = 30
+    schedule_decay: float = 0.1
+    early_stopping: int = 0
+    seed: int = 0
+    augment: bool = True
+    oversample_slumps: int = 1
+    cache: bool = False
+    shuffle_buffer: int = 256
+    mixed_precision: bool = False
+    xla: bool = False
+    devices: list[str] | None = None
+    logical_cpus: int = 0
+    image_every: int = 5
+    image_tiles: int = 4
+    profile: bool = False
+    steps_per_epoch: int | None = None
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
