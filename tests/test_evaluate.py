@@ -97,6 +97,20 @@ def test_evaluate_a_trained_run_on_scene_mosaics(tiny_run, demo_records, tmp_pat
     # per-epoch IoU on the held-out region, read from the test curves.
     assert metrics["threshold"] == run["threshold"] and "validation data" in metrics["threshold_source"]
     assert horton["paper_max_iou"] == max(run["history"]["test_iou"]) == metrics["paper_style"]["max_iou"]
+    # The transfer IoU by hand: the blended scenes, thresholded, counted over valid pixels.
+    from rts_tf.evaluate import blend_records_scene
+    from rts_tf.inference import load_run
+
+    manifest = json.loads((demo_records / "manifest.json").read_text())
+    model = load_run(tiny_run)
+    tp = fp = fn = 0
+    for scene in (s for s in manifest["scenes"] if s["region"] == "Horton"):
+        for _, strip, label in blend_records_scene(demo_records, manifest, scene, [model]):
+            valid, predicted = label != 255, strip >= run["threshold"]
+            tp += np.sum(valid & predicted & (label == 1))
+            fp += np.sum(valid & predicted & (label == 0))
+            fn += np.sum(valid & ~predicted & (label == 1))
+    assert horton["iou"] == pytest.approx(tp / (tp + fp + fn)) and horton["slump_pixels"] == tp + fn
     # Overlapping tiles count once: the slump pixels are those of the scene mosaics, not of the tiles.
     manifest = json.loads((demo_records / "manifest.json").read_text())
     distinct = 0

@@ -9,6 +9,7 @@ import pytest
 import rasterio
 import tensorflow as tf
 from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rts_tf.cli import main
 from rts_tf.train import FitConfig, fit
@@ -62,7 +63,8 @@ def test_resume_keeps_the_best_checkpoint_and_the_patience(demo_records, tmp_pat
 
 def test_the_best_epoch_is_chosen_on_validation_never_on_the_test_region(demo_records, tmp_path):
     logdir = tmp_path / "chosen"
-    config = FitConfig(records=str(demo_records), logdir=str(logdir), epochs=3, **TINY_CONFIG)
+    config = FitConfig(records=str(demo_records), logdir=str(logdir), epochs=3,
+                       **{**TINY_CONFIG, "image_every": 5, "image_tiles": 1})
     weights = {}
     fit(config, callbacks=[ScriptedValidation([0.2, 0.1, 0.05], weights)])
     run = json.loads((logdir / "run.json").read_text())
@@ -77,6 +79,11 @@ def test_the_best_epoch_is_chosen_on_validation_never_on_the_test_region(demo_re
     for saved, expected in zip(saved_weights(logdir), weights[1]):
         np.testing.assert_array_equal(saved, expected)
     assert run["threshold"] == run["history"]["val_best_threshold"][0]
+    # Image panels every 5 epochs, and also after the first and the last: a 3-epoch run shows two.
+    images = EventAccumulator(str(logdir / "images"), size_guidance={"tensors": 0, "images": 0})
+    images.Reload()
+    tag = next(t for t in images.Tags()["tensors"] if t.startswith("validation/tile_"))
+    assert [event.step for event in images.Tensors(tag)] == [1, 3]
 
 
 def test_training_never_reads_the_held_out_shards(demo_records, tmp_path):
