@@ -258,26 +258,26 @@ def fingerprint(job: SceneJob, labels_path: str) -> str:
 
 
 def prepare_output(out: Path, settings: BuildSettings, overwrite: bool) -> None:
-    """Create the folder; refuse one built with other settings unless overwrite; clear leftovers."""
+    """Create the folder; refuse one built with other settings unless overwrite, and any non-empty
+    folder that holds no records (with or without overwrite); clear leftovers of interrupted builds."""
     settings_path = out / SETTINGS_NAME
     wanted = {"schema_version": SCHEMA_VERSION, **asdict(settings)}
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output exists and is not a folder")
-    if out.exists() and not overwrite:
-        if settings_path.exists() or (out / MANIFEST_NAME).exists():
-            existing = previous_settings(out)
-            if existing != wanted:
-                differs = sorted(k for k in wanted if existing is None or existing.get(k) != wanted[k])
-                raise InputError(f"{out}: holds records built with different settings ({', '.join(differs)}); "
-                                 "use --overwrite to replace them or choose another --out")
-        elif any(out.iterdir()):
-            raise InputError(f"{out}: folder is not empty and holds no rts-tf records; choose another --out "
-                             "or use --overwrite")
-    if overwrite and out.exists():
-        remove_records(out)
+    if out.exists() and any(out.iterdir()):
+        if not (settings_path.exists() or (out / MANIFEST_NAME).exists()):
+            raise InputError(f"{out}: folder is not empty and holds no rts-tf records (no {MANIFEST_NAME} or "
+                             f"{SETTINGS_NAME}); choose a new or empty --out (nothing was changed)")
+        existing = previous_settings(out)
+        if existing != wanted and not overwrite:
+            differs = sorted(k for k in wanted if existing is None or existing.get(k) != wanted[k])
+            raise InputError(f"{out}: holds records built with different settings ({', '.join(differs)}); "
+                             "use --overwrite to replace them or choose another --out")
+        if overwrite:
+            remove_records(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(settings_path, wanted)
-    for leftover in out.rglob("*.tmp"):
+    for leftover in build_files(out, temporary_only=True):
         leftover.unlink()
 
 
@@ -288,17 +288,47 @@ def previous_settings(out: Path) -> dict | None:
             return json.loads((out / SETTINGS_NAME).read_text())
         manifest = read_manifest(out)
         return {"schema_version": manifest["schema_version"], **manifest["settings"]}
-    except (OSError, json.JSONDecodeError, KeyError, InputError):
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, InputError):
         return None
 
 
+def build_files(out: Path, temporary_only: bool = False) -> list[Path]:
+    """The files a build wrote in a records folder: manifest, settings, the scene parts (JSON with a
+    fingerprint, one folder down), the shards those and the manifest name, and temporary files of
+    all of these (`*.tfrecord*.tmp`, `*.json.tmp`). Anything else is the user's."""
+    found: set[Path] = set()
+    for folder in [out, *sorted(p for p in out.iterdir() if p.is_dir())]:
+        for path in folder.iterdir():
+            if path.is_file() and path.name.endswith((".json.tmp", ".tfrecord.tmp", ".tfrecord.gz.tmp")):
+                found.add(path)
+    if temporary_only:
+        return sorted(found)
+    found.update(p for p in (out / MANIFEST_NAME, out / SETTINGS_NAME) if p.exists())
+    shards: set[str] = set()
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        for path in folder.glob("*.json"):
+            try:
+                part = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(part, dict) and "fingerprint" in part and "scene_id" in part:
+                found.add(path)
+                shards.update(part.get("shards", {}))
+    try:
+        shards.update(read_manifest(out)["shards"])
+    except (InputError, KeyError, TypeError):
+        pass
+    found.update(out / shard for shard in shards if (out / shard).is_file())
+    return sorted(found)
+
+
 def remove_records(out: Path) -> None:
-    """Delete what a build writes (shards, scene parts, manifest, settings), nothing else."""
-    for path in sorted(out.rglob("*"), reverse=True):
-        if path.is_file() and (path.name.endswith((".tfrecord", ".tfrecord.gz", ".tmp", ".json"))):
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+    """Delete what a build wrote (see build_files), and the folders that leaves empty; nothing else."""
+    for path in build_files(out):
+        path.unlink()
+    for folder in sorted((p for p in out.iterdir() if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def completed_part(job: SceneJob) -> dict | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -147,14 +146,33 @@ def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, r
                         dem_min_valid=recipe["dem_min_valid"], image_dtype=recipe["image_dtype"])
 
 
+def output_files(out: Path, scene_ids: list[str]) -> list[Path]:
+    """Every file predict writes for these scenes (results, staging and temporary files), by name."""
+    names = [out / MERGED_NAME, out / "summary.json"]
+    for scene_id in scene_ids:
+        folder = out / scene_id
+        names += [folder / f"{scene_id}_{kind}{suffix}" for kind in ("probability", "mask")
+                  for suffix in (".tif", ".tmp.tif")]
+        names += [folder / f".{kind}.staging.tif" for kind in ("probability", "mask")]
+        names += [folder / f"{scene_id}_polygons.gpkg"]
+    return names
+
+
 def prepare_output(out: Path, scene_ids: list[str], overwrite: bool) -> None:
-    """Refuse to overwrite earlier results unless asked; remove leftovers of interrupted runs."""
-    existing = [out / scene_id for scene_id in scene_ids if (out / scene_id).exists()] + \
-        [p for p in (out / MERGED_NAME,) if p.exists()]
-    if existing and not overwrite:
-        raise InputError(f"{out}: already holds results ({existing[0].name}); use --overwrite or another --out")
+    """Refuse to overwrite earlier results unless asked; then remove only predict's own files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    existing = [path for path in output_files(out, scene_ids) if path.exists()]
+    results = [path for path in existing if path.name != "summary.json" and ".staging" not in path.name]
+    if results and not overwrite:
+        raise InputError(f"{out}: already holds results ({results[0].relative_to(out)}); use --overwrite or "
+                         "another --out")
     for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path.unlink()
+    for scene_id in scene_ids:
+        folder = out / scene_id
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     out.mkdir(parents=True, exist_ok=True)
 
 

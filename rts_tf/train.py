@@ -159,25 +159,77 @@ def git_commit() -> str:
         return "unknown"
 
 
-def prepare_run(config: FitConfig, overwrite: bool) -> tuple[Path, bool]:
-    """Create the run folder; (folder, already complete). Refuse a folder of another configuration."""
+# Everything fit (and evaluate) writes into a run folder: --overwrite removes these and nothing else.
+RUN_FILES = (CONFIG_NAME, CONFIG_NAME + ".tmp", RUN_NAME, RUN_NAME + ".tmp", "history.json", "history.json.tmp",
+             "test_history.json", "test_history.json.tmp", MODEL_NAME, f"tmp-{MODEL_NAME}", "metrics.json",
+             "metrics.json.tmp", "metrics.md")
+RUN_FOLDERS = ("checkpoints", "backup", "saved_model", "saved_model.tmp", "train", "validation", "test", "images")
+
+
+def check_run_folder(config: FitConfig, overwrite: bool) -> str:
+    """What to do with --logdir, deciding without changing anything: 'new', 'resume', 'complete'
+    or 'replace'. A non-empty folder that holds no run is refused, with or without --overwrite."""
     logdir = Path(config.logdir)
+    if logdir.exists() and not logdir.is_dir():
+        raise InputError(f"{logdir}: exists and is not a folder")
+    if not logdir.exists() or not any(logdir.iterdir()):
+        return "new"
     saved = logdir / CONFIG_NAME
-    if overwrite and logdir.exists():
-        shutil.rmtree(logdir)
-    if saved.exists():
-        previous = yaml.safe_load(saved.read_text())
-        if previous != asdict(config):
-            differs = sorted(k for k in asdict(config) if previous.get(k) != asdict(config)[k])
-            raise InputError(f"{logdir}: holds a run with another configuration ({', '.join(differs)}); "
-                             "use --overwrite or another --logdir")
+    if not saved.exists() and not (logdir / RUN_NAME).exists():
+        raise InputError(f"{logdir}: folder is not empty and holds no rts-tf run (no {CONFIG_NAME}); choose a new "
+                         "or empty --logdir (nothing was changed)")
+    if overwrite:
+        return "replace"
+    try:
+        previous = yaml.safe_load(saved.read_text()) if saved.exists() else None
+    except (OSError, yaml.YAMLError):
+        previous = None
+    # The folder's own path is not part of a run's identity: a moved run folder still resumes.
+    wanted = {k: v for k, v in asdict(config).items() if k != "logdir"}
+    if isinstance(previous, dict) and {k: v for k, v in previous.items() if k != "logdir"} == wanted:
         run = logdir / RUN_NAME
-        return logdir, run.exists() and json.loads(run.read_text()).get("complete", False)
+        complete = run.exists() and json.loads(run.read_text()).get("complete", False)
+        return "complete" if complete else "resume"
+    if not run_started(logdir):
+        return "replace"  # the configuration of a run that never finished an epoch
+    previous = previous if isinstance(previous, dict) else {}
+    differs = sorted(k for k in wanted if previous.get(k) != wanted[k])
+    raise InputError(f"{logdir}: holds a run with another configuration ({', '.join(differs)}); "
+                     "use --overwrite or another --logdir")
+
+
+def run_started(logdir: Path) -> bool:
+    """True when a run folder holds a finished epoch (or a finished run)."""
+    try:
+        epochs = json.loads((logdir / "history.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        epochs = []
+    return bool(epochs) or (logdir / RUN_NAME).exists()
+
+
+def start_run_folder(config: FitConfig, mode: str) -> Path:
+    """Create or clear the run folder (only the files a run writes) and save the configuration."""
+    logdir = Path(config.logdir)
+    if mode == "replace":
+        remove_run_files(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    temporary = saved.with_name(saved.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-    temporary.replace(saved)
-    return logdir, False
+    saved = logdir / CONFIG_NAME
+    if mode != "resume":
+        temporary = saved.with_name(saved.name + ".tmp")
+        temporary.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        temporary.replace(saved)
+    return logdir
+
+
+def remove_run_files(logdir: Path) -> None:
+    """Delete what fit and evaluate write in a run folder, by name; other files stay."""
+    for name in RUN_FILES:
+        (logdir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (logdir / name).is_dir():
+            shutil.rmtree(logdir / name)
+    for events in logdir.glob("events.out.tfevents.*"):
+        events.unlink()
 
 
 def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool = False) -> FitResult:
@@ -196,8 +248,10 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
 
     split = split_data(manifest, config.holdout_region, config.train_regions, config.val_regions, config.val_split,
                        config.val_fraction, config.seed, config.validate_on_training_data)
-    logdir, complete = prepare_run(config, overwrite)
-    if complete:
+    # Nothing is written before the configuration, the data and the model have been checked.
+    mode = check_run_folder(config, overwrite)
+    logdir = Path(config.logdir)
+    if mode == "complete":
         run = json.loads((logdir / RUN_NAME).read_text())
         return FitResult(str(logdir), run["epochs_run"], run["best_epoch"], run["metrics"], skipped=True,
                          split=run.get("split", {}).get("description", ""))
@@ -254,6 +308,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
             model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
                           jit_compile=config.xla)
 
+        start_run_folder(config, mode)
         chief = is_chief(strategy)
         writable = logdir if chief else Path(tempfile_dir(logdir))
         checkpoints = writable / "checkpoints"
