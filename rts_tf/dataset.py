@@ -30,16 +30,20 @@ class Selection:
                       for path in scene["shards"] if manifest["shards"][path]["tiles"])
 
     def tile_count(self, manifest: dict) -> tuple[int, int]:
-        """(tiles, tiles with slumps); where a scene is split, slump tiles pro rata of its tiles."""
+        """(tiles, tiles with slumps), exact where the manifest lists its tiles' positions."""
         tiles = slumps = 0.0
         for scene in manifest["scenes"]:
             if scene["scene_id"] not in self.scenes:
                 continue
-            count = scene["tiles"]
-            if scene["scene_id"] in self.positions:
-                count = len(self.positions[scene["scene_id"]] & kept_positions(manifest, scene))
-            tiles += count
-            slumps += scene["slump_tiles"] * count / max(scene["tiles"], 1)
+            if scene["scene_id"] not in self.positions:
+                tiles += scene["tiles"]
+                slumps += scene["slump_tiles"]
+                continue
+            kept = self.positions[scene["scene_id"]] & kept_positions(manifest, scene)
+            with_slumps = slump_positions(manifest, scene)
+            tiles += len(kept)
+            slumps += len(kept & with_slumps) if with_slumps is not None else \
+                scene["slump_tiles"] * len(kept) / max(scene["tiles"], 1)
         return int(round(tiles)), int(round(slumps))
 
 
@@ -93,8 +97,15 @@ def kept_positions(manifest: dict, scene: dict) -> set[tuple[int, int]]:
     """The positions of the tiles a scene's shards hold (records from before the manifest listed
     them: every grid position)."""
     if "positions" in scene:
-        return {(int(row), int(col)) for row, col in scene["positions"]}
+        return {(int(position[0]), int(position[1])) for position in scene["positions"]}
     return set(grid_positions(manifest, scene))
+
+
+def slump_positions(manifest: dict, scene: dict) -> set[tuple[int, int]] | None:
+    """The positions of a scene's tiles with slump pixels, when the manifest lists them."""
+    if "positions" not in scene or any(len(position) < 3 for position in scene["positions"]):
+        return None
+    return {(int(row), int(col)) for row, col, slump_pixels in scene["positions"] if slump_pixels}
 
 
 def split_data(manifest: dict, holdout_region: str | None = None, train_regions=None, val_regions=None,
@@ -243,8 +254,8 @@ def normalisation(manifest: dict, regions) -> tuple[np.ndarray, np.ndarray]:
 
 def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, training: bool,
                  seed: int = 0, augment_settings=None, oversample_slumps: int = 1, cache: bool = False,
-                 shuffle_buffer: int = 256, verify: bool = False, mean=None,
-                 pad_batches: bool = False) -> tf.data.Dataset:
+                 shuffle_buffer: int = 256, verify: bool = False, mean=None, pad_batches: bool = False,
+                 epochs: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batches of (image float32 (B,H,W,C) in physical units, label uint8 (B,H,W,1), 255 = ignore).
 
     `data` is a Selection or a list of region names. Training data is shuffled (shards and
@@ -252,6 +263,11 @@ def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, tra
     epoch), is augmented when augment_settings is given (about the band means `mean`, see
     augment.py), and drops the last incomplete batch so every replica gets equal batches; evaluation
     data with pad_batches fills its last batch up with ignored tiles instead.
+
+    With `epochs=(first, stop)` training data is one stream of the epochs first..stop-1 in which
+    every epoch's order and augmentation are a function of (seed, epoch) alone: a run resumed at
+    epoch k sees exactly what an uninterrupted run sees from epoch k on. Without it, the order is
+    reshuffled at each pass (for --steps-per-epoch and plain iteration).
     """
     selection = data if isinstance(data, Selection) else \
         Selection(tuple(s["scene_id"] for s in scenes_of(manifest, data)))
@@ -261,34 +277,58 @@ def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, tra
     if not paths:
         raise InputError(f"{records}: no tiles in the scenes or regions chosen")
     band_names = [band["name"] for band in manifest["bands"]]
+
+    def tiles(files: tf.data.Dataset) -> tf.data.Dataset:
+        dataset = files.interleave(
+            lambda path: tf.data.TFRecordDataset(path, compression_type=manifest["compression"]),
+            cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE, deterministic=True)
+        dataset = dataset.map(lambda s: decode_example(s, manifest, keep_dtype=True), num_parallel_calls=AUTOTUNE)
+        if selection.positions:
+            dataset = dataset.filter(position_filter(selection))
+        return dataset.map(lambda s: {"image": s["image"], "label": s["label"], "slumps": s["slump_pixels"]},
+                           num_parallel_calls=AUTOTUNE)
+
+    def finish(dataset: tf.data.Dataset, seeds: tf.data.Dataset) -> tf.data.Dataset:
+        """Oversample, cast, augment with the given per-tile seeds, batch."""
+        if training and oversample_slumps > 1:
+            dataset = dataset.flat_map(lambda s: tf.data.Dataset.from_tensors(s).repeat(
+                tf.where(s["slumps"] > 0, tf.constant(oversample_slumps, tf.int64), tf.constant(1, tf.int64))))
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=epochs is None)
+        dataset = dataset.map(lambda s: (tf.cast(s["image"], tf.float32), s["label"]), num_parallel_calls=AUTOTUNE)
+        if training and augment_settings is not None:
+            from rts_tf.augment import augment
+
+            centre = tf.constant(np.zeros(len(band_names)) if mean is None else mean, tf.float32)
+            dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+                lambda pair, s: augment(pair[0], pair[1], s, band_names, augment_settings, centre),
+                num_parallel_calls=AUTOTUNE)
+        return dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+
     files = tf.data.Dataset.from_tensor_slices(paths)
+    if training and epochs is not None:
+        cached = tiles(files).cache() if cache else None
+        tile_total = max(selection.tile_count(manifest)[0], 1)
+
+        def one_epoch(epoch):
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            if cached is None:
+                order = tf.random.experimental.stateless_shuffle(tf.constant(paths), seed=key)
+                dataset = tiles(tf.data.Dataset.from_tensor_slices(order))
+            else:  # a cached stream keeps its order: start it at a different place each epoch
+                start = tf.random.stateless_uniform([], key, 0, tile_total, dtype=tf.int64)
+                dataset = cached.skip(start).concatenate(cached.take(start))
+            seeds = tf.data.Dataset.range(2 ** 62).map(
+                lambda index: tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + epoch, index]))
+            return finish(dataset, seeds)
+
+        return tf.data.Dataset.range(*epochs).flat_map(one_epoch).prefetch(AUTOTUNE)
     if training:
         files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    dataset = files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=manifest["compression"]),
-        cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE, deterministic=True)
-    dataset = dataset.map(lambda s: decode_example(s, manifest, keep_dtype=True), num_parallel_calls=AUTOTUNE)
-    if selection.positions:
-        dataset = dataset.filter(position_filter(selection))
-    dataset = dataset.map(lambda s: {"image": s["image"], "label": s["label"], "slumps": s["slump_pixels"]},
-                          num_parallel_calls=AUTOTUNE)
+    dataset = tiles(files)
     if cache:
         dataset = dataset.cache()
-    if training and oversample_slumps > 1:
-        dataset = dataset.flat_map(lambda s: tf.data.Dataset.from_tensors(s).repeat(
-            tf.where(s["slumps"] > 0, tf.constant(oversample_slumps, tf.int64), tf.constant(1, tf.int64))))
-    if training:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda s: (tf.cast(s["image"], tf.float32), s["label"]), num_parallel_calls=AUTOTUNE)
-    if training and augment_settings is not None:
-        from rts_tf.augment import augment
-
-        centre = tf.constant(np.zeros(len(band_names)) if mean is None else mean, tf.float32)
-        seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda pair, s: augment(pair[0], pair[1], s, band_names, augment_settings, centre),
-            num_parallel_calls=AUTOTUNE)
-    dataset = dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+    dataset = finish(dataset, tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True))
     if pad_batches and not training:
         # With several replicas a short last batch can leave one of them without a tile, which
         # Keras cannot evaluate; ignored tiles fill it up and count in no metric.
