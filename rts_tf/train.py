@@ -285,10 +285,17 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
         if epoch_tiles < global_batch:
             raise InputError(f"{config.records}: {epoch_tiles} training tiles are fewer than one global batch "
                              f"({global_batch}); lower --batch-size")
+        # With exact tile counts (manifests that list tile positions) an epoch is exactly `steps`
+        # batches of a stream that is a function of (seed, epoch): a resumed run goes on with the
+        # very batches an uninterrupted run would have seen.
+        exact = not config.steps_per_epoch and all(len(p) == 3 for scene in manifest["scenes"]
+                                                   for p in scene.get("positions", [[]]))
+        first_epoch = resume_epoch(logdir / "backup") if mode == "resume" else 0
         train = make_dataset(config.records, manifest, split.train, global_batch, training=True, seed=config.seed,
                              augment_settings=AugmentSettings() if config.augment else None,
                              oversample_slumps=config.oversample_slumps, cache=config.cache,
-                             shuffle_buffer=config.shuffle_buffer, verify=verify, mean=mean)
+                             shuffle_buffer=config.shuffle_buffer, verify=verify, mean=mean,
+                             epochs=(first_epoch, config.epochs) if exact else None)
         validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False,
                                   verify=verify, pad_batches=replicas > 1)
         test = None
@@ -344,10 +351,11 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
             keras_callbacks.append(test_curves)
         # Last, so that an epoch counts as done for a resume only once everything above is written.
         keras_callbacks.append(tf.keras.callbacks.BackupAndRestore(str(logdir / "backup")))
-        # A finite dataset is re-iterated each epoch only without steps_per_epoch (Keras keeps one
-        # iterator otherwise), so it is passed only with the repeating dataset of --steps-per-epoch.
-        model.fit(train, validation_data=validation, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
-                  callbacks=keras_callbacks, verbose=2)
+        # The epoch stream is one iterator over all epochs with exactly `steps` batches each; without
+        # exact counts a finite dataset is re-iterated each epoch, and --steps-per-epoch repeats it.
+        model.fit(train, validation_data=validation, epochs=config.epochs,
+                  steps_per_epoch=config.steps_per_epoch or (steps if exact else None), callbacks=keras_callbacks,
+                  verbose=2)
 
         history = history_log.history()
         if test_curves is not None:
@@ -368,6 +376,16 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     finally:
         if config.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def resume_epoch(backup: Path) -> int:
+    """The epoch BackupAndRestore will resume at: one after the epoch of its last backup, or 0."""
+    import tensorflow as tf
+
+    checkpoint = tf.train.latest_checkpoint(str(backup / "chief"))
+    if checkpoint is None:
+        return 0
+    return int(tf.train.load_variable(checkpoint, "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")) + 1
 
 
 def tempfile_dir(logdir: Path) -> str:
