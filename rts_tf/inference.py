@@ -32,8 +32,13 @@ class Run:
     info: dict = field(default_factory=dict)
 
 
-def load_run(path: str | os.PathLike) -> Run:
-    """Load run.json and model.keras from a run folder, with clear errors for incomplete runs."""
+def load_run(path: str | os.PathLike, trust_model: bool = False) -> Run:
+    """Load run.json and model.keras from a run folder, with clear errors for incomplete runs.
+
+    The model is loaded without running code from the file (see ``rts_tf.models.load_model``) and
+    must lie inside the run folder; ``trust_model`` also loads HDF5 and SavedModel files and Lambda
+    layers, which run the Python code stored in the file, and warns that it does.
+    """
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: run folder not found")
@@ -44,13 +49,24 @@ def load_run(path: str | os.PathLike) -> Run:
         info = json.loads(run_file.read_text())
     except json.JSONDecodeError as error:
         raise InputError(f"{run_file}: unreadable: {error}") from None
-    model_file = path / info.get("model", "model.keras")
+    name = info.get("model", "model.keras")
+    model_file = path / str(name)
+    # A run folder may come from anyone: its model must not be a file elsewhere on this machine.
+    if not isinstance(name, str) or not model_file.resolve().is_relative_to(path.resolve()):
+        raise InputError(f"{run_file}: \"model\" must name a file inside the run folder, got {name!r}")
     if not model_file.exists():
         raise InputError(f"{path}: no model file {model_file.name}")
     from rts_tf.models import load_model
 
+    if trust_model:
+        import warnings
+
+        warnings.warn(f"{model_file}: loading with --trust-model, which allows HDF5 and SavedModel files and Lambda "
+                      "layers: they run the Python code stored in the model file", stacklevel=2)
     try:
-        model = load_model(model_file)
+        model = load_model(model_file, trust_model=trust_model)
+    except InputError:
+        raise
     except Exception as error:  # Keras raises many kinds for broken files
         raise InputError(f"{model_file}: cannot load the model: {str(error).splitlines()[0]}") from None
     tile_size = int(info["tile_size"])

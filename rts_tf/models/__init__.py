@@ -78,8 +78,8 @@ def build_model(
     return tf.keras.Model(inputs, probability, name=f"{arch}_{encoder}")
 
 
-def load_model(path: str | os.PathLike, compile: bool = False) -> tf.keras.Model:
-    """Load a model saved with ``model.save`` (``.keras`` or ``.h5``).
+def load_model(path: str | os.PathLike, compile: bool = False, trust_model: bool = False) -> tf.keras.Model:
+    """Load a model saved with ``model.save`` as a ``.keras`` archive, without running code from the file.
 
     Importing this package registers the custom layers of the EfficientNet encoders (``swish``,
     ``FixedDropout``), without which Keras cannot rebuild such a model.
@@ -88,16 +88,74 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> tf.keras.Model
     from ``model.weights.h5``), except that the weight file is first extracted: Keras 2.15 reads
     it by seeking inside the zip member, and on Python 3.11 every backward seek rereads the
     member from its start (15 s instead of 0.6 s for a UNet-resnet34).
+
+    A model file can carry Python code: HDF5 and SavedModel files rebuild Lambda layers from stored
+    bytecode with no safe mode, and a ``config.json`` can name any importable module or TensorFlow
+    function. So unless ``trust_model``, only a ``.keras`` archive is read, in Keras' safe mode, and
+    it is refused (``InputError``) if it names a module outside Keras, rts-tf and the encoder
+    packages, holds a Lambda layer, or a layer that calls a TensorFlow function named in the file
+    (TFOpLambda). The one exception: the Lambda layers of the SE-ResNet, SE-ResNeXt, ResNeXt and
+    SENet encoders get their functions (``expand_dims``, ``slice_tensor``) from the installed
+    ``classification_models``, never from the file's bytecode. ``trust_model`` lifts all of this
+    and also loads HDF5 and SavedModel files with ``tf.keras.models.load_model``.
     """
+    from classification_models.models import _common_blocks
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    from rts_tf.errors import InputError
+
     path = Path(path)
-    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        return tf.keras.models.load_model(path, compile=compile)
+    refuse = "; give --trust-model to load it anyway (only for a model you trust)"
+    members = set()
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+    if not {"config.json", "model.weights.h5"} <= members:
+        if trust_model:
+            return tf.keras.models.load_model(path, compile=compile, safe_mode=False)
+        raise InputError(f"{path}: not a .keras model archive (HDF5 and SavedModel files can run code when loaded)"
+                         + refuse)
+    # The encoders' Lambda layers, known by their module and argument names (see the docstring).
+    encoder_functions = {frozenset(("start", "stop", "axis")): _common_blocks.slice_tensor,
+                         frozenset(("channels_axis",)): _common_blocks.expand_dims}
+
+    def make_safe(node) -> None:
+        """Refuse what would run code from the file; swap the encoders' Lambda bytecode for their functions."""
+        if isinstance(node, list):
+            for item in node:
+                make_safe(item)
+        if not isinstance(node, dict):
+            return
+        kind, inner = node.get("class_name"), node.get("config")
+        if kind in ("TFOpLambda", "SlicingOpLambda"):
+            raise InputError(f"{path}: the model calls TensorFlow functions named in the file (a {kind} layer), "
+                             "which rts-tf models never do" + refuse)
+        if kind in ("Lambda", "__lambda__"):
+            arguments = inner.get("arguments") if isinstance(inner, dict) else None
+            function = encoder_functions.get(frozenset(arguments)) if isinstance(arguments, dict) else None
+            if (function is None or inner.get("module") != _common_blocks.__name__
+                    or inner.get("function_type") != "lambda" or inner.get("output_shape_type") != "raw"
+                    or "mask" in inner or not all(type(value) is int for value in arguments.values())):
+                raise InputError(f"{path}: the model holds a Python lambda (a Lambda layer), code that would run "
+                                 "when it is loaded" + refuse)
+            node["config"] = {**inner, "function": function, "function_type": "raw"}
+            return
+        module = node.get("module")
+        if isinstance(module, str) and module.split(".")[0] not in ("keras", "rts_tf", "efficientnet",
+                                                                     "classification_models", "segmentation_models"):
+            raise InputError(f"{path}: the model names the Python module {module!r}, which loading would import "
+                             "and use; rts-tf models only use Keras, rts-tf and the encoder packages" + refuse)
+        for value in node.values():
+            make_safe(value)
+
     with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
-        if not {"config.json", "model.weights.h5"} <= set(archive.namelist()):
-            return tf.keras.models.load_model(path, compile=compile)
         config = json.loads(archive.read("config.json"))
         if not compile:
             config["compile_config"] = None
-        model = tf.keras.saving.deserialize_keras_object(config)
+        if not trust_model:
+            make_safe(config)
+        # The scope, not only the argument: it also overrides a process-wide enable_unsafe_deserialization().
+        with SafeModeScope(not trust_model):
+            model = tf.keras.saving.deserialize_keras_object(config, safe_mode=not trust_model)
         model.load_weights(archive.extract("model.weights.h5", folder))
     return model
