@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from rts_tf.config import load_config
 from rts_tf.errors import InputError
-from rts_tf.records import read_manifest
+from rts_tf.records import read_manifest, write_text
 from rts_tf.train import FitConfig
 
 
@@ -127,6 +127,6 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
                    f"{' (already trained)' if fitted.skipped else ''}")
         tf.keras.backend.clear_session()
     Path(logdir).mkdir(parents=True, exist_ok=True)
-    (Path(logdir) / "crossval.csv").write_text(result.csv())
-    (Path(logdir) / "crossval.md").write_text(result.markdown() + "\n")
+    write_text(Path(logdir) / "crossval.csv", result.csv())
+    write_text(Path(logdir) / "crossval.md", result.markdown() + "\n")
     return result

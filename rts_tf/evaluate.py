@@ -16,7 +16,7 @@ from rasterio import Affine
 from scipy import ndimage
 
 from rts_tf.errors import InputError
-from rts_tf.records import IGNORE, read_manifest, write_json
+from rts_tf.records import IGNORE, read_manifest, write_json, write_text
 from rts_tf.scoring import SWEEP, best_of_sweep, scores
 
 BOUNDARY_PIXELS = 2
@@ -183,7 +183,8 @@ def score_records_scene(records: str, manifest: dict, scene: dict, run, threshol
 
 
 def evaluate(run_path: str, records: str, region: str | None = None, out: str | None = None,
-             threshold: float | None = None, min_area: float = 100.0, verify: bool = False) -> dict:
+             threshold: float | None = None, min_area: float = 100.0, verify: bool = False,
+             trust_model: bool = False) -> dict:
     """Transfer scores per region and overall for a run on records; writes metrics.json and metrics.md.
 
     By default the run's held-out (test) region is scored; region='all' scores every region. The
@@ -193,7 +194,7 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     from rts_tf.dataset import shards_of
     from rts_tf.inference import choose_threshold, load_run
 
-    run = load_run(run_path)
+    run = load_run(run_path, trust_model=trust_model)
     manifest = read_manifest(records)
     if [b["name"] for b in manifest["bands"]] != run.bands or manifest["tile_size"] != run.tile_size:
         raise InputError(f"{records}: records have other bands or tile size than the run {run_path}")
@@ -235,7 +236,7 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     out_dir = Path(out or run_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", result)
-    (out_dir / "metrics.md").write_text(markdown_table(result) + "\n")
+    write_text(out_dir / "metrics.md", markdown_table(result) + "\n")
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,11 +17,12 @@ import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from rts_tf.errors import InputError
+from rts_tf.errors import InputError, disk_problem, output_error
 from rts_tf.inference import Run, StripBlender, check_recipes, choose_threshold, load_run, predict_tiles
 from rts_tf.labels import read_polygons, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.scene import SceneFiles, SceneSources, find_scenes, scene_grid
+from rts_tf.records import write_text
 from rts_tf.tiling import tile_offsets
 from rts_tf.vectorize import Polygons, polygons_from_rasters, write_polygons
 
@@ -68,7 +70,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
             slope: Sequence[str] | None = None, sites: str | None = None, overlap: int | None = None,
             batch_size: int = 8, flips: bool = False, threshold: float | None = None, min_area: float = 100.0,
             drop_touching: bool = False, overwrite: bool = False, rel_elevation_radius: float | None = None,
-            allow_feature_mismatch: bool = False,
+            allow_feature_mismatch: bool = False, trust_model: bool = False,
             progress: Callable[[int, int], None] | None = None) -> PredictSummary:
     """Predict slumps over whole scenes with one run or the mean of several (an ensemble).
 
@@ -83,7 +85,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         scene_grid(scene)
     if not runs:
         raise InputError("give at least one --run")
-    loaded = [load_run(path) for path in runs]
+    loaded = [load_run(path, trust_model=trust_model) for path in runs]
     recipe = check_recipes(loaded)
     tile_size = loaded[0].tile_size
     overlap = loaded[0].overlap if overlap is None else overlap
@@ -111,16 +113,18 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
                     progress(done, total)
 
             region = site_of(site_layer, grid)[1] or "" if site_layer is not None else ""
-            result, polygons = predict_scene(scene, loaded, sources, out_path, overlap, batch_size, flips,
-                                             threshold, min_area, drop_touching, region, advance)
+            with cleaned_up(out_path, [scene.scene_id], out_path / scene.scene_id):
+                result, polygons = predict_scene(scene, loaded, sources, out_path, overlap, batch_size, flips,
+                                                 threshold, min_area, drop_touching, region, advance)
             summary.scenes.append(result)
             merged.extend(polygons.to_crs(CRS.from_epsg(4326)))
         summary.merged = str(out_path / MERGED_NAME)
-        write_polygons(merged, summary.merged)
+        with cleaned_up(out_path, [], out_path / MERGED_NAME):
+            write_polygons(merged, summary.merged)
     finally:
         sources.close()
     summary.seconds = time.perf_counter() - started
-    (out_path / "summary.json").write_text(json.dumps({"scenes": [vars(s) for s in summary.scenes],
+    write_text(out_path / "summary.json", json.dumps({"scenes": [vars(s) for s in summary.scenes],
                                                        "threshold": threshold, "threshold_source": threshold_source,
                                                        "recipe": recipe, "runs": [str(r.path) for r in loaded],
                                                        "seconds": summary.seconds}, indent=1))
@@ -146,34 +150,55 @@ def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, r
                         dem_min_valid=recipe["dem_min_valid"], image_dtype=recipe["image_dtype"])
 
 
-def output_files(out: Path, scene_ids: list[str]) -> list[Path]:
-    """Every file predict writes for these scenes (results, staging and temporary files), by name."""
-    names = [out / MERGED_NAME, out / "summary.json"]
+def output_files(out: Path, scene_ids: list[str], temporary: bool | None = None) -> list[Path]:
+    """The files predict writes for these scenes, by name: results (temporary=False), staging and
+    temporary files (True), or both (None)."""
+    results, temporaries = [out / MERGED_NAME, out / "summary.json"], [out / "rts_polygons.tmp.gpkg",
+                                                                       out / "summary.json.tmp"]
     for scene_id in scene_ids:
         folder = out / scene_id
-        names += [folder / f"{scene_id}_{kind}{suffix}" for kind in ("probability", "mask")
-                  for suffix in (".tif", ".tmp.tif")]
-        names += [folder / f".{kind}.staging.tif" for kind in ("probability", "mask")]
-        names += [folder / f"{scene_id}_polygons.gpkg"]
-    return names
+        results += [folder / f"{scene_id}_{kind}.tif" for kind in ("probability", "mask")]
+        results.append(folder / f"{scene_id}_polygons.gpkg")
+        temporaries += [folder / f"{scene_id}_{kind}.tmp.tif" for kind in ("probability", "mask")]
+        temporaries += [folder / f".{kind}.staging.tif" for kind in ("probability", "mask")]
+        temporaries.append(folder / f"{scene_id}_polygons.tmp.gpkg")
+    return results if temporary is False else temporaries if temporary else results + temporaries
 
 
 def prepare_output(out: Path, scene_ids: list[str], overwrite: bool) -> None:
     """Refuse to overwrite earlier results unless asked; then remove only predict's own files."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    existing = [path for path in output_files(out, scene_ids) if path.exists()]
-    results = [path for path in existing if path.name != "summary.json" and ".staging" not in path.name]
+    results = [path for path in output_files(out, scene_ids, temporary=False)
+               if path.exists() and path.name != "summary.json"]
     if results and not overwrite:
         raise InputError(f"{out}: already holds results ({results[0].relative_to(out)}); use --overwrite or "
                          "another --out")
-    for path in existing:
-        path.unlink()
+    remove_files(output_files(out, scene_ids), out, scene_ids)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def remove_files(paths: list[Path], out: Path, scene_ids: list[str]) -> None:
+    """Delete some of predict's files, and the scene folders that leaves empty."""
+    for path in paths:
+        path.unlink(missing_ok=True)
     for scene_id in scene_ids:
         folder = out / scene_id
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-    out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def cleaned_up(out: Path, scene_ids: list[str], target: Path):
+    """On failure remove the staging and temporary files of these scenes; a full or read-only disk
+    becomes a one-line error naming `target`."""
+    try:
+        yield
+    except Exception as error:
+        remove_files(output_files(out, scene_ids, temporary=True), out, scene_ids)
+        if disk_problem(error, target) is None:
+            raise
+        raise output_error(target, error) from None
 
 
 def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources, out: Path,
