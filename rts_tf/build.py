@@ -81,6 +81,9 @@ class BuildSummary:
     labels: dict[str, Any] = field(default_factory=dict)  # the manifest's "labels" entry
     # scene_id -> {"region", "region_from", "image_id", "footprint"}: where each scene's labels came from
     scene_labels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # scene_id -> why every tile of the scene was dropped: the inputs that cover none of it, by file
+    empty_scenes: dict[str, str] = field(default_factory=dict)
+    dropped_rule: str = ""  # which tiles are dropped, e.g. "had more than --max-ignored 50% ignored pixels"
 
     def lines(self) -> list[str]:
         rate = self.tiles_built / self.seconds if self.seconds > 0 else 0.0
@@ -93,7 +96,32 @@ class BuildSummary:
             f"written: {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
             f"({rate:.1f} tiles/s, {self.bytes_written / 1e6 / max(self.seconds, 1e-9):.1f} MB/s)",
             *self.label_lines(),
+            *self.warnings(),
         ]
+
+    def warnings(self) -> list[str]:
+        """Lines starting with "warning:": scenes that gave no tile, and label polygons that reached no tile."""
+        lines = [f"warning: scene {scene_id} gave no tiles: every tile {self.dropped_rule}; {cause}"
+                 for scene_id, cause in sorted(self.empty_scenes.items())]
+        if self.labels and self.labels["selected"] and self.tiles and not self.slump_tiles:
+            info = self.labels
+            unmatched = info["unmatched"]["count"]
+            lines.append(f"warning: no tile holds a slump pixel although {info['file']} has {info['selected']} slump "
+                         f"polygon(s): {unmatched} matched no scene (listed in manifest.json under labels.unmatched)"
+                         + (", the others cover only ignored pixels or dropped tiles"
+                            if unmatched < info["selected"] else "")
+                         + "; the records hold background only")
+        return lines
+
+    def no_tiles_message(self) -> str:
+        """The error of a build that wrote no tile at all: the rule that dropped them and why, by scene."""
+        scenes: dict[str, list[str]] = {}
+        for scene_id, cause in sorted(self.empty_scenes.items()):
+            scenes.setdefault(cause, []).append(scene_id)
+        reasons = [f"scene{'s' if len(ids) > 1 else ''} {', '.join(ids[:3])}"
+                   f"{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {cause}" for cause, ids in scenes.items()]
+        return (f"{self.out}: no tiles written (the records would be empty): every tile {self.dropped_rule}; "
+                + "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more causes" if len(reasons) > 3 else ""))
 
     def label_lines(self) -> list[str]:
         """How many label polygons are slumps, how they reached scenes, and how many reached none."""
@@ -183,7 +211,58 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
             summary.tiles_built += part["tiles"]
             summary.bytes_written += sum(shard["bytes"] for shard in part["shards"].values())
     summary.ignored_share = ignored / pixels if pixels else 0.0
+    summary.dropped_rule = ("held only ignored pixels" if settings.max_ignored >= 1 else
+                            f"had more than --max-ignored {100 * settings.max_ignored:g}% ignored pixels")
+    for job in jobs:
+        if not parts[job.scene.scene_id]["tiles"]:
+            causes = uncovered_inputs(job)
+            summary.empty_scenes[job.scene.scene_id] = ", ".join(causes) if causes else (
+                "no input is empty on its own: nodata, UDM2-unusable pixels, DEM or TCVIS gaps and the padding "
+                "of edge tiles together leave too few valid pixels")
+    if not summary.tiles:
+        # The manifest stays written (every tile counted as dropped), for `inspect`; a re-run resumes and fails alike.
+        raise InputError(summary.no_tiles_message())
     return summary
+
+
+def uncovered_inputs(job: SceneJob) -> list[str]:
+    """The inputs that leave every pixel of a scene ignored, each named with its file: why a scene
+    gave no tile. Read chunk by chunk, each input only until it shows one usable pixel."""
+    from contextlib import ExitStack
+
+    from rasterio.windows import Window
+
+    from rts_tf.scene import AUXILIARY_CHUNK, usable_udm2
+
+    scene, settings = job.scene, job.settings
+    grid = scene_grid(scene)
+    chunks = [(row, col, min(AUXILIARY_CHUNK, grid.height - row), min(AUXILIARY_CHUNK, grid.width - col))
+              for row in range(0, grid.height, AUXILIARY_CHUNK) for col in range(0, grid.width, AUXILIARY_CHUNK)]
+    causes = []
+    with ExitStack() as opened:
+        opened.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
+        sources = opened.enter_context(open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings))
+        sr = opened.enter_context(rasterio.open(scene.sr))
+        udm2 = opened.enter_context(rasterio.open(scene.udm2)) if scene.udm2 else None
+        checks = [(f"{scene.sr} holds no data", lambda window, _: sr.dataset_mask(window=window) > 0)]
+        if udm2 is not None:
+            checks.append((f"its UDM2 {scene.udm2} marks no pixel usable",
+                           lambda window, _: usable_udm2(udm2.read(window=window))))
+        for source in sources.sources:
+            is_dem = source is sources.terrain.dem
+            # NaN (no data) fails any comparison, also with -inf.
+            minimum = settings.dem_min_valid if is_dem else -np.inf
+            files = [dataset.name for dataset in source.overlapping(grid)] or source.paths
+            name = files[0] + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
+            checks.append((f"the {source.what} {name} has no valid value over it"
+                           + (f" (nodata, or below --dem-min-valid {settings.dem_min_valid:g})" if is_dem else ""),
+                           lambda _, chunk, source=source, minimum=minimum:
+                           (source.read_on(chunk) >= minimum).all(axis=0)))
+        for cause, usable in checks:
+            if not any(usable(Window(col, row, width, height), grid.window_grid(row, col, height, width)).any()
+                       for row, col, height, width in chunks):
+                causes.append(cause)
+    return causes
 
 
 def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, label_field=None,
@@ -387,7 +466,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings)
     statistics = BandStatistics(len(BANDS))
     counts = {"tiles": 0, "slump_tiles": 0, "slump_pixels": 0, "ignored_pixels": 0, "dropped_tiles": 0}
-    positions = []  # the (row, col) of every tile written: lets fit split scenes into blocks exactly
+    positions = []  # (row, col, slump pixels) of every tile written: fit splits and counts without reading
     compression = COMPRESSIONS[settings.compression]
     writer = ShardWriter(Path(job.out) / job.shard_path, compression, settings.compression_level)
     try:
@@ -415,7 +494,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
                     lattice = (slice(None, None, STATISTICS_STEP),) * 2
                     statistics.update(tile_image[lattice][tile_label[lattice] != IGNORE])
                     counts["tiles"] += 1
-                    positions.append([row, col])
+                    positions.append([row, col, slump_pixels])
                     counts["slump_tiles"] += slump_pixels > 0
                     counts["slump_pixels"] += slump_pixels
                     counts["ignored_pixels"] += ignored

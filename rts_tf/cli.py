@@ -9,7 +9,7 @@ import sys
 import click
 
 from rts_tf import __version__
-from rts_tf.errors import InputError
+from rts_tf.errors import InputError, disk_problem, output_error
 from rts_tf.settings import BuildSettings, FitConfig
 
 
@@ -36,6 +36,10 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except InputError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            if disk_problem(error) is None:
+                raise
+            raise click.ClickException(str(output_error(error.filename or "output", error))) from None
 
 
 def load_config_defaults(ctx: click.Context, param: click.Parameter, value):
@@ -130,7 +134,7 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
                    "default: every polygon is a slump.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Records folder to write.")
 @click.option("--tile-size", type=int, default=BUILD.tile_size,
-              show_default=True, help="Tile width and height in pixels.")
+              show_default=True, help="Tile width and height in pixels (a multiple of 32).")
 @click.option("--overlap", type=int, default=BUILD.overlap,
               show_default=True, help="Overlap of neighbouring tiles in pixels.")
 @click.option("--max-ignored", type=float, default=BUILD.max_ignored, show_default=True,
@@ -315,8 +319,10 @@ def fit_command(overwrite: bool, verify: bool, **options) -> None:
               help="Folder for metrics.json and metrics.md (default: the run folder).")
 @click.option("--min-area", type=click.FloatRange(0), default=100.0, show_default=True,
               help="Predicted objects smaller than this (m2) are not counted, as `predict` drops their polygons.")
+@click.option("--trust-model", is_flag=True, default=False,
+              help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
 def evaluate_command(run: str, records: str, region: str | None, threshold: float | None, out: str | None,
-                     min_area: float, verify: bool) -> None:
+                     min_area: float, verify: bool, trust_model: bool) -> None:
     """Score a run on scene mosaics (overlapping tiles counted once), per region and overall.
 
     Pixel IoU, F1, precision, recall at the threshold; the best IoU over a threshold sweep;
@@ -325,7 +331,8 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
     """
     from rts_tf.evaluate import evaluate, markdown_table
 
-    result = evaluate(run, records, region=region, out=out, threshold=threshold, min_area=min_area, verify=verify)
+    result = evaluate(run, records, region=region, out=out, threshold=threshold, min_area=min_area, verify=verify,
+                      trust_model=trust_model)
     click.echo(markdown_table(result))
 
 
@@ -389,8 +396,11 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides)
 @click.option("--drop-touching", is_flag=True, default=False,
               help="Drop polygons touching nodata or the scene edge (possibly cut slumps).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace earlier results in --out.")
+@click.option("--trust-model", is_flag=True, default=False,
+              help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
 def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
-                    rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, overwrite) -> None:
+                    rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, overwrite,
+                    trust_model) -> None:
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
     Uses the same scene stack as build-records, so bands, order and normalisation match training.
@@ -405,7 +415,7 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
                           slope=list(slope), sites=sites, overlap=overlap, batch_size=batch_size, flips=tta,
                           threshold=threshold, min_area=min_area, drop_touching=drop_touching, overwrite=overwrite,
                           rel_elevation_radius=rel_elevation_radius, allow_feature_mismatch=allow_feature_mismatch,
-                          progress=update)
+                          trust_model=trust_model, progress=update)
     finally:
         close()
     for line in summary.lines():

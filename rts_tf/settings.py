@@ -34,6 +34,11 @@ class BuildSettings:
 
     def validate(self) -> None:
         check_tiling(self.tile_size, self.overlap)
+        if self.tile_size % 32:
+            nearest = " or ".join(str(size) for size in sorted({max(32, self.tile_size // 32 * 32),
+                                                                  self.tile_size // 32 * 32 + 32}))
+            raise InputError(f"--tile-size must be a multiple of 32, got {self.tile_size}: the model encoders "
+                             f"downsample tiles 32 times, so no model could train on these records (try {nearest})")
         if not 0.0 <= self.max_ignored <= 1.0:
             raise InputError(f"--max-ignored must be between 0 and 1, got {self.max_ignored}")
         if self.compression not in COMPRESSIONS:

@@ -67,11 +67,23 @@ def check_config(config: FitConfig) -> None:
         raise InputError(f"unknown loss '{config.loss}'; choose one of: {', '.join(LOSSES)}")
     if config.schedule not in SCHEDULES:
         raise InputError(f"unknown schedule '{config.schedule}'; choose one of: {', '.join(SCHEDULES)}")
-    for name in ("epochs", "batch_size", "oversample_slumps", "shuffle_buffer"):
+    for name in ("epochs", "batch_size", "oversample_slumps", "shuffle_buffer", "schedule_step_epochs", "image_tiles"):
         if getattr(config, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    for name in ("early_stopping", "image_every", "logical_cpus"):
+        if getattr(config, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(config, name)}")
+    # Left out (None) they mean one pass over the data and batch size times replicas.
+    for name in ("steps_per_epoch", "global_batch_size"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1 (or left out), "
+                             f"got {getattr(config, name)}")
     if config.learning_rate <= 0:
         raise InputError(f"--learning-rate must be positive, got {config.learning_rate}")
+    if config.weight_decay < 0:
+        raise InputError(f"--weight-decay must be at least 0, got {config.weight_decay}")
+    if config.schedule_decay <= 0:
+        raise InputError(f"--schedule-decay must be positive, got {config.schedule_decay}")
     if config.val_split not in VAL_SPLITS:
         raise InputError(f"unknown --val-split '{config.val_split}'; choose one of: {', '.join(VAL_SPLITS)}")
     if not 0.0 < config.val_fraction < 1.0:
@@ -244,10 +256,16 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     started = time.perf_counter()
     check_config(config)
     manifest = read_manifest(config.records)
-    from rts_tf.dataset import make_dataset, normalisation, split_data
+    from rts_tf.dataset import check_shards, make_dataset, normalisation, split_data
 
+    if not any(scene["tiles"] for scene in manifest["scenes"]):
+        raise InputError(f"{config.records}: the records hold no tiles")
     split = split_data(manifest, config.holdout_region, config.train_regions, config.val_regions, config.val_split,
                        config.val_fraction, config.seed, config.validate_on_training_data)
+    # Every shard the run will read is checked at once, so that all damaged ones are named together.
+    check_shards(manifest, sorted({*split.train.shards(manifest), *split.validation.shards(manifest),
+                                   *(split.test.shards(manifest) if split.test and config.test_curves else [])}),
+                 config.records, verify)
     # Nothing is written before the configuration, the data and the model have been checked.
     mode = check_run_folder(config, overwrite)
     logdir = Path(config.logdir)
