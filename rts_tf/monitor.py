@@ -30,8 +30,12 @@ class EpochLog(tf.keras.callbacks.Callback):
             self.first_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
+        self.record(epoch, logs or {})
+
+    def record(self, epoch: int, values: dict) -> None:
+        """Keep an epoch's values (replacing a re-run epoch's) and save the log."""
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1]
-        self.epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        self.epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in values.items()}})
         write_json(self.path, self.epochs)
 
     def history(self) -> dict[str, list[float]]:
@@ -66,15 +70,13 @@ class TestCurves(tf.keras.callbacks.Callback):
 
     def __init__(self, dataset: tf.data.Dataset, logdir: Path, path: Path):
         super().__init__()
-        self.dataset, self.logdir, self.path = dataset, Path(logdir), Path(path)
-        self.epochs = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.dataset, self.logdir = dataset, Path(logdir)
+        self.log = EpochLog(path)  # its own file, never the epoch logs the other callbacks read
         self.writer = None
 
     def on_epoch_end(self, epoch, logs=None):
         results = self.model.evaluate(self.dataset, verbose=0, return_dict=True)
-        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1]
-        self.epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in results.items()}})
-        write_json(self.path, self.epochs)
+        self.log.record(epoch, results)
         self.writer = self.writer or tf.summary.create_file_writer(str(self.logdir))
         with self.writer.as_default():
             for key, value in results.items():
@@ -83,8 +85,7 @@ class TestCurves(tf.keras.callbacks.Callback):
         self.writer.flush()
 
     def history(self) -> dict[str, list[float]]:
-        keys = sorted({k for e in self.epochs for k in e if k != "epoch"})
-        return {k: [e.get(k, float("nan")) for e in self.epochs] for k in keys}
+        return self.log.history()
 
     def on_train_end(self, logs=None):
         if self.writer is not None:
