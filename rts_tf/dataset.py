@@ -221,26 +221,13 @@ def block_split(manifest: dict, scenes: list[dict], train_regions: tuple[str, ..
                      Selection(tuple(validation_positions), validation_positions), test, test_region)
 
 
-def shards_of(manifest: dict, regions, records: str | Path, verify: bool = False) -> list[str]:
-    """Paths of the shards of some regions, from the manifest alone; every shard checked (all
-    problems named at once), by size or, with verify, by checksum."""
-    chosen = sorted(path for path, info in manifest["shards"].items() if info["region"] in regions and info["tiles"])
-    check_shards(manifest, chosen, records, verify)
-    return [str(Path(records) / path) for path in chosen]
-
-
 def check_shards(manifest: dict, paths, records: str | Path, verify: bool = False) -> None:
+    """Check shards against the manifest by size or, with verify, by checksum; name all problems at once."""
     problems = [problem for path in paths
                 if (problem := verify_shard(Path(records), path, manifest["shards"][path], full=verify))]
     if problems:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise InputError(f"{problems[0]}{more}")
-
-
-def tile_count(manifest: dict, regions) -> tuple[int, int]:
-    """(tiles, tiles with slumps) in some regions."""
-    scenes = [s for s in manifest["scenes"] if s["region"] in regions]
-    return sum(s["tiles"] for s in scenes), sum(s["slump_tiles"] for s in scenes)
 
 
 def normalisation(manifest: dict, regions) -> tuple[np.ndarray, np.ndarray]:

@@ -191,7 +191,7 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     threshold is the run's (chosen on its validation data) unless given. Predicted objects smaller
     than `min_area` (m2) are not counted, as `predict` drops them.
     """
-    from rts_tf.dataset import shards_of
+    from rts_tf.dataset import check_shards
     from rts_tf.inference import choose_threshold, load_run
 
     run = load_run(run_path, trust_model=trust_model)
@@ -217,7 +217,8 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     if unknown:
         raise InputError(f"{records}: region '{unknown[0]}' is not in these records; use --region")
     threshold, threshold_source = choose_threshold([run], threshold)
-    shards_of(manifest, regions, records, verify=verify)
+    check_shards(manifest, sorted(path for path, info in manifest["shards"].items() if info["region"] in regions),
+                 records, verify)
     by_region: dict[str, Counts] = {name: Counts() for name in regions}
     for scene in manifest["scenes"]:
         if scene["region"] in regions and scene["tiles"]:

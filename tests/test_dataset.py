@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from rts_tf.augment import AugmentSettings, augment
 from rts_tf.bands import BAND_NAMES
-from rts_tf.dataset import grid_positions, make_dataset, normalisation, split_data, tile_count
+from rts_tf.dataset import Selection, grid_positions, make_dataset, normalisation, split_data
 from rts_tf.errors import InputError
 
 
@@ -98,8 +98,6 @@ def test_block_split_datasets_read_only_their_tiles(demo_records, manifest):
         dataset = make_dataset(demo_records, manifest, selection, 1, training=False)
         return dataset
 
-    from rts_tf.dataset import Selection
-
     only = Selection((scene,), {scene: split.validation.positions[scene]})
     kept = manifest_positions(demo_records, manifest, scene)
     assert kept == {tuple(p[:2]) for p in next(s for s in manifest["scenes"] if s["scene_id"] == scene)["positions"]}
@@ -153,7 +151,8 @@ def test_unselected_regions_are_never_read(demo_records, manifest, tmp_path):
 
 def test_oversampling_repeats_slump_tiles(demo_records, manifest):
     regions = ("Horton",)
-    tiles, slump_tiles = tile_count(manifest, regions)
+    tiles, slump_tiles = Selection(tuple(s["scene_id"] for s in manifest["scenes"]
+                                         if s["region"] in regions)).tile_count(manifest)
     once = collect(make_dataset(demo_records, manifest, regions, 1, training=True))[1]
     thrice = collect(make_dataset(demo_records, manifest, regions, 1, training=True, oversample_slumps=3))[1]
     assert len(once) == tiles and len(thrice) == tiles + 2 * slump_tiles
