@@ -22,7 +22,7 @@ from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
-                            ShardWriter, encode_example, features, read_manifest, shard_suffix, verify_shard,
+                            ShardWriter, encode_example, features, parts_to_float32, read_manifest, shard_suffix, verify_shard,
                             write_json)
 from rts_tf.scene import SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
 from rts_tf.settings import BuildSettings
@@ -318,7 +318,7 @@ def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings) -> S
     """The feature recipe of a build: its auxiliary sources with the build's settings."""
     return SceneSources(tcvis, dem or None, rel_elevation or None, slope or None,
                         rel_elevation_radius=settings.rel_elevation_radius,
-                        dem_min_valid=settings.dem_min_valid, image_dtype=settings.image_dtype)
+                        dem_min_valid=settings.dem_min_valid)
 
 
 def fingerprint(job: SceneJob, labels_path: str) -> str:
@@ -474,7 +474,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), sources.stack(job.scene) as stack:
             grid = stack.grid
             for block in blocks(grid.height, grid.width, size, settings.overlap):
-                image, valid = stack.read(block.row, block.col, block.height, block.width)
+                parts, valid = stack.read_parts(block.row, block.col, block.height, block.width)
                 block_grid = grid.window_grid(block.row, block.col, block.height, block.width)
                 slumps = rasterize_labels(job.polygons, block_grid, settings.all_touched)
                 label = np.where(valid, slumps, IGNORE).astype(np.uint8)
@@ -485,14 +485,15 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
                     if ignored > limit or ignored == size * size:
                         counts["dropped_tiles"] += 1
                         continue
-                    tile_image = image[y:y + size, x:x + size]
+                    tile_parts = {key: part[y:y + size, x:x + size] for key, part in parts.items()}
                     slump_pixels = int(np.count_nonzero(tile_label == 1))
                     writer.write(encode_example(
-                        tile_image, tile_label, settings.image_dtype, scene_id=job.scene.scene_id,
+                        tile_parts, tile_label, scene_id=job.scene.scene_id,
                         region=job.region, site=job.site, row=row, col=col,
                         slump_pixels=slump_pixels, ignored_pixels=ignored))
                     lattice = (slice(None, None, STATISTICS_STEP),) * 2
-                    statistics.update(tile_image[lattice][tile_label[lattice] != IGNORE])
+                    sampled = parts_to_float32({key: part[lattice] for key, part in tile_parts.items()})
+                    statistics.update(sampled[tile_label[lattice] != IGNORE])
                     counts["tiles"] += 1
                     positions.append([row, col, slump_pixels])
                     counts["slump_tiles"] += slump_pixels > 0
@@ -551,13 +552,13 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
         "overlap": settings.overlap,
         "compression": compression,
         "bands": BANDS,
-        "features": features(settings.tile_size, len(BANDS), settings.image_dtype),
+        "features": features(settings.tile_size),
         "label_values": LABEL_VALUES,
         "settings": asdict(settings),
         "labels": labels or {},
         # What decides each pixel's band values: `fit` copies it into run.json for `predict`.
         "recipe": recipe_settings("dem" if jobs and jobs[0].dem else "precomputed", settings.rel_elevation_radius,
-                                  settings.dem_min_valid, settings.image_dtype),
+                                  settings.dem_min_valid),
         "regions": dict(sorted(regions.items())),
         "scenes": scenes,
         "shards": shards,

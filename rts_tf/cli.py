@@ -149,25 +149,24 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
               show_default=True)
 @click.option("--compression-level", type=int, default=BUILD.compression_level,
               show_default=True, help="GZIP level 0-9.")
-@click.option("--image-dtype", type=TableChoice("rts_tf.settings", "IMAGE_DTYPES"), default=BUILD.image_dtype,
-              show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Scenes built in parallel processes.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace records built with other settings.")
 def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, default_region, label_field,
                           label_values, out, tile_size, overlap, max_ignored, rel_elevation_radius, dem_min_valid,
                           all_touched,
-                          compression, compression_level, image_dtype, workers, overwrite) -> None:
+                          compression, compression_level, workers, overwrite) -> None:
     """Align scenes, terrain, TCVIS and labels, tile them and write TFRecord shards.
 
     Every source is brought onto each scene's grid. Pixels that are unusable (UDM2), nodata, or
-    outside the DEM/TCVIS get label 255 (ignore). Writes OUT/<region>/<scene_id>.tfrecord.gz and
-    OUT/manifest.json. Re-running the same command resumes: complete, verified scenes are skipped.
+    outside the DEM/TCVIS get label 255 (ignore). Writes OUT/<region>/<scene_id>.tfrecord[.gz] and
+    OUT/manifest.json (records schema 2: reflectance uint16 as delivered, TCVIS uint8, NDVI int16,
+    terrain float16; see records/README.md). Re-running the same command resumes: complete, verified scenes are skipped.
     """
     from rts_tf.build import BuildSettings, build_records
 
     settings = BuildSettings(tile_size=tile_size, overlap=overlap, max_ignored=max_ignored,
                              compression=compression, compression_level=compression_level,
-                             image_dtype=image_dtype, rel_elevation_radius=rel_elevation_radius,
+                             rel_elevation_radius=rel_elevation_radius,
                              all_touched=all_touched, dem_min_valid=dem_min_valid)
     update, close = progress_bar("tiles")
     try:

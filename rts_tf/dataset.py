@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from rts_tf.errors import InputError
-from rts_tf.records import IGNORE, BandStatistics, decode_example, verify_shard
+from rts_tf.records import IGNORE, BandStatistics, decode_example, image_float32, verify_shard
 from rts_tf.settings import VAL_SPLITS
 from rts_tf.tiling import tile_offsets
 
@@ -282,7 +282,7 @@ def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, tra
                 tf.where(s["slumps"] > 0, tf.constant(oversample_slumps, tf.int64), tf.constant(1, tf.int64))))
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=epochs is None)
-        dataset = dataset.map(lambda s: (tf.cast(s["image"], tf.float32), s["label"]), num_parallel_calls=AUTOTUNE)
+        dataset = dataset.map(lambda s: (image_float32(s["image"], manifest), s["label"]), num_parallel_calls=AUTOTUNE)
         if training and augment_settings is not None:
             from rts_tf.augment import augment
 

@@ -153,7 +153,7 @@ def blend_records_scene(records: str, manifest: dict, scene: dict, runs, batch_s
     final_before = np.append(np.minimum.accumulate(rows[::-1])[::-1], height)
     blender = StripBlender(height, width, size, fill=IGNORE)
     done = 0
-    tiles = shards.map(lambda s: decode_example(s, manifest, keep_dtype=True, keys=("image", "label", "row", "col")))
+    tiles = shards.map(lambda s: decode_example(s, manifest, keys=("image", "label", "row", "col")))
     for batch in tiles.batch(batch_size).as_numpy_iterator():
         probability = predict_tiles(runs, batch["image"], batch_size)
         for tile_label, tile_probability, row, col in zip(batch["label"], probability, batch["row"], batch["col"]):

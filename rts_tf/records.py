@@ -1,23 +1,69 @@
-"""TFRecord schema: the one declaration of tile features, used to write, parse and describe shards."""
+"""TFRecord schema: the one declaration of tile features, used to write, parse and describe shards.
+
+Schema 2 stores each source in its natural type: PlanetScope reflectance as the uint16 numbers it
+is delivered in, TCVIS as uint8, NDVI as int16 in steps of 1e-4, relative elevation and slope as
+float16, the label as uint8. A band's value in its unit is `stored * scale + offset`, computed in
+float32 by `image_float32` (TensorFlow) and `parts_to_float32` (NumPy) alike, so the records and
+the scenes that `predict` stacks give a model bit-identical inputs. Writing needs no TensorFlow:
+tf.train.Example messages are built with protobuf and framed as TFRecords here.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rts_tf.bands import BAND_NAMES, REFLECTANCE_BANDS, TCVIS_BANDS, TERRAIN_BANDS
 from rts_tf.errors import InputError, disk_problem, output_error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LABEL_VALUES = {"background": 0, "rts": 1, "ignore": 255}
 IGNORE = LABEL_VALUES["ignore"]
 MANIFEST_NAME = "manifest.json"
-COMPRESSIONS = {"gzip": "GZIP", "none": ""}
+COMPRESSIONS = {"none": "", "gzip": "GZIP"}
+RAW_ENCODING = "raw bytes in bytes_list (tf.io.decode_raw, row-major, channels last)"
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """One image feature of schema 2: some bands of one source in one stored type."""
+
+    name: str
+    dtype: str
+    bands: tuple[str, ...]
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"image_{self.name}"
+
+    def store(self, values: np.ndarray) -> np.ndarray:
+        """Physical values (NaN-free) -> the stored type: integers rounded to the nearest step and
+        clipped to the type's range, floats rounded to the type."""
+        kind = np.dtype(self.dtype)
+        if kind.kind == "f":
+            return values.astype(kind)
+        info = np.iinfo(kind)
+        steps = values if self.scale == 1.0 and self.offset == 0.0 else (values - self.offset) / self.scale
+        return np.clip(np.rint(steps), info.min, info.max).astype(kind)
+
+
+IMAGE_PARTS = (
+    ImagePart("reflectance", "uint16", REFLECTANCE_BANDS, 1e-4),  # surface reflectance x 10000, as delivered
+    ImagePart("ndvi", "int16", ("ndvi",), 1e-4),
+    ImagePart("tcvis", "uint8", TCVIS_BANDS),
+    ImagePart("terrain", "float16", TERRAIN_BANDS),
+)
 
 # Feature key -> (dtype, encoding). Image and label shapes depend on the build, see features().
 SCALAR_FEATURES = {
@@ -31,84 +77,182 @@ SCALAR_FEATURES = {
 }
 
 
-def features(tile_size: int, num_bands: int, image_dtype: str) -> dict[str, dict[str, Any]]:
+def features(tile_size: int) -> dict[str, dict[str, Any]]:
     """The features of every tf.train.Example, as written into manifest.json."""
-    spec = {
-        "image": {"dtype": image_dtype, "shape": [tile_size, tile_size, num_bands],
-                  "encoding": "raw bytes in bytes_list (tf.io.decode_raw, row-major, channels last)"},
-        "label": {"dtype": "uint8", "shape": [tile_size, tile_size, 1],
-                  "encoding": "raw bytes in bytes_list (tf.io.decode_raw, row-major, channels last)"},
-    }
+    spec = {}
+    for part in IMAGE_PARTS:
+        spec[part.key] = {"dtype": part.dtype, "shape": [tile_size, tile_size, len(part.bands)],
+                          "encoding": RAW_ENCODING, "bands": list(part.bands),
+                          "scale": [part.scale] * len(part.bands), "offset": [part.offset] * len(part.bands)}
+    spec["label"] = {"dtype": "uint8", "shape": [tile_size, tile_size, 1], "encoding": RAW_ENCODING}
     for key, (dtype, encoding) in SCALAR_FEATURES.items():
         spec[key] = {"dtype": dtype, "shape": [], "encoding": encoding}
     return spec
+
+
+def image_parts(manifest: dict) -> list[tuple[str, dict]]:
+    """The image features of records as (key, spec), each spec with its bands, scale and offset:
+    schema 2's parts, or schema 1's single `image` feature of every band."""
+    specs = manifest["features"]
+    if "image" in specs:
+        names = [band["name"] for band in manifest["bands"]]
+        return [("image", {**specs["image"], "bands": names, "scale": [1.0] * len(names),
+                           "offset": [0.0] * len(names)})]
+    return [(key, spec) for key, spec in specs.items() if "bands" in spec]
+
+
+def _band_order(parts: list[tuple[str, dict]], band_names: list[str]) -> list[int]:
+    stored = [name for _, spec in parts for name in spec["bands"]]
+    return [stored.index(name) for name in band_names]
+
+
+def parts_to_float32(parts: dict[str, np.ndarray], manifest_features: dict | None = None,
+                     band_names: list[str] = BAND_NAMES) -> np.ndarray:
+    """Stored image parts (..., n) -> float32 bands (..., len(band_names)) in physical units."""
+    specs = features(1) if manifest_features is None else manifest_features
+    ordered = [(key, specs[key]) for key in specs if "bands" in specs[key]]
+    channels = []
+    for key, spec in ordered:
+        values = parts[key].astype(np.float32)
+        if any(s != 1.0 for s in spec["scale"]):
+            values *= np.asarray(spec["scale"], np.float32)
+        if any(o != 0.0 for o in spec["offset"]):
+            values += np.asarray(spec["offset"], np.float32)
+        channels.append(values)
+    stacked = np.concatenate(channels, axis=-1)
+    order = _band_order(ordered, band_names)
+    return stacked if order == list(range(stacked.shape[-1])) else stacked[..., order]
+
+
+def image_float32(parts: dict, manifest: dict):
+    """Stored image parts (tensors of any leading shape) -> float32 image in the band order of
+    `manifest["bands"]`, in physical units. Works inside tf.data pipelines."""
+    import tensorflow as tf
+
+    specs = image_parts(manifest)
+    channels = []
+    for key, spec in specs:
+        values = tf.cast(parts[key], tf.float32)
+        if any(s != 1.0 for s in spec["scale"]):
+            values = values * tf.constant(spec["scale"], tf.float32)
+        if any(o != 0.0 for o in spec["offset"]):
+            values = values + tf.constant(spec["offset"], tf.float32)
+        channels.append(values)
+    stacked = channels[0] if len(channels) == 1 else tf.concat(channels, axis=-1)
+    order = _band_order(specs, [band["name"] for band in manifest["bands"]])
+    return stacked if order == list(range(len(order))) else tf.gather(stacked, order, axis=-1)
 
 
 def shard_suffix(compression: str) -> str:
     return ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
 
 
-def encode_example(image: np.ndarray, label: np.ndarray, image_dtype: str, **scalars) -> bytes:
-    """Serialise one tile (image HxWxC, label HxW) and its scalar features to tf.train.Example bytes."""
-    import tensorflow as tf
+_EXAMPLE = None
 
-    def bytes_feature(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
-    feature = {
-        "image": bytes_feature(np.ascontiguousarray(image, dtype=image_dtype).tobytes()),
-        "label": bytes_feature(np.ascontiguousarray(label, dtype=np.uint8).tobytes()),
-    }
+def example_class():
+    """The tf.train.Example message (and its Features, Feature, BytesList, Int64List), declared in
+    a private protobuf pool with TensorFlow's field numbers: writing records needs no TensorFlow."""
+    global _EXAMPLE
+    if _EXAMPLE is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        field = descriptor_pb2.FieldDescriptorProto
+        proto = descriptor_pb2.FileDescriptorProto(name="rts_tf_example.proto", package="rts_tf", syntax="proto3")
+
+        def message(name: str, *fields: tuple, nested=None):
+            result = proto.message_type.add(name=name) if nested is None else nested.nested_type.add(name=name)
+            for field_name, number, kind, label, type_name in fields:
+                result.field.add(name=field_name, number=number, type=kind, label=label, type_name=type_name)
+            return result
+
+        repeated, optional = field.LABEL_REPEATED, field.LABEL_OPTIONAL
+        message("BytesList", ("value", 1, field.TYPE_BYTES, repeated, None))
+        message("Int64List", ("value", 1, field.TYPE_INT64, repeated, None))
+        message("Feature", ("bytes_list", 1, field.TYPE_MESSAGE, optional, ".rts_tf.BytesList"),
+                ("int64_list", 3, field.TYPE_MESSAGE, optional, ".rts_tf.Int64List"))
+        features_ = message("Features", ("feature", 1, field.TYPE_MESSAGE, repeated, ".rts_tf.Features.FeatureEntry"))
+        entry = message("FeatureEntry", ("key", 1, field.TYPE_STRING, optional, None),
+                        ("value", 2, field.TYPE_MESSAGE, optional, ".rts_tf.Feature"), nested=features_)
+        entry.options.map_entry = True
+        message("Example", ("features", 1, field.TYPE_MESSAGE, optional, ".rts_tf.Features"))
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(proto)
+        _EXAMPLE = message_factory.GetMessageClass(pool.FindMessageTypeByName("rts_tf.Example"))
+    return _EXAMPLE
+
+
+def encode_example(parts: dict[str, np.ndarray], label: np.ndarray, **scalars) -> bytes:
+    """Serialise one tile (image parts HxWxn in their stored types, label HxW) and its scalar
+    features to tf.train.Example bytes."""
+    example = example_class()()
+    feature = example.features.feature
+    for part in IMAGE_PARTS:
+        feature[part.key].bytes_list.value.append(np.ascontiguousarray(parts[part.key], dtype=part.dtype).tobytes())
+    feature["label"].bytes_list.value.append(np.ascontiguousarray(label, dtype=np.uint8).tobytes())
     for key, (dtype, _) in SCALAR_FEATURES.items():
         value = scalars[key]
         if dtype == "string":
-            feature[key] = bytes_feature(str(value).encode("utf-8"))
+            feature[key].bytes_list.value.append(str(value).encode("utf-8"))
         else:
-            feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+            feature[key].int64_list.value.append(int(value))
+    return example.SerializeToString()
 
 
 def decode_example(serialized, manifest: dict, keep_dtype: bool = False, keys=None):
-    """Parse tf.train.Example bytes into a dict of tensors: image (H,W,C, float32 or as stored when
-    keep_dtype), label (H,W,1 uint8) and the scalar features (only `keys` when given). Works inside
-    tf.data pipelines."""
+    """Parse tf.train.Example bytes into a dict of tensors: image (H,W,C float32 in physical units;
+    with keep_dtype the dict of stored parts, for `image_float32` later), label (H,W,1 uint8) and
+    the scalar features (only `keys` when given; "image" stands for every image part). Reads
+    schema 1 and 2 alike. Works inside tf.data pipelines."""
     import tensorflow as tf
 
-    spec = {key: value for key, value in manifest["features"].items() if keys is None or key in keys}
+    parts = image_parts(manifest)
+    wanted = None if keys is None else set(keys) | ({key for key, _ in parts} if "image" in keys else set())
+    spec = {key: value for key, value in manifest["features"].items() if wanted is None or key in wanted}
     # Everything but int64 scalars travels as bytes: strings and the raw image and label arrays.
     parse_spec = {key: tf.io.FixedLenFeature([], tf.int64 if value["dtype"] == "int64" else tf.string)
                   for key, value in spec.items()}
     parsed = tf.io.parse_single_example(serialized, parse_spec)
-    sample = dict(parsed)
-    for key in ("image", "label"):
-        if key not in spec:
-            continue
-        raw = tf.io.decode_raw(parsed[key], tf.dtypes.as_dtype(spec[key]["dtype"]))
-        sample[key] = tf.reshape(raw, spec[key]["shape"])
-    if not keep_dtype and "image" in sample:
-        sample["image"] = tf.cast(sample["image"], tf.float32)
+    sample = {key: value for key, value in parsed.items() if key not in dict(parts)}
+
+    def raw(key):
+        return tf.reshape(tf.io.decode_raw(parsed[key], tf.dtypes.as_dtype(spec[key]["dtype"])), spec[key]["shape"])
+
+    if "label" in spec:
+        sample["label"] = raw("label")
+    if all(key in spec for key, _ in parts):
+        stored = {key: raw(key) for key, _ in parts}
+        sample["image"] = stored if keep_dtype else image_float32(stored, manifest)
     return sample
+
+
+def _masked_crc(data: bytes) -> int:
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class ShardWriter:
     """Write a TFRecord shard under a temporary name; rename it into place on close.
 
-    A full, read-only or forbidden disk becomes a one-line InputError naming the shard, with the
-    temporary file removed.
+    Records are framed as TensorFlow frames them (length, masked CRC-32C of the length, data,
+    masked CRC-32C of the data); GZIP shards are one gzip stream, as tf.io.TFRecordWriter writes
+    them. A full, read-only or forbidden disk becomes a one-line InputError naming the shard, with
+    the temporary file removed.
     """
 
     def __init__(self, path: Path, compression: str, compression_level: int | None):
-        import tensorflow as tf
-
         self.path = Path(path)
         self.temporary = self.path.with_name(self.path.name + ".tmp")
-        self._writer = None
+        self._file = self._stream = None
         self.count = 0
         with self._disk_errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            options = tf.io.TFRecordOptions(compression_type=compression,
-                                            compression_level=compression_level if compression else None)
-            self._writer = tf.io.TFRecordWriter(str(self.temporary), options)
+            self._file = _HashingFile(open(self.temporary, "wb"))
+            self._stream = gzip.GzipFile(fileobj=self._file, mode="wb", mtime=0,
+                                         compresslevel=9 if compression_level is None else compression_level) \
+                if compression == "GZIP" else self._file
 
     @contextlib.contextmanager
     def _disk_errors(self):
@@ -121,24 +265,48 @@ class ShardWriter:
             raise output_error(self.path, error) from None
 
     def write(self, example: bytes) -> None:
+        length = struct.pack("<Q", len(example))
         with self._disk_errors():
-            self._writer.write(example)
+            self._stream.write(length + struct.pack("<I", _masked_crc(length)))
+            self._stream.write(example)
+            self._stream.write(struct.pack("<I", _masked_crc(example)))
         self.count += 1
 
     def close(self) -> dict[str, Any]:
         """Finish the shard and return its size and sha256."""
         with self._disk_errors():
-            self._writer.close()
+            if self._stream is not self._file:
+                self._stream.close()
+            self._file.close()
             os.replace(self.temporary, self.path)
-        return {"tiles": self.count, "bytes": self.path.stat().st_size, "sha256": sha256_file(self.path)}
+        return {"tiles": self.count, "bytes": self._file.size, "sha256": self._file.digest.hexdigest()}
 
     def abort(self) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()
-        except Exception:  # closing flushes; on a full disk that fails too, and the file goes anyway
-            pass
+        for handle in (self._stream, self._file):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # closing flushes; on a full disk that fails too, and the file goes anyway
+                pass
         self.temporary.unlink(missing_ok=True)
+
+
+class _HashingFile:
+    """A binary file that keeps the sha256 and size of what is written to it (no second read)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -222,7 +390,7 @@ _FEATURE_DTYPES = ("string", "int64", "uint8", "uint16", "int16", "int32", "floa
 
 
 def _manifest_problem(manifest: dict) -> str | None:
-    """The first thing in a manifest (a JSON object of schema 1 with every top-level key) that
+    """The first thing in a manifest (a JSON object of schema 1 or 2 with every top-level key) that
     inspect, fit or evaluate could not use, or None: every key they read, its JSON type, and that
     shapes, shard lists and band statistics agree with each other."""
     def check(value, kind: str, where: str) -> None:
@@ -260,20 +428,31 @@ def _manifest_problem(manifest: dict) -> str | None:
         for index, band in enumerate(bands):
             check_object(band, {"name": "a string", "unit": "a string"}, f"bands[{index}]")
         features_ = manifest["features"]
-        missing = [key for key in ("image", "label") if key not in features_]
-        if missing:
-            raise ValueError(f"features lacks {', '.join(missing)}")
+        if "label" not in features_:
+            raise ValueError("features lacks label")
         for key, spec in features_.items():
             check_object(spec, {"dtype": "a string", "shape": "a list"}, f"features.{key}")
             if spec["dtype"] not in _FEATURE_DTYPES:
                 raise ValueError(f"features.{key}.dtype must be one of {', '.join(_FEATURE_DTYPES)}, "
                                  f"got {_json_kind(spec['dtype'])}")
-        for key, channels in (("image", len(bands)), ("label", 1)):
-            if features_[key]["dtype"] == "string":
+        if "image" not in features_:  # schema 2: image parts, each naming its bands
+            for key, spec in features_.items():
+                if "bands" in spec:
+                    check(spec["bands"], "a list", f"features.{key}.bands")
+                    for name in ("scale", "offset"):
+                        check_numbers(spec.get(name), "a number", len(spec["bands"]), f"features.{key}.{name}")
+        names = [band["name"] for band in bands]
+        parts = [(key, spec) for key, spec in features_.items() if "bands" in spec] if "image" not in features_ \
+            else [("image", {**features_["image"], "bands": names})]
+        stored = [name for _, spec in parts for name in spec["bands"]]
+        if sorted(stored) != sorted(names):
+            raise ValueError(f"the image features hold the bands {stored}, not the bands {names}")
+        for key, spec in [*parts, ("label", {**features_["label"], "bands": [None]})]:
+            if spec["dtype"] == "string":
                 raise ValueError(f"features.{key}.dtype must be a number type, got \"string\"")
-            if features_[key]["shape"] != [size, size, channels]:
-                raise ValueError(f"features.{key}.shape must be {[size, size, channels]} (tile_size, tile_size, "
-                                 f"{'bands' if key == 'image' else '1'}), got {features_[key]['shape']}")
+            if spec["shape"] != [size, size, len(spec["bands"])]:
+                raise ValueError(f"features.{key}.shape must be {[size, size, len(spec['bands'])]} (tile_size, "
+                                 f"tile_size, {'1' if key == 'label' else 'its bands'}), got {spec['shape']}")
         for path, info in manifest["shards"].items():
             check_object(info, {"tiles": "an integer", "bytes": "an integer", "sha256": "a string",
                                 "region": "a string"}, f"shards[{json.dumps(path)}]")

@@ -18,6 +18,7 @@ from rasterio.windows import Window
 from rts_tf.bands import BANDS
 from rts_tf.errors import InputError
 from rts_tf.rasters import Grid, RasterSource, check_readable, open_raster, warp_array
+from rts_tf.records import IMAGE_PARTS, parts_to_float32
 from rts_tf.settings import DEM_MIN_VALID
 from rts_tf.terrain import relative_elevation, slope_degrees
 
@@ -146,10 +147,10 @@ class SceneSources:
     def __init__(self, tcvis: Sequence[str], dem: Sequence[str] | None = None,
                  rel_elevation: Sequence[str] | None = None, slope: Sequence[str] | None = None,
                  rel_elevation_radius: float = 100.0, dem_min_valid: float = DEM_MIN_VALID,
-                 image_dtype: str = "float32"):
+                 legacy_dtype: str | None = None):
         if not dem and not (rel_elevation and slope):
             raise InputError("give --dem, or both --rel-elevation and --slope")
-        self.image_dtype = image_dtype
+        self.legacy_dtype = legacy_dtype
         opened: list[RasterSource] = []
 
         def open_source(paths: Sequence[str], what: str, bands: int) -> RasterSource:
@@ -176,7 +177,7 @@ class SceneSources:
 
     def settings(self) -> dict:
         """The recipe's settings, as records and runs carry them."""
-        return recipe_settings(self.terrain.kind, self.terrain.radius, self.terrain.dem_min_valid, self.image_dtype)
+        return recipe_settings(self.terrain.kind, self.terrain.radius, self.terrain.dem_min_valid, self.legacy_dtype)
 
     def check(self, scene: SceneFiles, grid: "Grid | None" = None) -> None:
         """Raise unless every source overlaps the scene."""
@@ -185,7 +186,7 @@ class SceneSources:
             source.check_overlaps(grid, f"scene {scene.scene_id} ({scene.sr})")
 
     def stack(self, scene: SceneFiles) -> "SceneStack":
-        return SceneStack(scene, self.tcvis, self.terrain, self.image_dtype)
+        return SceneStack(scene, self.tcvis, self.terrain, self.legacy_dtype)
 
     def close(self) -> None:
         for source in self.sources:
@@ -198,10 +199,16 @@ class SceneSources:
         self.close()
 
 
-def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: float, image_dtype: str) -> dict:
-    """Every setting that decides a pixel's band values (besides the input files themselves)."""
+def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: float,
+                    legacy_dtype: str | None = None) -> dict:
+    """Every setting that decides a pixel's band values (besides the input files themselves): the
+    stored types of schema 2 (`image_encoding`), or for runs on schema-1 records their one
+    `image_dtype`."""
+    encoding = {"image_dtype": legacy_dtype} if legacy_dtype else {"image_encoding": {
+        part.name: {"dtype": part.dtype, "bands": list(part.bands), "scale": part.scale, "offset": part.offset}
+        for part in IMAGE_PARTS}}
     return {"terrain": terrain, "rel_elevation_radius": float(rel_elevation_radius),
-            "dem_min_valid": float(dem_min_valid), "image_dtype": image_dtype,
+            "dem_min_valid": float(dem_min_valid), **encoding,
             "auxiliary_resampling": "bilinear", "auxiliary_chunk": AUXILIARY_CHUNK,
             "valid_pixels": "scene data, UDM2 usable (clear; no snow, shadow, heavy haze, cloud, unusable), "
                             "TCVIS and terrain defined"}
@@ -210,10 +217,10 @@ def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: fl
 class SceneStack:
     """All model bands of one scene on its grid, read window by window with bounded memory."""
 
-    def __init__(self, scene: SceneFiles, tcvis: RasterSource, terrain: Terrain, image_dtype: str = "float32"):
+    def __init__(self, scene: SceneFiles, tcvis: RasterSource, terrain: Terrain, legacy_dtype: str | None = None):
         self.scene = scene
         self.grid = scene_grid(scene)
-        self.tcvis, self.terrain, self.image_dtype = tcvis, terrain, image_dtype
+        self.tcvis, self.terrain, self.legacy_dtype = tcvis, terrain, legacy_dtype
         name = f"scene {scene.scene_id}"
         tcvis.check_overlaps(self.grid, name)
         for source in terrain.sources:
@@ -264,39 +271,76 @@ class SceneStack:
                     chunk[:, rows.start - row0:rows.stop - row0, cols.start - col0:cols.stop - col0]
         return result
 
-    def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Bands (height, width, 10) in the recipe's image dtype and a validity mask (height, width).
-
-        The window may extend past the scene: pixels outside are 0 and invalid. A pixel is valid
-        when the scene has data there, UDM2 calls it usable, and every auxiliary source covers it.
-        Invalid pixels hold 0 in every band. A pixel's values do not depend on the window.
-        """
-        image = np.zeros((height, width, len(BANDS)), dtype=np.float32)
-        valid = np.zeros((height, width), dtype=bool)
+    def _values(self, row: int, col: int, height: int, width: int):
+        """The sources' values in the part of a window inside the scene, 0 where not usable:
+        ((rows, cols) slices of the window, {part name: (n, h, w) array}, usable (h, w)), or None."""
         top, left = max(row, 0), max(col, 0)
         bottom, right = min(row + height, self.grid.height), min(col + width, self.grid.width)
         if bottom <= top or right <= left:
-            return image.astype(self.image_dtype, copy=False), valid
+            return None
         window = Window(left, top, right - left, bottom - top)
         try:
-            reflectance = self._sr.read(window=window).astype(np.float32) / REFLECTANCE_SCALE
+            numbers = self._sr.read(window=window)
             usable = self._sr.dataset_mask(window=window) > 0
             if self._udm2 is not None:
                 usable &= usable_udm2(self._udm2.read(window=window))
         except RasterioError as error:
             raise InputError(f"{self.scene.sr}: cannot read scene: {str(error).splitlines()[0]}") from None
-        _, _, red, nir = reflectance
-        total = nir + red
-        ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
         auxiliary = self.auxiliary(top, left, bottom - top, right - left)
         usable &= np.isfinite(auxiliary).all(axis=0)
-        # Write band by band into the channels-last view: no stacked copy of the whole block.
-        view = image[top - row:bottom - row, left - col:right - col]
-        for index, band in enumerate((*reflectance, ndvi, *auxiliary)):
-            view[..., index] = band
-        view[~usable] = 0.0
-        valid[top - row:bottom - row, left - col:right - col] = usable
-        return image.astype(self.image_dtype, copy=False), valid
+        unusable = ~usable
+        numbers[:, unusable] = 0
+        auxiliary[:, unusable] = 0.0
+        red, nir = numbers[2].astype(np.float32), numbers[3].astype(np.float32)
+        total = nir + red
+        ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
+        inside = (slice(top - row, bottom - row), slice(left - col, right - col))
+        return inside, {"reflectance": numbers, "ndvi": ndvi[None], "tcvis": auxiliary[:3],
+                        "terrain": auxiliary[3:]}, usable
+
+    def read_parts(self, row: int, col: int, height: int, width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The bands of a window as records store them, {feature key: (height, width, n) array in
+        its stored type} (records.IMAGE_PARTS), and a validity mask (height, width).
+
+        The window may extend past the scene: pixels outside are 0 and invalid. A pixel is valid
+        when the scene has data there, UDM2 calls it usable, and every auxiliary source covers it.
+        Invalid pixels hold 0 in every band. A pixel's values do not depend on the window.
+        """
+        parts = {part.key: np.zeros((height, width, len(part.bands)), part.dtype) for part in IMAGE_PARTS}
+        valid = np.zeros((height, width), dtype=bool)
+        found = self._values(row, col, height, width)
+        if found is None:
+            return parts, valid
+        inside, values, usable = found
+        for part in IMAGE_PARTS:
+            source = values[part.name]
+            if part.name == "reflectance" and source.dtype != np.uint16:  # numbers as delivered, if uint16
+                source = source / REFLECTANCE_SCALE
+            stored = source if source.dtype == part.dtype else part.store(source)
+            # Band by band into the channels-last view: no stacked copy of the whole block.
+            view = parts[part.key][inside]
+            for index in range(len(part.bands)):
+                view[..., index] = stored[index]
+        valid[inside] = usable
+        return parts, valid
+
+    def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bands (height, width, 10) float32 in physical units, as the records' values decode
+        (bit for bit), and the validity mask of `read_parts`. With a legacy dtype (runs trained on
+        schema-1 records) the physical values rounded to that dtype, as those records held them."""
+        if self.legacy_dtype is None:
+            parts, valid = self.read_parts(row, col, height, width)
+            return parts_to_float32(parts), valid
+        image = np.zeros((height, width, len(BANDS)), dtype=np.float32)
+        valid = np.zeros((height, width), dtype=bool)
+        found = self._values(row, col, height, width)
+        if found is not None:
+            inside, values, usable = found
+            bands = np.concatenate([values["reflectance"] / np.float32(REFLECTANCE_SCALE), values["ndvi"],
+                                    values["tcvis"], values["terrain"]])
+            image[inside] = np.moveaxis(bands, 0, -1)
+            valid[inside] = usable
+        return image.astype(self.legacy_dtype).astype(np.float32), valid
 
 
 def usable_udm2(udm2: np.ndarray) -> np.ndarray:

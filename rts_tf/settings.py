@@ -11,7 +11,6 @@ from rts_tf.errors import InputError
 from rts_tf.records import COMPRESSIONS
 from rts_tf.tiling import check_tiling
 
-IMAGE_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 VAL_SPLITS = ("auto", "scenes", "blocks")
 # ArcticDEM's nodata is -9999; files without a declared nodata would let it in as elevation.
@@ -25,9 +24,8 @@ class BuildSettings:
     tile_size: int = 256
     overlap: int = 25
     max_ignored: float = 0.5
-    compression: str = "gzip"
+    compression: str = "none"
     compression_level: int = 1
-    image_dtype: str = "float16"
     rel_elevation_radius: float = 100.0
     all_touched: bool = False
     dem_min_valid: float = DEM_MIN_VALID
@@ -45,8 +43,6 @@ class BuildSettings:
             raise InputError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression}")
         if not 0 <= self.compression_level <= 9:
             raise InputError(f"--compression-level must be 0 to 9, got {self.compression_level}")
-        if self.image_dtype not in IMAGE_DTYPES:
-            raise InputError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {self.image_dtype}")
         if self.rel_elevation_radius <= 0:
             raise InputError(f"--rel-elevation-radius must be positive, got {self.rel_elevation_radius}")
 

@@ -8,7 +8,7 @@ from rts_tf.cli import TableChoice, main
 from rts_tf.losses import LOSSES
 from rts_tf.models import ARCHITECTURES
 from rts_tf.records import COMPRESSIONS
-from rts_tf.settings import IMAGE_DTYPES, SCHEDULES, VAL_SPLITS, BuildSettings, FitConfig
+from rts_tf.settings import SCHEDULES, VAL_SPLITS, BuildSettings, FitConfig
 
 
 def options(command: str) -> dict[str, click.Option]:
@@ -19,7 +19,7 @@ def test_choices_are_the_library_tables():
     fit, build = options("fit"), options("build-records")
     expected = [(fit, "arch", ARCHITECTURES), (fit, "loss", LOSSES), (fit, "schedule", SCHEDULES),
                 (fit, "val_split", VAL_SPLITS), (build, "compression", COMPRESSIONS),
-                (build, "image_dtype", IMAGE_DTYPES), (options("crossval"), "loss", LOSSES)]
+                (options("crossval"), "loss", LOSSES)]
     for command, name, table in expected:
         assert isinstance(command[name].type, TableChoice), name
         assert command[name].type.choices == tuple(table), name

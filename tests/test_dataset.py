@@ -109,7 +109,7 @@ def manifest_positions(records, manifest, scene_id):
     from rts_tf.records import decode_example
 
     scene = next(s for s in manifest["scenes"] if s["scene_id"] == scene_id)
-    dataset = tf.data.TFRecordDataset([str(records / p) for p in scene["shards"]], compression_type="GZIP")
+    dataset = tf.data.TFRecordDataset([str(records / p) for p in scene["shards"]], compression_type=manifest["compression"])
     return {(int(s["row"]), int(s["col"])) for s in dataset.map(
         lambda s: decode_example(s, manifest, keys=("row", "col"))).as_numpy_iterator()}
 
@@ -145,7 +145,7 @@ def test_unselected_regions_are_never_read(demo_records, manifest, tmp_path):
             (copy / path).write_bytes(b"garbage")
     images, _ = collect(make_dataset(copy, manifest, ("Lena", "Horton"), 4, training=False))
     assert len(images) == manifest["regions"]["Lena"]["tiles"] + manifest["regions"]["Horton"]["tiles"]
-    with pytest.raises(InputError, match="Banks/.*tfrecord.gz: shard is 7 bytes.*truncated"):
+    with pytest.raises(InputError, match="Banks/.*tfrecord: shard is 7 bytes.*truncated"):
         make_dataset(copy, manifest, ("Banks",), 4, training=False)
 
 

@@ -119,7 +119,7 @@ def test_evaluate_a_trained_run_on_scene_mosaics(tiny_run, demo_records, tmp_pat
         paths = [str(demo_records / p) for p in scene["shards"]]
         from rts_tf.records import decode_example
 
-        for tile in tf.data.TFRecordDataset(paths, compression_type="GZIP").map(
+        for tile in tf.data.TFRecordDataset(paths, compression_type=manifest["compression"]).map(
                 lambda s: decode_example(s, manifest)).as_numpy_iterator():
             mosaic[tile["row"]:tile["row"] + 64, tile["col"]:tile["col"] + 64] |= tile["label"][..., 0] == 1
         distinct += int(mosaic.sum())

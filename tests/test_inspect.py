@@ -48,7 +48,7 @@ def test_inspect_names_a_corrupted_shard(demo_records, tmp_path):
 
     copy = tmp_path / "records"
     shutil.copytree(demo_records, copy)
-    shard = sorted(copy.rglob("*.tfrecord.gz"))[0]
+    shard = sorted(copy.rglob("*.tfrecord"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
     result = CliRunner().invoke(main, ["inspect", str(copy), "--samples", "0"])
     assert result.exit_code != 0

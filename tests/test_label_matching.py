@@ -120,7 +120,7 @@ def test_scene_without_region_fails_naming_it_unless_default_region(world, tmp_p
     assert (scenes[SCENE_A]["region"], scenes[SCENE_A]["region_from"]) == ("Alpha", "labels")
     assert (scenes[SCENE_B]["region"], scenes[SCENE_B]["region_from"], scenes[SCENE_B]["site"]) == (
         "Gamma", "default", "Gamma")
-    assert scenes[SCENE_B]["shards"] == [f"Gamma/{SCENE_B}.tfrecord.gz"]
+    assert scenes[SCENE_B]["shards"] == [f"Gamma/{SCENE_B}.tfrecord"]
     assert manifest["labels"]["default_region"] == "Gamma" and set(manifest["regions"]) == {"Alpha", "Gamma"}
     assert f"  {SCENE_B} (Gamma from --default-region): 0 + 0  no labels: all background" in result.output
 

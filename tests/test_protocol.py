@@ -139,7 +139,8 @@ def test_predict_gives_the_probabilities_evaluate_scores(radius_run, tmp_path):
     from rts_tf.tiling import tile_offsets
 
     run = json.loads((radius_run["run"] / "run.json").read_text())
-    assert run["recipe"]["rel_elevation_radius"] == 30.0 and run["recipe"]["image_dtype"] == "float16"
+    assert run["recipe"]["rel_elevation_radius"] == 30.0 and run["recipe"]["image_encoding"]["reflectance"] == {
+        "dtype": "uint16", "bands": ["blue", "green", "red", "nir"], "scale": 1e-4, "offset": 0.0}
     manifest = read_manifest(radius_run["records"])
     scene = next(s for s in manifest["scenes"] if s["region"] == "Banks")
     out = tmp_path / "maps"
@@ -156,7 +157,7 @@ def test_predict_gives_the_probabilities_evaluate_scores(radius_run, tmp_path):
         blended[first:first + len(strip)], label[first:first + len(strip)] = strip, strip_label
     # Compare where every window covering a pixel is in the records (build drops mostly-ignored tiles).
     paths = [str(radius_run["records"] / p) for p in scene["shards"]]
-    kept = {(int(t["row"]), int(t["col"])) for t in tf.data.TFRecordDataset(paths, compression_type="GZIP").map(
+    kept = {(int(t["row"]), int(t["col"])) for t in tf.data.TFRecordDataset(paths, compression_type=manifest["compression"]).map(
         lambda s: decode_example(s, manifest, keys=("row", "col"))).as_numpy_iterator()}
     whole = np.ones(predicted.shape, bool)
     for row in tile_offsets(scene["height"], 64, 8):

@@ -16,7 +16,7 @@ from rts_tf.build import BuildSettings, build_records
 from rts_tf.cli import main
 from rts_tf.labels import rasterize_labels, read_polygons, scene_labels
 from rts_tf.rasters import Grid
-from rts_tf.records import decode_example, encode_example, features
+from rts_tf.records import IMAGE_PARTS, decode_example, encode_example, features, parts_to_float32
 from rts_tf.bands import BANDS
 
 
@@ -32,24 +32,48 @@ def shard_bytes(records):
 
 
 def test_schema_round_trip():
+    """Schema 2: each part in its stored type, decoded to physical units in the manifest's band order
+    (values pinned by hand: DN 1234 -> 0.1234, NDVI step 1e-4, TCVIS DN as stored)."""
     rng = np.random.default_rng(3)
-    image = rng.normal(size=(16, 16, 10)).astype(np.float16)
+    parts = {"image_reflectance": rng.integers(0, 10000, (16, 16, 4)).astype(np.uint16),
+             "image_ndvi": rng.integers(-10000, 10000, (16, 16, 1)).astype(np.int16),
+             "image_tcvis": rng.integers(0, 256, (16, 16, 3)).astype(np.uint8),
+             "image_terrain": rng.normal(size=(16, 16, 2)).astype(np.float16)}
+    parts["image_reflectance"][0, 0] = [1234, 0, 9999, 65535]
+    parts["image_ndvi"][0, 0] = -5000
     label = rng.integers(0, 2, size=(16, 16, 1)).astype(np.uint8)
     label[0, :3] = 255
-    manifest = {"features": features(16, 10, "float16")}
-    serialized = encode_example(image, label, "float16", scene_id="s1", region="Lena", site="lena_1",
+    manifest = {"features": features(16), "bands": BANDS}
+    serialized = encode_example(parts, label, scene_id="s1", region="Lena", site="lena_1",
                                 row=7, col=9, slump_pixels=int((label == 1).sum()), ignored_pixels=3)
     sample = {k: v.numpy() for k, v in decode_example(tf.constant(serialized), manifest).items()}
-    np.testing.assert_array_equal(sample["image"], image.astype(np.float32))
+    image = sample["image"]
+    assert image.dtype == np.float32 and image.shape == (16, 16, 10)
+    np.testing.assert_array_equal(image[0, 0, :5], np.float32([1234, 0, 9999, 65535, -5000]) * np.float32(1e-4))
+    assert image[0, 0, 0] == pytest.approx(0.1234) and image[0, 0, 4] == pytest.approx(-0.5)
+    np.testing.assert_array_equal(image[..., 5:8], parts["image_tcvis"])
+    np.testing.assert_array_equal(image[..., 8:], parts["image_terrain"].astype(np.float32))
+    # NumPy decodes bit for bit as TensorFlow does: predict's bands are the records' bands.
+    np.testing.assert_array_equal(parts_to_float32(parts), image)
     np.testing.assert_array_equal(sample["label"], label)
     assert sample["scene_id"] == b"s1" and sample["region"] == b"Lena" and sample["site"] == b"lena_1"
     assert (sample["row"], sample["col"], sample["ignored_pixels"]) == (7, 9, 3)
+    stored = decode_example(tf.constant(serialized), manifest, keep_dtype=True)["image"]
+    assert {key: value.dtype for key, value in stored.items()} == {
+        "image_reflectance": tf.uint16, "image_ndvi": tf.int16, "image_tcvis": tf.uint8, "image_terrain": tf.float16}
+
+
+def test_stored_types_round_and_clip_by_hand():
+    ndvi, tcvis, terrain = (next(p for p in IMAGE_PARTS if p.name == n) for n in ("ndvi", "tcvis", "terrain"))
+    np.testing.assert_array_equal(ndvi.store(np.float32([0.12344, 0.12346, -1.0, 5.0])), [1234, 1235, -10000, 32767])
+    np.testing.assert_array_equal(tcvis.store(np.float32([0.4, 0.6, 254.5, 300.0, -3.0])), [0, 1, 254, 255, 0])
+    assert terrain.store(np.float32([1.0001])).dtype == np.float16
 
 
 def test_manifest_describes_scenes_regions_and_statistics(world_records):
     manifest = json.loads((world_records / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["tile_size"] == 32 and manifest["overlap"] == 8
-    assert manifest["compression"] == "GZIP" and manifest["bands"] == BANDS
+    assert manifest["schema_version"] == 2 and manifest["tile_size"] == 32 and manifest["overlap"] == 8
+    assert manifest["compression"] == "" and manifest["bands"] == BANDS
     assert manifest["label_values"] == {"background": 0, "rts": 1, "ignore": 255}
     scenes = {scene["scene_id"]: scene for scene in manifest["scenes"]}
     assert set(scenes) == {SCENE_A, SCENE_B}
@@ -155,7 +179,7 @@ def test_interrupted_build_resumes(world, world_records, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_records(**arguments, progress=interrupt_in_second_scene)
     assert not (out / "manifest.json").exists()
-    assert len(list(out.rglob("*.tfrecord.gz"))) == 1 and not list(out.rglob("*.tmp"))
+    assert len(list(out.rglob("*.tfrecord"))) == 1 and not list(out.rglob("*.tmp"))
     summary = build_records(**arguments)
     assert (summary.scenes_skipped, summary.scenes_built) == (1, 1)
     assert shard_bytes(out) == shard_bytes(world_records)
@@ -166,7 +190,7 @@ def test_interrupted_build_resumes(world, world_records, tmp_path):
 def test_corrupted_shard_is_rebuilt_on_resume(world, world_records, tmp_path):
     out = tmp_path / "repaired"
     shutil.copytree(world_records, out)
-    shard = next(out.rglob("*.tfrecord.gz"))
+    shard = next(out.rglob("*.tfrecord"))
     shard.write_bytes(shard.read_bytes()[:100])
     result = CliRunner().invoke(main, build_arguments(world, out))
     assert result.exit_code == 0, result.output
@@ -194,3 +218,64 @@ def test_config_file_supplies_options_and_flags_override(world, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "configured" / "manifest.json").read_text())
     assert manifest["tile_size"] == 32 and manifest["overlap"] == 8
+
+
+def test_gzip_records_hold_the_same_tiles_and_tensorflow_reads_our_framing(world, world_records, tmp_path):
+    """Shards are written without TensorFlow (protobuf Examples, CRC-32C framing, gzip stream);
+    TensorFlow's reader checks every CRC, so reading them all back proves the framing."""
+    out = tmp_path / "gzip"
+    result = CliRunner().invoke(main, build_arguments(world, out, "--compression", "gzip"))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compression"] == "GZIP" and all(path.endswith(".tfrecord.gz") for path in manifest["shards"])
+    plain, packed = read_tiles(world_records), read_tiles(out, manifest)
+    assert len(plain) == len(packed) == sum(s["tiles"] for s in manifest["scenes"]) > 0
+    key = lambda tile: (tile["scene_id"], int(tile["row"]), int(tile["col"]))
+    for a, b in zip(sorted(plain, key=key), sorted(packed, key=key)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    plain_bytes = sum(info["bytes"] for info in json.loads((world_records / "manifest.json").read_text())
+                      ["shards"].values())
+    assert sum(info["bytes"] for info in manifest["shards"].values()) < plain_bytes
+    # A damaged record is caught by TensorFlow's CRC check: the framing is really checked.
+    shard = out / next(iter(manifest["shards"]))
+    data = bytearray(__import__("gzip").decompress(shard.read_bytes()))
+    data[100] ^= 0xFF
+    broken = tmp_path / "broken.tfrecord"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(tf.errors.DataLossError):
+        list(tf.data.TFRecordDataset([str(broken)]))
+
+
+def test_schema_1_records_still_load(world_records, tmp_path):
+    """Records of schema 1 (one float16 `image` feature, written by TensorFlow's own writer) load,
+    decode and feed the input pipeline as before."""
+    from rts_tf.dataset import make_dataset
+    from rts_tf.records import read_manifest
+
+    manifest = json.loads((world_records / "manifest.json").read_text())
+    tiles = read_tiles(world_records, manifest)
+    old = tmp_path / "v1"
+    v1 = {**manifest, "schema_version": 1, "compression": "GZIP", "shards": {}}
+    v1["features"] = {key: value for key, value in manifest["features"].items() if "bands" not in value}
+    v1["features"]["image"] = {"dtype": "float16", "shape": [32, 32, 10], "encoding": "raw bytes"}
+    for scene in v1["scenes"]:
+        path = scene["shards"][0] + ".gz"
+        (old / path).parent.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(str(old / path), "GZIP") as writer:
+            for tile in (t for t in tiles if t["scene_id"].decode() == scene["scene_id"]):
+                feature = {"image": tile["image"].astype(np.float16).tobytes(), "label": tile["label"].tobytes(),
+                           **{k: tile[k] for k in ("scene_id", "region", "site")}}
+                feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feature.items()}
+                for k in ("row", "col", "slump_pixels", "ignored_pixels"):
+                    feature[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(tile[k])]))
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+        v1["shards"][path] = {**manifest["shards"][scene["shards"][0]], "bytes": (old / path).stat().st_size}
+        scene["shards"] = [path]
+    (old / "manifest.json").write_text(json.dumps(v1))
+    loaded = read_manifest(old)
+    decoded = read_tiles(old, loaded)
+    assert len(decoded) == len(tiles)
+    np.testing.assert_array_equal(decoded[0]["image"], tiles[0]["image"].astype(np.float16).astype(np.float32))
+    images, labels = next(iter(make_dataset(old, loaded, ["Alpha", "Beta"], 2, training=False)))
+    assert images.dtype == tf.float32 and images.shape == (2, 32, 32, 10) and labels.shape == (2, 32, 32, 1)
