@@ -129,17 +129,19 @@ def window_weights(size: int, floor: float = 1e-3) -> np.ndarray:
 def predict_tiles(runs: Sequence[Run], tiles: np.ndarray, batch_size: int, flips: bool = False) -> np.ndarray:
     """Mean probability of the runs (and of flipped copies with flips) for tiles (N, T, T, 10 bands).
 
-    Tiles hold the scene stack's bands in its order and dtype (as records store them); each run
-    gets its own bands, as float32.
+    Tiles hold the scene stack's bands in its order (float32, as records decode); each run gets
+    its own bands.
     """
     total = np.zeros(tiles.shape[:3], dtype=np.float32)
     variants = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
     for run in runs:
-        chosen = tiles[..., [BAND_NAMES.index(name) for name in run.bands]].astype(np.float32)
+        indexes = [BAND_NAMES.index(name) for name in run.bands]
+        chosen = tiles if indexes == list(range(tiles.shape[-1])) else tiles[..., indexes]
+        chosen = chosen.astype(np.float32, copy=False)
         for flip_rows, flip_cols in variants:
             batch = chosen[:, ::-1] if flip_rows else chosen
             batch = batch[:, :, ::-1] if flip_cols else batch
-            batch = np.ascontiguousarray(batch)
+            batch = np.ascontiguousarray(batch) if flip_rows or flip_cols else batch
             # predict_on_batch per chunk: Keras' predict() sets up a data pipeline on every call.
             probability = np.concatenate([np.asarray(run.model.predict_on_batch(batch[i:i + batch_size]))
                                           for i in range(0, len(batch), batch_size)])[..., 0]

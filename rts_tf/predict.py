@@ -147,7 +147,7 @@ def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, r
         raise InputError("these inputs make other bands than the model was trained on (" + "; ".join(changes) +
                          "); give the inputs the records were built from, or --allow-feature-mismatch")
     return SceneSources(tcvis, dem or None, rel_elevation or None, slope or None, rel_elevation_radius=radius,
-                        dem_min_valid=recipe["dem_min_valid"], image_dtype=recipe["image_dtype"])
+                        dem_min_valid=recipe["dem_min_valid"], legacy_dtype=recipe.get("image_dtype"))
 
 
 def output_files(out: Path, scene_ids: list[str], temporary: bool | None = None) -> list[Path]:
@@ -233,18 +233,26 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                 rasterio.open(staging["mask"], "w", dtype="uint8", nodata=MASK_NODATA, **profile) as mask_out, \
                 ThreadPoolExecutor(1) as reader:
             upcoming = reader.submit(read, reads[0])
+            # Windows wait here until a full batch is there, across rows of tiles: every call of
+            # the model but the last gets `batch_size` windows.
+            pending: list[tuple[int, int, np.ndarray, np.ndarray]] = []
             for number, (index, group) in enumerate(reads):
                 image, valid = upcoming.result()
-                if number + 1 < len(reads):
+                last = number + 1 == len(reads)
+                if not last:
                     upcoming = reader.submit(read, reads[number + 1])
                 left = group[0]
-                tiles = np.stack([image[:, col - left:col - left + size] for col in group])
-                for col, tile in zip(group, predict_tiles(runs, tiles, batch_size, flips)):
-                    blender.add(rows[index], col, tile, valid[:, col - left:col - left + size])
-                advance(len(group))
-                if group is not groups[-1]:
-                    continue
-                first, probability, usable, _ = blender.pop(rows[index + 1] if index + 1 < len(rows) else grid.height)
+                pending += [(rows[index], col, image[:, col - left:col - left + size],
+                             valid[:, col - left:col - left + size]) for col in group]
+                while len(pending) >= batch_size or (last and pending):
+                    batch, pending = pending[:batch_size], pending[batch_size:]
+                    probabilities = predict_tiles(runs, np.stack([tile for _, _, tile, _ in batch]), batch_size, flips)
+                    for (row, col, _, tile_valid), probability in zip(batch, probabilities):
+                        blender.add(row, col, probability, tile_valid)
+                    advance(len(batch))
+                # Rows above the next window still to be blended are final.
+                boundary = pending[0][0] if pending else grid.height if last else rows[reads[number + 1][0]]
+                first, probability, usable, _ = blender.pop(boundary)
                 if len(probability):
                     usable = usable.astype(bool)
                     window = Window(0, first, grid.width, len(probability))
