@@ -163,6 +163,56 @@ def test_a_saved_model_loads_back_with_the_same_output(tmp_path):
     np.testing.assert_allclose(restored(batch).numpy(), model(batch).numpy(), atol=1e-6)
 
 
+def test_dilated_convolutions_are_one_native_op_with_conv2d_results():
+    from rts_tf.models.blocks import AtrousConv2D, onednn_enabled
+
+    inputs = tf.constant(random_batch()[:, :8, :8])  # ASPP's case: rates up to and beyond the map size
+    for rate in (3, 6, 9):
+        atrous = AtrousConv2D(4, 3, padding="same", dilation_rate=rate, use_bias=False)
+        plain = tf.keras.layers.Conv2D(4, 3, padding="same", dilation_rate=rate, use_bias=False)
+        atrous.build(inputs.shape), plain.build(inputs.shape)
+        plain.set_weights(atrous.get_weights())
+        results = []
+        for layer in (atrous, plain):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                outputs = layer(inputs)
+                loss = tf.reduce_sum(outputs * outputs)
+            results.append([outputs, *tape.gradient(loss, [inputs, layer.kernel])])
+        for fast, reference in zip(*results):
+            np.testing.assert_allclose(fast.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
+        graph = tf.function(atrous).get_concrete_function(inputs).graph
+        op_types = {op.type for op in graph.get_operations()}
+        assert ("SpaceToBatchND" not in op_types) == onednn_enabled(), (rate, op_types)
+
+    model = tiny_model("deeplabv3")
+    assert {type(model.get_layer(f"aspp_rate{rate}_conv")) for rate in (3, 6, 9)} == {AtrousConv2D}
+
+
+def test_runs_saved_before_atrous_layers_still_load(tmp_path, monkeypatch):
+    # Earlier versions built DeepLab's dilated convolutions as plain Conv2D layers. A run folder holds
+    # model.keras (the layer classes are in its config) and weight-only checkpoints (best.h5, last.h5,
+    # matched by layer order and names): both must load into or next to today's models.
+    import rts_tf.models.blocks as blocks
+
+    tf.keras.utils.set_random_seed(5)
+    with monkeypatch.context() as patch:
+        patch.setattr(blocks, "AtrousConv2D", tf.keras.layers.Conv2D)
+        old = tiny_model("deeplabv3plus")
+    assert type(old.get_layer("aspp_rate9_conv")) is tf.keras.layers.Conv2D
+    old.save(tmp_path / "model.keras")
+    old.save_weights(str(tmp_path / "last.h5"))
+    batch = random_batch()
+    expected = old(batch, training=False).numpy()
+
+    restored = load_model(tmp_path / "model.keras")
+    new = tiny_model("deeplabv3plus")
+    new.load_weights(str(tmp_path / "last.h5"))
+
+    np.testing.assert_allclose(restored(batch, training=False).numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(new(batch, training=False).numpy(), expected, atol=1e-5)
+
+
 # ImageNet weights: an adapter from 3 to N bands, tested offline with a stand-in weight file.
 
 

@@ -2,9 +2,18 @@
 
 Every upsampling here is bilinear (``UpSampling2D(interpolation="bilinear")``, the TensorFlow ops
 ``ResizeBilinear`` and ``ResizeBilinearGrad``), which XLA compiles; nearest-neighbour upsampling
-is avoided because XLA has no kernel for its gradient ``ResizeNearestNeighborGrad``. The other
-ops are Conv2D, BatchNormalization (``FusedBatchNormV3``), ReLU, Concatenate and, in DeepLab's
-image pooling, a spatial mean.
+is avoided because XLA has no kernel for its gradient ``ResizeNearestNeighborGrad``. (Measured
+on CPU with oneDNN, the resizes and their gradients take about 1-2% of a UNet++ training step, so
+bilinear upsampling costs nothing worth saving.) The other ops are Conv2D, BatchNormalization
+(``FusedBatchNormV3``), ReLU, Concatenate and, in DeepLab's image pooling, a spatial mean.
+
+Dilated (atrous) convolutions are ``AtrousConv2D`` layers: a Keras ``Conv2D`` that, when
+TensorFlow's oneDNN CPU kernels are on (TensorFlow's default on CPUs with AVX512-VNNI or AMX, or
+``TF_ENABLE_ONEDNN_OPTS=1``), runs as one dilated ``Conv2D`` op instead of ``tf.nn.convolution``'s
+SpaceToBatchND + Conv2D + BatchToSpaceND (which Keras uses because TensorFlow's own CPU kernel has
+no dilations). Same weights, same results up to float rounding; 3-14x faster forward and backward
+for DeepLab's ASPP rates 3, 6, 9 on an 8 x 8 map. Without oneDNN, or in float16, it is the plain
+``Conv2D``.
 """
 
 from __future__ import annotations
@@ -14,9 +23,37 @@ import tensorflow as tf
 layers = tf.keras.layers
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process (``TF_ENABLE_ONEDNN_OPTS`` or its default)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # a TensorFlow without the private switch: keep the default path
+        return False
+
+
+@tf.keras.saving.register_keras_serializable(package="rts_tf")
+class AtrousConv2D(layers.Conv2D):
+    """``Conv2D`` whose dilated convolution is one native op when oneDNN is on (see the module docstring).
+
+    It has ``Conv2D``'s configuration and weights, so weights move freely between the two.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        dilated = any(rate != 1 for rate in self.dilation_rate)
+        if (dilated and isinstance(self.padding, str) and self.padding != "causal"
+                and inputs.dtype in (tf.float32, tf.bfloat16) and onednn_enabled()):
+            return tf.nn.conv2d(inputs, kernel, strides=list(self.strides), padding=self.padding.upper(),
+                                dilations=list(self.dilation_rate), data_format=self._tf_data_format,
+                                name=self.__class__.__name__)
+        return super().convolution_op(inputs, kernel)
+
+
 def conv_bn_relu(x: tf.Tensor, filters: int, name: str, kernel_size: int = 3, dilation_rate: int = 1) -> tf.Tensor:
-    """Convolution (no bias), BatchNormalization and ReLU."""
-    x = layers.Conv2D(
+    """Convolution (no bias), BatchNormalization and ReLU; an ``AtrousConv2D`` when ``dilation_rate`` > 1."""
+    conv = AtrousConv2D if dilation_rate != 1 else layers.Conv2D
+    x = conv(
         filters,
         kernel_size,
         padding="same",

@@ -16,8 +16,9 @@ size is fixed per model), concatenated and projected by a 1x1 conv-BN-ReLU with 
   ``low_level_filters`` channels by a 1x1 conv-BN-ReLU, two 3x3 conv-BN-ReLU, a 3x3 convolution to
   logits, bilinear upsampling by 4, float32 sigmoid.
 
-Ops: Conv2D (dilated), FusedBatchNormV3, Relu, Mean, ConcatV2, dropout, ResizeBilinear (gradient
-ResizeBilinearGrad), all compiled by XLA.
+Ops: Conv2D (dilated: one native op when oneDNN is on, see ``blocks.AtrousConv2D``; otherwise
+SpaceToBatchND + Conv2D + BatchToSpaceND), FusedBatchNormV3, Relu, Mean, ConcatV2, dropout,
+ResizeBilinear (gradient ResizeBilinearGrad), all compiled by XLA.
 """
 
 from __future__ import annotations
