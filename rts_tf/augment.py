@@ -1,15 +1,21 @@
-"""Augmentation: random transforms of a training tile, identical for image and label.
+"""Augmentation: random transforms of a batch of training tiles, identical for image and label.
 
-The only module that imports tensorflow_addons (rotations by arbitrary angles, Gaussian blur).
-Every transform keeps ignored pixels ignored: geometric transforms move the label with the image
-(nearest neighbour) and fill uncovered corners with the ignore value; radiometric ones change the
-image only.
+Each tile gets its own transform, drawn from its own seed with stateless ops: a tile's
+augmentation is a function of its seed alone, not of the batch it is in nor of the parallelism, so
+a run with a fixed --seed is repeatable. The geometric transforms (flips, quarter turns, a small
+rotation) are one projective transform per tile, applied to the whole batch in one call: to the
+image with bilinear interpolation, to the label with nearest neighbour and the ignore value in the
+uncovered corners. Blur and the radiometric jitter change the image only.
 
 Ignored pixels (stored as 0) must not leak into valid ones: the model normalises them to 0, the
 training mean, so here they hold the band means (`centre`) while interpolating rotations, blurs
-and contrast mix neighbours, and uncovered corners are filled with the means too. The valid pixels
-of a tile therefore do not depend on what its ignored pixels held. At the end ignored pixels are 0
-again, as in the records.
+and contrast mix neighbours, and uncovered corners are filled with the means too (the image is
+transformed as deviations from the means, in which both are 0). The valid pixels of a tile
+therefore do not depend on what its ignored pixels held. At the end ignored pixels are 0 again, as
+in the records.
+
+The only module that imports tensorflow_addons (its `transform` takes a batch and one transform
+per tile).
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ with warnings.catch_warnings():
     import tensorflow_addons as tfa
 
 
-
 @dataclass(frozen=True)
 class AugmentSettings:
     """Strengths of the random transforms (0 disables one)."""
@@ -44,77 +49,138 @@ class AugmentSettings:
     noise: float = 0.02
 
 
-def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, band_names: list[str],
-            settings: AugmentSettings = AugmentSettings(), centre: tf.Tensor | None = None
-            ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Randomly transform one tile: image (H, W, C) float32 in physical units, label (H, W, 1) uint8.
-
-    seed is a shape-(2,) int tensor; the same seed gives the same transform (stateless ops), so a
-    run with a fixed --seed is repeatable whatever the parallelism. centre (C,) holds the band
-    means that ignored pixels take while pixels are mixed (default 0).
-    """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=8)
-    centre = tf.zeros([len(band_names)], tf.float32) if centre is None else tf.cast(centre, tf.float32)
-    label = tf.cast(label, tf.float32)
-    # Work on deviations from the means: ignored pixels and fill values are 0 there.
-    image = tf.where(tf.not_equal(label, IGNORE), image - centre, 0.0)
-    # Flips and quarter turns move pixels without interpolation: one stacked tensor serves both.
-    stacked = tf.concat([image, label], axis=-1)
-    if settings.flips:
-        flip = tf.random.stateless_uniform([2], seeds[0]) < 0.5
-        stacked = tf.cond(flip[0], lambda: tf.reverse(stacked, [1]), lambda: stacked)
-        stacked = tf.cond(flip[1], lambda: tf.reverse(stacked, [0]), lambda: stacked)
-    if settings.rotate90:
-        stacked = tf.image.rot90(stacked, tf.random.stateless_uniform([], seeds[1], 0, 4, dtype=tf.int32))
-    image, label = stacked[..., :-1], stacked[..., -1:]
-    if settings.max_rotation_degrees > 0:
-        limit = settings.max_rotation_degrees * math.pi / 180
-        angle = tf.random.stateless_uniform([], seeds[2], -limit, limit)
-        image = tfa.image.rotate(image, angle, interpolation="bilinear", fill_mode="constant", fill_value=0.0)
-        label = tfa.image.rotate(label, angle, interpolation="nearest", fill_mode="constant",
-                                 fill_value=float(IGNORE))
+def augment_batch(images: tf.Tensor, labels: tf.Tensor, seeds: tf.Tensor, band_names: list[str],
+                  settings: AugmentSettings = AugmentSettings(), centre: tf.Tensor | None = None
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Randomly transform a batch: images (B, H, W, C) float32 in physical units, labels (B, H, W, 1)
+    uint8, seeds (B, 2) int, one per tile. centre (C,) holds the band means that ignored pixels take
+    while pixels are mixed (default 0). Quarter turns keep pixels on the grid for square tiles only."""
+    choices = random_choices(seeds, settings)
+    centre = tf.zeros([len(band_names)]) if centre is None else tf.cast(centre, tf.float32)
+    # Work on deviations from the means: ignored pixels (whatever they hold) and fill values are 0 there.
+    deviation = tf.math.multiply_no_nan(images - centre, tf.cast(tf.not_equal(labels, IGNORE), tf.float32))
+    if settings.flips or settings.rotate90 or settings.max_rotation_degrees > 0:
+        transforms = projective_transforms(choices, tf.shape(images)[1], tf.shape(images)[2])
+        deviation = transform(deviation, transforms, "BILINEAR", 0.0)
+        labels = transform(labels, transforms, "NEAREST", IGNORE)
     if settings.blur_probability > 0 and settings.max_blur_sigma > 0:
-        # tfa's blur takes a Python sigma: draw one of a few strengths up to the maximum.
-        sigmas = [settings.max_blur_sigma * f for f in (0.4, 0.7, 1.0)]
-        choice = tf.random.stateless_uniform([], seeds[3], 0, len(sigmas), dtype=tf.int32)
-        blurred = lambda: tf.switch_case(choice, [lambda s=s: tfa.image.gaussian_filter2d(image, (5, 5), s)
-                                                  for s in sigmas])
-        blur = tf.random.stateless_uniform([], seeds[4]) < settings.blur_probability
-        image = tf.cond(blur, blurred, lambda: image)
-    valid = tf.not_equal(label, IGNORE)
-    image = jitter_reflectance(image + centre, valid, seeds[5:8], band_names, settings)
-    image = image * tf.cast(valid, image.dtype)  # ignored pixels hold 0, as in the records
-    return image, tf.cast(label, tf.uint8)
+        deviation = blur(deviation, choices["blur_sigma"])
+    image = jitter_reflectance(deviation, tf.not_equal(labels, IGNORE), centre, choices, band_names, settings)
+    image.set_shape(images.shape)
+    return image, labels
 
 
-def jitter_reflectance(image: tf.Tensor, valid: tf.Tensor, seeds: tf.Tensor, band_names: list[str],
-                       settings: AugmentSettings) -> tf.Tensor:
-    """Brightness, contrast and multiplicative noise on the reflectance bands; NDVI is recomputed
-    from the changed red and NIR so that the bands stay consistent. Contrast turns about the mean
-    of the valid pixels (valid: (H, W, 1) bool)."""
-    if not any(name in band_names for name in REFLECTANCE_BANDS) or \
-            (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
-        return image
-    # Per-band vectors (1 where a band is reflectance) keep every step a broadcast over the tile.
-    is_reflectance = tf.constant([float(name in REFLECTANCE_BANDS) for name in band_names])
-    gain = 1.0 + tf.random.stateless_uniform([], seeds[0], -settings.brightness, settings.brightness)
-    contrast = 1.0 + tf.random.stateless_uniform([], seeds[1], -settings.contrast, settings.contrast)
-    weight = tf.cast(valid, image.dtype)
-    mean = tf.reduce_sum(image * weight, axis=[0, 1], keepdims=True) / tf.maximum(tf.reduce_sum(weight), 1.0)
-    changed = ((image - mean) * contrast + mean) * gain
-    # Noise is drawn for the reflectance bands only and placed on their channels by a selection
-    # matrix; it is uniform with standard deviation `noise` (a third of the cost of normal numbers).
-    reflectance_indexes = [i for i, name in enumerate(band_names) if name in REFLECTANCE_BANDS]
-    selection = tf.one_hot(reflectance_indexes, len(band_names))
-    half_width = settings.noise * 3 ** 0.5
-    noise = tf.random.stateless_uniform(tf.concat([tf.shape(image)[:2], [len(reflectance_indexes)]], 0), seeds[2],
-                                        -half_width, half_width)
-    changed *= 1.0 + tf.tensordot(noise, selection, axes=1)
-    image = image + is_reflectance * (tf.maximum(changed, 0.0) - image)
-    if {"red", "nir", "ndvi"} <= set(band_names):
-        red, nir = image[..., band_names.index("red")], image[..., band_names.index("nir")]
-        total = red + nir
-        ndvi = tf.where(total > 0, (nir - red) / tf.maximum(total, 1e-6), 0.0)
-        is_ndvi = tf.one_hot(band_names.index("ndvi"), len(band_names))
-        image = image + is_ndvi * (ndvi[..., None] - image)
-    return image
+def random_choices(seeds: tf.Tensor, settings: AugmentSettings) -> dict[str, tf.Tensor]:
+    """Each tile's random choices, from its seed (seeds (B, 2)): `flip_x`, `flip_y` (bool),
+    `quarter_turns` (int32, 0-3), `angle` (radians), `blur_sigma` (0: no blur), `gain` and `contrast`
+    (factors), all (B,), and `noise_seed` (B, 2), the seed of its noise."""
+    def draw(seed):
+        keys = tf.random.experimental.stateless_split(seed, 2)
+        return tf.random.stateless_uniform([8], keys[0]), keys[1]
+
+    uniform, noise_seed = tf.map_fn(draw, tf.cast(seeds, tf.int64), fn_output_signature=(tf.float32, tf.int64))
+    u = tf.unstack(uniform, 8, axis=1)
+    between = lambda value, low, high: low + (high - low) * value
+    limit = settings.max_rotation_degrees * math.pi / 180
+    return {
+        "flip_x": tf.logical_and(u[0] < 0.5, settings.flips),
+        "flip_y": tf.logical_and(u[1] < 0.5, settings.flips),
+        "quarter_turns": tf.minimum(tf.cast(u[2] * 4, tf.int32), 3) * int(settings.rotate90),
+        "angle": between(u[3], -limit, limit),
+        # A strength between 0.4 and 1 times the maximum, for a `blur_probability` of the tiles.
+        "blur_sigma": tf.where(u[4] < settings.blur_probability,
+                               between(u[5], 0.4 * settings.max_blur_sigma, settings.max_blur_sigma), 0.0),
+        "gain": between(u[6], 1 - settings.brightness, 1 + settings.brightness),
+        "contrast": between(u[7], 1 - settings.contrast, 1 + settings.contrast),
+        "noise_seed": noise_seed,
+    }
+
+
+def projective_transforms(choices: dict[str, tf.Tensor], height, width) -> tf.Tensor:
+    """(B, 8) transforms as ImageProjectiveTransformV3 takes them, mapping each output pixel to the
+    input position it samples: about the tile's centre, flipped, turned by the quarter turns and
+    rotated by the angle. Without an angle the coefficients are exactly 0 and +-1 (pixels stay on
+    the grid)."""
+    turns = choices["quarter_turns"]
+    cos, sin = tf.gather([1.0, 0.0, -1.0, 0.0], turns), tf.gather([0.0, 1.0, 0.0, -1.0], turns)
+    cos_angle, sin_angle = tf.cos(choices["angle"]), tf.sin(choices["angle"])
+    cos, sin = cos * cos_angle - sin * sin_angle, sin * cos_angle + cos * sin_angle
+    flip_x = tf.where(choices["flip_x"], -1.0, 1.0)
+    flip_y = tf.where(choices["flip_y"], -1.0, 1.0)
+    xx, xy, yx, yy = flip_x * cos, -flip_x * sin, flip_y * sin, flip_y * cos
+    centre_x, centre_y = (tf.cast(width, tf.float32) - 1) / 2, (tf.cast(height, tf.float32) - 1) / 2
+    zero = tf.zeros_like(cos)
+    return tf.stack([xx, xy, centre_x - xx * centre_x - xy * centre_y,
+                     yx, yy, centre_y - yx * centre_x - yy * centre_y, zero, zero], axis=1)
+
+
+def transform(images: tf.Tensor, transforms: tf.Tensor, interpolation: str, fill: float) -> tf.Tensor:
+    """Each image of the batch transformed by its transform (one op for the whole batch);
+    positions outside take `fill`."""
+    out = tfa.image.transform(images, transforms, interpolation=interpolation.lower(), fill_mode="constant",
+                              fill_value=fill)
+    out.set_shape(images.shape)
+    return out
+
+
+def blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+    """A 5 x 5 Gaussian blur (edges reflected) of the tiles whose sigma (B,) is above 0, each with
+    its own sigma; only those tiles are touched."""
+    chosen = tf.where(sigma > 0)[:, 0]
+    offsets = tf.range(-2.0, 3.0)
+    weights = tf.nn.softmax(-offsets ** 2 / (2 * tf.gather(sigma, chosen)[:, None] ** 2))  # (n, 5), sum 1
+    kernels = tf.tile((weights[:, :, None] * weights[:, None, :])[..., None, None], [1, 1, 1, images.shape[-1], 1])
+
+    def one(index, kernel):
+        tile = tf.pad(images[index][None], [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
+        return tf.nn.depthwise_conv2d(tile, kernel, [1, 1, 1, 1], "VALID")[0]
+
+    blurred = tf.map_fn(lambda pair: one(*pair), (chosen, kernels), fn_output_signature=tf.TensorSpec(images.shape[1:]))
+    return tf.tensor_scatter_nd_update(images, chosen[:, None], blurred)
+
+
+def jitter_reflectance(deviation: tf.Tensor, valid: tf.Tensor, centre: tf.Tensor, choices: dict[str, tf.Tensor],
+                       band_names: list[str], settings: AugmentSettings) -> tf.Tensor:
+    """The image in physical units (deviation + centre), ignored pixels 0 (valid: (B, H, W, 1)
+    bool), with brightness, contrast and multiplicative noise on the reflectance bands, which stay
+    >= 0; NDVI is recomputed from the changed red and NIR so that the bands stay consistent.
+    Contrast turns about the mean of the tile's valid pixels."""
+    weight = tf.cast(valid, tf.float32)
+    reflectance = [i for i, name in enumerate(band_names) if name in REFLECTANCE_BANDS]
+    if not reflectance or (settings.brightness == 0 and settings.contrast == 0 and settings.noise == 0):
+        return (deviation + centre) * weight
+    ndvi = [band_names.index("ndvi")] if {"red", "nir", "ndvi"} <= set(band_names) else []
+    rest = [i for i in range(len(band_names)) if i not in reflectance + ndvi]
+    # Per tile and band, contrast about the mean m then gain g is an affine map of the deviations:
+    # ((d + centre - m) * contrast + m) * gain = d * scale + offset.
+    changed = channels(deviation, reflectance)
+    shape = tf.shape(changed)
+    sums = tf.matmul(tf.reshape(weight, [shape[0], 1, -1]), tf.reshape(changed, [shape[0], -1, len(reflectance)]))
+    mean = sums[:, 0] / tf.maximum(tf.reduce_sum(weight, axis=[1, 2, 3]), 1.0)[:, None] + tf.gather(centre, reflectance)
+    contrast, gain = choices["contrast"][:, None], choices["gain"][:, None]
+    scale = (contrast * gain)[:, None, None, :]
+    offset = (((tf.gather(centre, reflectance) - mean) * contrast + mean) * gain)[:, None, None, :]
+    # Noise is uniform with standard deviation `noise` (a third of the cost of normal numbers); the
+    # weight that zeroes ignored pixels rides on it.
+    factor = weight
+    if settings.noise > 0:
+        half_width = settings.noise * 3 ** 0.5
+        draw = lambda seed: tf.random.stateless_uniform([shape[1], shape[2], len(reflectance)], seed,
+                                                        1 - half_width, 1 + half_width)
+        factor = weight * tf.map_fn(draw, choices["noise_seed"], fn_output_signature=tf.float32)
+    parts = [tf.maximum((changed * scale + offset) * factor, 0.0)]
+    if ndvi:
+        red, nir = (channels(parts[0], [reflectance.index(band_names.index(name))]) for name in ("red", "nir"))
+        parts.append(tf.math.divide_no_nan(nir - red, nir + red))  # 0 where both are (ignored pixels)
+    if rest:
+        parts.append((channels(deviation, rest) + tf.gather(centre, rest)) * weight)
+    image = tf.concat(parts, axis=-1)
+    order = [(reflectance + ndvi + rest).index(i) for i in range(len(band_names))]
+    return image if order == list(range(len(band_names))) else channels(image, order)
+
+
+def channels(images: tf.Tensor, indexes: list[int]) -> tf.Tensor:
+    """images[..., indexes]: a slice where the indexes are a run (much cheaper than a gather)."""
+    if indexes == list(range(indexes[0], indexes[0] + len(indexes))):
+        return images[..., indexes[0]:indexes[0] + len(indexes)]
+    return tf.gather(images, indexes, axis=-1)

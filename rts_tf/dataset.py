@@ -1,4 +1,4 @@
-"""Input pipeline: records chosen by region -> tf.data (interleave, parse, augment, batch, prefetch)."""
+"""Input pipeline: records chosen by region -> tf.data (interleave, parse, batch, augment, prefetch)."""
 
 from __future__ import annotations
 
@@ -276,21 +276,28 @@ def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, tra
                            num_parallel_calls=AUTOTUNE)
 
     def finish(dataset: tf.data.Dataset, seeds: tf.data.Dataset) -> tf.data.Dataset:
-        """Oversample, cast, augment with the given per-tile seeds, batch."""
+        """Oversample, batch, then convert to float32 and augment whole batches in one map, each
+        tile with its own seed from `seeds`."""
         if training and oversample_slumps > 1:
             dataset = dataset.flat_map(lambda s: tf.data.Dataset.from_tensors(s).repeat(
                 tf.where(s["slumps"] > 0, tf.constant(oversample_slumps, tf.int64), tf.constant(1, tf.int64))))
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=epochs is None)
-        dataset = dataset.map(lambda s: (image_float32(s["image"], manifest), s["label"]), num_parallel_calls=AUTOTUNE)
-        if training and augment_settings is not None:
-            from rts_tf.augment import augment
+        augmenting = training and augment_settings is not None
+        if augmenting:
+            from rts_tf.augment import augment_batch
 
             centre = tf.constant(np.zeros(len(band_names)) if mean is None else mean, tf.float32)
-            dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-                lambda pair, s: augment(pair[0], pair[1], s, band_names, augment_settings, centre),
-                num_parallel_calls=AUTOTUNE)
-        return dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
+            dataset = tf.data.Dataset.zip((dataset, seeds))
+
+        def to_float(sample, tile_seeds=None):
+            image = image_float32(sample["image"], manifest)
+            if not augmenting:
+                return image, sample["label"]
+            return augment_batch(image, sample["label"], tile_seeds, band_names, augment_settings, centre)
+
+        return dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE).map(
+            to_float, num_parallel_calls=AUTOTUNE)
 
     files = tf.data.Dataset.from_tensor_slices(paths)
     if training and epochs is not None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rts_tf.augment import AugmentSettings, augment
+from rts_tf.augment import AugmentSettings, augment_batch, random_choices
 from rts_tf.bands import BAND_NAMES
 from rts_tf.dataset import Selection, grid_positions, make_dataset, normalisation, split_data
 from rts_tf.errors import InputError
@@ -25,11 +25,13 @@ def collect(dataset):
 
 def test_batches_have_the_manifest_shapes_and_dtypes(demo_records, manifest):
     split = split_data(manifest, holdout_region="Lena", method="scenes")
-    assert split.test_region == "Lena" and "Lena" not in split.train_regions and len(split.train_regions) == 5
+    assert split.test_region == "Lena" and "Lena" not in split.train_regions
+    assert len(split.train_regions) == len(manifest["regions"]) - 1
     dataset = make_dataset(demo_records, manifest, split.train, 4, training=True, augment_settings=AugmentSettings())
     image, label = next(iter(dataset))
     assert image.shape == (4, 64, 64, 10) and image.dtype == tf.float32
     assert label.shape == (4, 64, 64, 1) and label.dtype == tf.uint8
+    assert dataset.element_spec[0].shape == (4, 64, 64, 10) and dataset.element_spec[1].shape == (4, 64, 64, 1)
     tiles, _ = split.train.tile_count(manifest)
     images, _ = collect(dataset)
     assert len(images) == tiles // 4 * 4  # one pass, last partial batch dropped
@@ -172,8 +174,82 @@ def test_normalisation_combines_the_training_regions(manifest):
     assert (std > 0).all()
 
 
+NO_AUGMENTATION = dict(flips=False, rotate90=False, max_rotation_degrees=0.0, blur_probability=0.0, brightness=0.0,
+                       contrast=0.0, noise=0.0)
+
+
+def only(**changes):
+    """Augmentation settings with every transform off but the ones given."""
+    return AugmentSettings(**{**NO_AUGMENTATION, **changes})
+
+
+def augment(images, labels, seeds, settings, centre=None):
+    """augment_batch on NumPy arrays (seeds (B, 2)), back to NumPy."""
+    image, label = augment_batch(tf.constant(images, tf.float32), tf.constant(labels, tf.uint8),
+                                 tf.constant(seeds, tf.int64), BAND_NAMES, settings,
+                                 None if centre is None else tf.constant(centre, tf.float32))
+    return image.numpy(), label.numpy()
+
+
+def tile_seeds(count, key=7):
+    return np.stack([np.arange(count), np.full(count, key)], axis=1)
+
+
+def gradient_tiles(count, size=32):
+    """`count` copies of a tile whose pixels and bands all differ (no flip or turn maps it onto
+    itself), with a slump rectangle; every pixel valid."""
+    rows, cols = np.mgrid[:size, :size].astype(np.float32)
+    image = np.stack([0.05 + 0.001 * rows + 0.0001 * cols + 0.01 * band for band in range(10)], axis=-1)
+    label = np.zeros((size, size, 1), np.uint8)
+    label[4:12, 6:20] = 1
+    return np.repeat(image[None], count, 0), np.repeat(label[None], count, 0)
+
+
+def constant_tiles(count, size=16):
+    """Tiles of one value per band (NDVI consistent with red and NIR), every pixel valid."""
+    values = np.array([0.04, 0.06, 0.05, 0.30, 0.25 / 0.35, 120, 140, 110, 2.0, 4.0], np.float32)
+    return np.broadcast_to(values, (count, size, size, 10)).copy(), np.zeros((count, size, size, 1), np.uint8)
+
+
+def test_flips_and_quarter_turns_move_image_and_label_together_exactly():
+    images, labels = gradient_tiles(16)
+    out, out_labels = augment(images, labels, tile_seeds(16), only(flips=True, rotate90=True),
+                              centre=np.linspace(0.05, 5, 10))
+    seen = set()
+    for tile in range(16):
+        moved = lambda array, turns, flip: np.rot90(array[:, ::-1] if flip else array, turns)
+        matches = [(turns, flip) for turns in range(4) for flip in (False, True)
+                   if np.array_equal(out_labels[tile], moved(labels[tile], turns, flip))
+                   and np.allclose(out[tile], moved(images[tile], turns, flip), rtol=0, atol=1e-6)]
+        assert len(matches) == 1, tile  # exactly one of the eight: pixels stay on the grid, nothing blurs
+        seen.update(matches)
+    assert len(seen) >= 4  # the tiles of one batch get different transforms
+
+
+def test_rotations_fill_uncovered_corners_with_ignore_and_zero():
+    size, count = 64, 12
+    images, labels = gradient_tiles(count, size)
+    seeds, settings = tile_seeds(count), only(max_rotation_degrees=10.0)
+    out, out_labels = augment(images, labels, seeds, settings, centre=images[0, 0, 0])
+    angles = random_choices(tf.constant(seeds), settings)["angle"].numpy()
+    assert (np.abs(angles) <= np.radians(10)).all() and len(set(angles.tolist())) == count
+    middle = (size - 1) / 2
+    rows, cols = np.mgrid[:size, :size] - middle
+    for tile, angle in enumerate(angles):
+        # Nearest neighbour: a pixel is uncovered where the position it samples rounds to outside
+        # the tile (as many pixels for -angle as for angle).
+        x = np.round(np.cos(angle) * cols - np.sin(angle) * rows + middle)
+        y = np.round(np.sin(angle) * cols + np.cos(angle) * rows + middle)
+        outside = (x < 0) | (x > size - 1) | (y < 0) | (y > size - 1)
+        ignored = out_labels[tile, ..., 0] == 255
+        assert abs(int(ignored.sum()) - int(outside.sum())) <= 4, (tile, np.degrees(angle))
+        assert not ignored[16:48, 16:48].any() and (out[tile][ignored] == 0).all()
+        if abs(angle) > np.radians(2):
+            assert ignored[0, 0] and ignored[0, -1] and ignored[-1, 0] and ignored[-1, -1]
+    assert sum((out_labels[tile] == 255).sum() > 50 for tile in range(count)) >= count // 2
+
+
 def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
-    band_names = BAND_NAMES
     rng = np.random.default_rng(0)
     image = np.zeros((64, 64, 10), np.float32)
     image[..., :4] = 0.05
@@ -184,9 +260,9 @@ def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
     label[50:, :10] = 255
     image[50:, :10] = 0.0
     settings = AugmentSettings(blur_probability=0.0, noise=0.0)  # keep band 8 crisp for the check
-    for seed in range(12):
-        out_image, out_label = (t.numpy() for t in augment(tf.constant(image), tf.constant(label),
-                                                           tf.constant([seed, 7]), band_names, settings))
+    out_images, out_labels = augment(np.repeat(image[None], 12, 0), np.repeat(label[None], 12, 0),
+                                     tile_seeds(12), settings)
+    for out_image, out_label in zip(out_images, out_labels):
         valid = out_label[..., 0] != 255
         # The label still marks exactly where the image's slump band is high (away from blurred edges).
         high = out_image[..., 8] > 4.0
@@ -200,36 +276,110 @@ def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
         assert np.allclose(ndvi, (nir - red) / (nir + red), atol=1e-4)
 
 
+def test_a_tiles_augmentation_is_a_function_of_its_seed_alone():
+    images, labels = gradient_tiles(6)
+    seeds, settings = tile_seeds(6), AugmentSettings(blur_probability=0.5)
+    first, again = augment(images, labels, seeds, settings), augment(images, labels, seeds, settings)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    for tile in range(6):  # the same alone as in its batch
+        alone = augment(images[tile:tile + 1], labels[tile:tile + 1], seeds[tile:tile + 1], settings)
+        np.testing.assert_allclose(alone[0][0], first[0][tile], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(alone[1][0], first[1][tile])
+    assert all(not np.array_equal(first[0][0], first[0][tile]) for tile in range(1, 6))
+    other = augment(images, labels, tile_seeds(6, key=8), settings)
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_brightness_scales_the_reflectance_bands_and_leaves_ndvi():
+    images, labels = constant_tiles(8)
+    seeds, settings = tile_seeds(8), only(brightness=0.1)
+    gain = random_choices(tf.constant(seeds), settings)["gain"].numpy()
+    assert ((gain >= 0.9) & (gain <= 1.1)).all() and len(set(gain.tolist())) == 8
+    out, _ = augment(images, labels, seeds, settings, centre=images[0, 0, 0] * 0.9)
+    # red 0.05 and NIR 0.30 become 0.05 g and 0.30 g; NDVI stays 0.25 / 0.35; the rest is untouched.
+    np.testing.assert_allclose(out[:, 0, 0, 2], 0.05 * gain, rtol=1e-5)
+    np.testing.assert_allclose(out[..., :4], images[..., :4] * gain[:, None, None, None], rtol=1e-5)
+    np.testing.assert_allclose(out[..., 4], 0.25 / 0.35, rtol=1e-5)
+    np.testing.assert_allclose(out[..., 5:], images[..., 5:], rtol=1e-6)
+
+
+def test_contrast_turns_about_the_mean_of_the_valid_pixels():
+    images, labels = constant_tiles(4)
+    images[:, :, :8, :4] *= 0.5  # the left half darker
+    labels[:, :, 12:] = 255  # an ignored stripe, holding garbage: not in the mean
+    images[:, :, 12:] = 7.0
+    seeds, settings = tile_seeds(4), only(contrast=0.1, brightness=0.1)
+    choices = random_choices(tf.constant(seeds), settings)
+    contrast, gain = (choices[name].numpy()[:, None, None, None] for name in ("contrast", "gain"))
+    out, _ = augment(images, labels, seeds, settings)
+    bright = constant_tiles(1)[0][0, 0, 0, :4]
+    mean = bright * (8 * 0.5 + 4 * 1.0) / 12  # columns 0-7 at half, 8-11 at full value
+    expected = ((images[..., :12, :4] - mean) * contrast + mean) * gain
+    np.testing.assert_allclose(out[..., :12, :4], expected, rtol=1e-5)
+    red, nir = expected[..., 2], expected[..., 3]
+    np.testing.assert_allclose(out[..., :12, 4], (nir - red) / (nir + red), rtol=1e-5)
+    assert (out[..., 12:, :] == 0).all()
+
+
+def test_noise_is_per_pixel_and_band_with_the_set_strength():
+    images, labels = constant_tiles(4, size=64)
+    out, _ = augment(images, labels, tile_seeds(4), only(noise=0.02))
+    change = out[..., :4] / images[..., :4] - 1
+    assert abs(change.std() - 0.02) < 0.001 and abs(change.mean()) < 0.001
+    assert np.abs(change).max() <= 0.02 * 3 ** 0.5 + 1e-6
+    assert abs(np.corrcoef(change[..., 2].ravel(), change[..., 3].ravel())[0, 1]) < 0.05
+    np.testing.assert_allclose(out[..., 4], (out[..., 3] - out[..., 2]) / (out[..., 3] + out[..., 2]), rtol=1e-5)
+    np.testing.assert_array_equal(out[..., 5:], images[..., 5:])
+
+
+def test_blur_is_a_gaussian_with_each_tiles_sigma():
+    images, labels = constant_tiles(8)
+    images[:, 8, 8, 8] += 1.0  # one bright pixel in relative elevation
+    seeds, settings = tile_seeds(8), only(blur_probability=0.5, max_blur_sigma=1.0)
+    sigma = random_choices(tf.constant(seeds), settings)["blur_sigma"].numpy()
+    assert 0 < (sigma > 0).sum() < 8 and ((sigma == 0) | ((sigma >= 0.4) & (sigma <= 1.0))).all()
+    out, _ = augment(images, labels, seeds, settings)
+    for tile, s in enumerate(sigma):
+        if s == 0:
+            np.testing.assert_array_equal(out[tile], images[tile])
+            continue
+        kernel = np.exp(-np.arange(-2, 3) ** 2 / (2 * s ** 2))
+        kernel /= kernel.sum()
+        np.testing.assert_allclose(out[tile, 6:11, 6:11, 8] - 2.0, np.outer(kernel, kernel), atol=1e-5)
+        np.testing.assert_allclose(out[tile, ..., 5], 120, rtol=1e-6)  # constant bands stay constant
+
+
+def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
+    """Half-ignored tiles: whatever their ignored half held, the valid half comes out the same."""
+    rng = np.random.default_rng(1)
+    centre = np.array([0.04, 0.06, 0.05, 0.25, 0.6, 120, 140, 110, 0.0, 4.0], np.float32)
+    image = (centre * rng.uniform(0.8, 1.2, (6, 64, 64, 10))).astype(np.float32)
+    label = np.zeros((6, 64, 64, 1), np.uint8)
+    label[:, :, 32:] = 255
+    zeros, garbage = image.copy(), image.copy()
+    zeros[:, :, 32:] = 0.0  # as records store ignored pixels
+    garbage[:, :, 32:] = rng.uniform(-500, 500, (6, 64, 32, 10))
+    garbage[:, 5, 40] = np.nan
+    garbage[:, 6, 40] = np.inf
+    settings = AugmentSettings(blur_probability=1.0)
+    (first, first_label), (second, second_label) = (augment(x, label, tile_seeds(6, 3), settings, centre)
+                                                    for x in (zeros, garbage))
+    np.testing.assert_array_equal(first_label, second_label)
+    valid = first_label[..., 0] != 255
+    np.testing.assert_allclose(first[valid], second[valid], rtol=0, atol=1e-5)
+    assert (first[~valid] == 0).all() and (second[~valid] == 0).all()
+    # Near the ignored half, blur and rotation mix in the band means, not zeros: the valid pixels
+    # next to it stay at the scale of the means (TCVIS about 120, not pulled towards 0).
+    assert first[valid][:, 5].min() > 0.5 * centre[5]
+
+
 def test_same_seed_same_batches(demo_records, manifest):
     make = lambda seed: collect(make_dataset(demo_records, manifest, ("Kolguev", "Banks"), 2, training=True, seed=seed,
                                              augment_settings=AugmentSettings()))
     first, again, other = make(1), make(1), make(2)
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert not np.array_equal(first[0], other[0])
-
-
-def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
-    """A half-ignored tile: whatever its ignored half held, the valid half comes out the same."""
-    band_names = BAND_NAMES
-    rng = np.random.default_rng(1)
-    centre = np.array([0.04, 0.06, 0.05, 0.25, 0.6, 120, 140, 110, 0.0, 4.0], np.float32)
-    image = (centre * rng.uniform(0.8, 1.2, (64, 64, 10))).astype(np.float32)
-    label = np.zeros((64, 64, 1), np.uint8)
-    label[:, 32:] = 255
-    zeros, garbage = image.copy(), image.copy()
-    zeros[:, 32:] = 0.0  # as records store ignored pixels
-    garbage[:, 32:] = rng.uniform(-500, 500, (64, 32, 10))
-    for seed in range(6):
-        outputs = [augment(tf.constant(x), tf.constant(label), tf.constant([seed, 3]), band_names, AugmentSettings(
-            blur_probability=1.0), tf.constant(centre)) for x in (zeros, garbage)]
-        (first, first_label), (second, second_label) = [(a.numpy(), b.numpy()) for a, b in outputs]
-        np.testing.assert_array_equal(first_label, second_label)
-        valid = first_label[..., 0] != 255
-        np.testing.assert_allclose(first[valid], second[valid], rtol=0, atol=1e-5)
-        assert (first[~valid] == 0).all()
-    # Near the ignored half, blur and rotation mix in the band means, not zeros: the valid pixels
-    # next to it stay at the scale of the means (TCVIS about 120, not pulled towards 0).
-    assert first[valid][:, 5].min() > 0.5 * centre[5]
 
 
 def test_the_model_normalises_ignored_pixels_to_zero():
