@@ -17,6 +17,11 @@ class InputError(ValueError):
     """A problem with a user's file, folder or option; its message names the file and the reason."""
 
 
+class OutputError(InputError):
+    """A write that failed for a reason of the output's disk or folder (full, read-only, forbidden):
+    it concerns every job of a command, not one bad input, so a command stops at the first."""
+
+
 # A write error of a library that does not say why (GDAL: "IO error writing tag data") counts as a
 # full disk when the disk has less than this left.
 NEARLY_FULL_BYTES = 16 * 2 ** 20
@@ -43,11 +48,11 @@ def disk_problem(error: BaseException, path: str | os.PathLike | None = None) ->
     return None
 
 
-def output_error(path: str | os.PathLike, error: BaseException) -> InputError:
+def output_error(path: str | os.PathLike, error: BaseException) -> OutputError:
     """A one-line error for a failed write of `path`: the file and what to do."""
     reason = disk_problem(error, path)
     if reason is None:
-        return InputError(f"{path}: cannot write: {str(error).strip().splitlines()[0] if str(error) else error!r}")
+        return OutputError(f"{path}: cannot write: {str(error).strip().splitlines()[0] if str(error) else error!r}")
     if reason.startswith("no space left on device"):
         reason, extra = "no space left on device", reason[len("no space left on device"):].rstrip()
     else:
@@ -56,4 +61,4 @@ def output_error(path: str | os.PathLike, error: BaseException) -> InputError:
                                        "(finished work is kept)",
             "disk quota exceeded": "free space or choose another folder, then run the command again",
             "read-only file system": "choose a writable folder"}.get(reason, "check the folder's permissions")
-    return InputError(f"{path}: cannot write: {reason}{extra}; {hint}")
+    return OutputError(f"{path}: cannot write: {reason}{extra}; {hint}")

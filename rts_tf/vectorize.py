@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,15 +135,29 @@ STRING_FIELDS = ("scene_id", "image_date", "region", "site")
 INTEGER_FIELDS = ("touches_nodata",)
 
 
-def write_polygons(polygons: Polygons, path: str | os.PathLike, layer: str = "rts") -> None:
-    """Write a GeoPackage of MultiPolygons atomically (temporary name, then rename)."""
+def read_polygons_file(path: str | os.PathLike, layer: str = "rts") -> Polygons:
+    """Polygons and their attribute columns back from a GeoPackage written by write_polygons."""
+    meta, _, geometry, fields = pyogrio.raw.read(path, layer=layer)
+    wkb = [g for g in geometry] if geometry is not None else []
+    return Polygons(CRS.from_user_input(meta["crs"]), list(shapely.from_wkb(np.array(wkb, dtype=object))) if wkb else [],
+                    {name: list(values) for name, values in zip(meta["fields"], fields)})
+
+
+def write_polygons(polygons: Polygons, path: str | os.PathLike, layer: str = "rts",
+                   temporary_id: str | None = None) -> None:
+    """Write a GeoPackage of MultiPolygons atomically: under a temporary name of this attempt's own
+    (`<stem>.<temporary_id>.tmp.gpkg`, a random id by default), then renamed."""
     path = Path(path)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    temporary.unlink(missing_ok=True)
+    temporary = path.with_name(f"{path.stem}.{temporary_id or uuid.uuid4().hex[:12]}.tmp{path.suffix}")
     fields = list(polygons.attributes)
     dtypes = [object if key in STRING_FIELDS else np.int64 if key in INTEGER_FIELDS else np.float64 for key in fields]
     values = [np.array(polygons.attributes[key], dtype=dtype) for key, dtype in zip(fields, dtypes)]
     multi = [g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g]) for g in polygons.geometries]
-    pyogrio.raw.write(temporary, shapely.to_wkb(np.array(multi, dtype=object)), values, fields, layer=layer,
-                      driver="GPKG", geometry_type="MultiPolygon", crs=polygons.crs.to_wkt())
-    os.replace(temporary, path)
+    try:
+        pyogrio.raw.write(temporary, shapely.to_wkb(np.array(multi, dtype=object)), values, fields, layer=layer,
+                          driver="GPKG", geometry_type="MultiPolygon", crs=polygons.crs.to_wkt())
+        os.replace(temporary, path)
+    except BaseException:
+        for leftover in temporary.parent.glob(temporary.name + "*"):  # with SQLite's -journal, -wal
+            leftover.unlink(missing_ok=True)
+        raise

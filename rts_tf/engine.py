@@ -1,0 +1,337 @@
+"""Engines for a command's independent jobs (a scene of build-records or predict, a run of crossval).
+
+`local` runs them on this machine as always (build-records: a pool of processes; predict and
+crossval: in this process). `ray` runs them with Ray Core: tasks (a scene of build-records, a run
+of crossval) and actors (predict: each loads the model once and predicts the scenes it is given),
+on the cluster of RAY_ADDRESS or on an embedded one-machine Ray.
+
+This is the one module that imports Ray, and only when `--engine ray` is chosen. Both engines
+classify a job's errors alike (`run_job`): a user's error confined to one job (a bad input file)
+fails that job and the others go on; a full or read-only output disk (OutputError) stops the
+command; anything else is a bug and raises. Ray may run a job twice (a lost worker or node, a
+retried task); the jobs cope by writing under per-attempt temporary names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from rts_tf.errors import InputError, OutputError, disk_problem
+
+ENGINES = ("local", "ray")
+# Attempts of a job after its worker or node was lost (or killed for memory); a user's error is never retried.
+RETRIES = 3
+POLL_SECONDS = 0.25
+# The embedded Ray's object store: jobs pass only small objects (settings, manifest parts, summaries).
+OBJECT_STORE_BYTES = 200 * 2 ** 20
+RAY_MISSING = "--engine ray needs Ray: pip install 'rts-tf[ray]'"
+
+
+@dataclass
+class Outcome:
+    """How one job ended: its result, or one line saying why it failed."""
+
+    key: str
+    result: Any = None
+    error: str | None = None
+
+
+def job_error(error: BaseException) -> str | None:
+    """One line for a user's error confined to one job (an unreadable or invalid input file); None
+    for errors of the whole command (a full or read-only output disk) and for bugs."""
+    if isinstance(error, OutputError):
+        return None
+    if isinstance(error, InputError):
+        return str(error)
+    import rasterio.errors
+    from rasterio._err import CPLE_BaseError
+
+    if isinstance(error, (rasterio.errors.RasterioError, CPLE_BaseError)) or (
+            isinstance(error, OSError) and disk_problem(error) is None):
+        # GDAL's details (the file, the block, the codec's complaint) are in the chained errors.
+        lines, seen = [], set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            text = str(error).strip()
+            if text and "see previous exception" not in text.lower():
+                lines.append(text.splitlines()[0])
+            error = error.__cause__ or error.__context__
+        if not lines:
+            return "unreadable input (no detail given)"
+        return lines[0] + (f" ({lines[-1]})" if len(lines) > 1 and lines[-1] not in lines[0] else "")
+    return None
+
+
+def run_job(function: Callable, item: Any, advance: Callable[[int], None] | None = None) -> tuple[str, Any]:
+    """function(item, advance), classified: ("done", result), ("failed", message) for a user's error
+    in this job, ("abort", message) for an error that stops the command (OutputError); bugs raise."""
+    try:
+        return "done", function(item, advance or (lambda tiles: None))
+    except OutputError as error:
+        return "abort", str(error)
+    except Exception as error:
+        message = job_error(error)
+        if message is None:
+            raise
+        return "failed", message
+
+
+def outcome(key: str, status: str, value: Any) -> Outcome:
+    if status == "abort":
+        raise InputError(value)
+    return Outcome(key, result=value) if status == "done" else Outcome(key, error=value)
+
+
+def local_jobs(function: Callable, items: Sequence, keys: Sequence[str],
+               advance: Callable[[int], None] | None = None) -> Iterator[Outcome]:
+    """Run jobs one after the other in this process."""
+    for key, item in zip(keys, items):
+        yield outcome(key, *run_job(function, item, advance))
+
+
+def failures_message(failed: dict[str, str], total: int, what: str, kept: str) -> str:
+    """The closing error of a command whose jobs partly failed: how many, which and why (one line)."""
+    listed = "; ".join(f"{key}: {message}" for key, message in list(failed.items())[:5])
+    more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+    return f"{len(failed)} of {total} {what} failed ({kept}): {listed}{more}"
+
+
+# ----------------------------------------------------------------------------------------- Ray
+
+
+def import_ray():
+    """Ray, quiet and without usage reporting; a one-line error when the extra is not installed."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    imported = "ray" in sys.modules
+    changed = False
+    if not os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ:
+        # An embedded Ray gets a token of this process (in its environment, inherited by the Ray
+        # processes it starts) instead of Ray's default of a token file written into ~/.ray.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex + uuid.uuid4().hex
+        changed = True
+    try:
+        import ray
+    except ImportError:
+        raise InputError(RAY_MISSING) from None
+    if changed and imported:
+        # Ray read its settings when it was imported: have it read the token settings again (as
+        # ray.init does when it turns token authentication on by itself).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    return ray
+
+
+def session_root() -> str:
+    """Where an embedded Ray keeps its session folder: short (Ray's socket paths must stay under
+    107 characters), RTS_TF_RAY_TMPDIR if set, else /tmp."""
+    root = os.environ.get("RTS_TF_RAY_TMPDIR") or ("/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir())
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or os.path.exists(os.path.expanduser("~/.ray/auth_token")))
+
+
+@contextlib.contextmanager
+def ray_session(workers: int):
+    """Ray for one command: the running one (a program that called ray.init), the cluster of
+    RAY_ADDRESS, or an embedded one-machine Ray with `workers` CPUs (and this machine's GPUs) whose
+    session folder is removed when it shuts down. Yields the ray module."""
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    options = dict(log_to_driver=False, logging_level=logging.WARNING)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if "RAY_AUTH_MODE" not in os.environ and token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"  # as `ray.init(address="auto")` does when a token exists
+        try:
+            ray.init(address=address, **options)
+        except Exception as error:  # Ray raises ConnectionError, RuntimeError, AuthenticationError, ...
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"RAY_ADDRESS={address}: cannot connect to Ray: {text} (is the cluster running, and "
+                             "is RAY_AUTH_MODE=token with its token set where the cluster uses token "
+                             "authentication?)") from None
+        try:
+            yield ray
+        finally:
+            ray.shutdown()  # disconnects this driver; the cluster stays
+        return
+    folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
+    try:
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
+                 object_store_memory=OBJECT_STORE_BYTES, **options)
+        yield ray
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cluster_gpus(ray) -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus(ray) -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def largest_node_memory(ray) -> float:
+    """The memory resource of the largest node: a job asking more would never be scheduled."""
+    return max((node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")), default=0.0)
+
+
+class _Progress:
+    """Tiles done per job, counted for the latest attempt only (a retried job starts again)."""
+
+    def __init__(self):
+        self.done: dict[str, tuple[str, int]] = {}
+
+    def add(self, key: str, attempt: str, tiles: int) -> None:
+        current = self.done.get(key)
+        count = current[1] if current is not None and current[0] == attempt else 0
+        self.done[key] = (attempt, count + tiles)
+
+    def total(self) -> int:
+        return sum(tiles for _, tiles in self.done.values())
+
+
+def _reporter(progress, key: str):
+    if progress is None:
+        return None
+    attempt = uuid.uuid4().hex
+    return lambda tiles: progress.add.remote(key, attempt, tiles)
+
+
+def _ray_job(function: Callable, item: Any, key: str, progress) -> tuple[str, Any]:
+    """A Ray task: one job, classified by run_job."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return run_job(function, item, _reporter(progress, key))
+
+
+class _JobActor:
+    """A Ray actor that makes one runner (say, a loaded model) and runs the jobs it is given through it."""
+
+    def __init__(self, factory: Callable, arguments: tuple):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.runner, self.error = None, None
+        status, value = run_job(lambda _, __: factory(*arguments), None)
+        if status == "done":
+            self.runner = value
+        else:
+            self.error = value  # every job it is given reports it: a broken model is not a bad scene
+
+    def run(self, item: Any, key: str, progress) -> tuple[str, str, Any]:
+        """(key, status, value): an ActorPool returns results without saying whose they are."""
+        if self.error is not None:
+            return key, "abort", self.error
+        return (key, *run_job(self.runner, item, _reporter(progress, key)))
+
+
+class _ProgressPoller:
+    """Turns the progress actor's running total into advance(tiles) calls on the driver."""
+
+    def __init__(self, ray, advance: Callable[[int], None] | None):
+        self.ray, self.advance, self.shown = ray, advance, 0
+        self.actor = ray.remote(_Progress).options(num_cpus=0).remote() if advance else None
+
+    def poll(self) -> None:
+        if self.actor is None:
+            return
+        total = self.ray.get(self.actor.total.remote())
+        if total != self.shown:
+            self.advance(total - self.shown)
+            self.shown = total
+
+
+def error_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
+def ray_tasks(ray, function: Callable, items: Sequence, keys: Sequence[str], resources: Sequence[dict],
+              advance: Callable[[int], None] | None = None, label: str = "job",
+              fresh_process: bool = False) -> Iterator[Outcome]:
+    """One Ray task per item with its resources (num_cpus, num_gpus, memory, ...); outcomes as they
+    finish. A task whose worker is lost is retried (RETRIES times); a user's error is not.
+    fresh_process: each task in a worker process of its own (TensorFlow frees a GPU only on exit)."""
+    poller = _ProgressPoller(ray, advance)
+    remote = ray.remote(max_calls=1)(_ray_job) if fresh_process else ray.remote(_ray_job)
+    pending = {remote.options(name=f"{label}:{key}", max_retries=RETRIES, retry_exceptions=False, **options)
+               .remote(function, item, key, poller.actor): key
+               for item, key, options in zip(items, keys, resources)}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            poller.poll()
+            for ref in ready:
+                key = pending.pop(ref)
+                try:
+                    status, value = ray.get(ref)
+                except ray.exceptions.RayTaskError:
+                    raise  # a bug in the job: its remote traceback
+                except ray.exceptions.RayError as error:  # lost more often than retried, or killed for memory
+                    yield Outcome(key, error=f"{label} lost after {RETRIES} retries ({error_line(error)})")
+                    continue
+                yield outcome(key, status, value)
+        poller.poll()
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def ray_actors(ray, factory: Callable, arguments: tuple, items: Sequence, keys: Sequence[str], actors: int,
+               resources: dict, advance: Callable[[int], None] | None = None,
+               label: str = "job") -> Iterator[Outcome]:
+    """`actors` Ray actors (each with `resources`) that each make factory(*arguments) once and run
+    the items given to them (an ActorPool); outcomes as they finish. An actor whose process is lost
+    is restarted and its job retried (RETRIES times)."""
+    from ray.util import ActorPool
+
+    poller = _ProgressPoller(ray, advance)
+    actor = ray.remote(_JobActor).options(max_restarts=RETRIES, max_task_retries=RETRIES, **resources)
+    handles = [actor.remote(factory, arguments) for _ in range(max(1, min(actors, len(items))))]
+    pool = ActorPool(handles)
+    for item, key in zip(items, keys):
+        pool.submit(lambda handle, value: handle.run.remote(*value), (item, key, poller.actor))
+    unfinished, lost = set(keys), None
+    try:
+        while pool.has_next():
+            try:
+                key, status, value = pool.get_next_unordered(timeout=POLL_SECONDS)
+            except TimeoutError:
+                poller.poll()
+                continue
+            except ray.exceptions.RayTaskError:
+                raise
+            except ray.exceptions.RayError as error:  # an actor lost more often than restarted
+                lost = error
+                continue
+            poller.poll()
+            unfinished.discard(key)
+            yield outcome(key, status, value)
+        poller.poll()
+        for key in keys:  # jobs whose actor was lost for good
+            if key in unfinished:
+                yield Outcome(key, error=f"{label} lost after {RETRIES} retries ({error_line(lost)})")
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+
