@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -18,14 +19,15 @@ import shapely
 
 import rts_tf
 from rts_tf.bands import BANDS
+from rts_tf.engine import ENGINES, failures_message, local_jobs, outcome, run_job
 from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
                             ShardWriter, encode_example, features, parts_to_float32, read_manifest, shard_suffix, verify_shard,
                             write_json)
-from rts_tf.scene import SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
-from rts_tf.settings import BuildSettings
+from rts_tf.scene import SENSORS, SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
+from rts_tf.settings import BuildSettings, SensorSettings
 from rts_tf.tiling import blocks, count_tiles
 
 SETTINGS_NAME = "build-settings.json"
@@ -84,13 +86,18 @@ class BuildSummary:
     # scene_id -> why every tile of the scene was dropped: the inputs that cover none of it, by file
     empty_scenes: dict[str, str] = field(default_factory=dict)
     dropped_rule: str = ""  # which tiles are dropped, e.g. "had more than --max-ignored 50% ignored pixels"
+    sensors: dict[str, int] = field(default_factory=dict)  # scenes per sensor profile
+    sensor_given: bool = False  # chosen with --sensor, else detected from the files
+    scene_warnings: list[str] = field(default_factory=list)  # e.g. a Sentinel-2 scene without SCL
 
     def lines(self) -> list[str]:
         rate = self.tiles_built / self.seconds if self.seconds > 0 else 0.0
         regions = ", ".join(f"{name} {count}" for name, count in sorted(self.regions.items()))
+        sensors = ", ".join(f"{name} {count}" for name, count in sorted(self.sensors.items()))
         return [
             f"records: {self.out}",
             f"scenes: {self.scenes} ({self.scenes_built} built, {self.scenes_skipped} already complete)",
+            f"sensors: {sensors} ({'--sensor' if self.sensor_given else 'detected from the files'})",
             f"tiles: {self.tiles} ({self.slump_tiles} with slumps; by region: {regions})",
             f"ignored pixels: {100 * self.ignored_share:.1f}%",
             f"written: {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
@@ -101,8 +108,9 @@ class BuildSummary:
 
     def warnings(self) -> list[str]:
         """Lines starting with "warning:": scenes that gave no tile, and label polygons that reached no tile."""
-        lines = [f"warning: scene {scene_id} gave no tiles: every tile {self.dropped_rule}; {cause}"
-                 for scene_id, cause in sorted(self.empty_scenes.items())]
+        lines = [f"warning: {warning}" for warning in self.scene_warnings]
+        lines += [f"warning: scene {scene_id} gave no tiles: every tile {self.dropped_rule}; {cause}"
+                  for scene_id, cause in sorted(self.empty_scenes.items())]
         if self.labels and self.labels["selected"] and self.tiles and not self.slump_tiles:
             info = self.labels
             unmatched = info["unmatched"]["count"]
@@ -156,19 +164,26 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
                   slope: Sequence[str] | None = None, sites: str | None = None,
                   settings: BuildSettings = BuildSettings(), workers: int = 1, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None, label_field: str | None = None,
-                  label_values: Sequence[str] | None = None, default_region: str | None = None) -> BuildSummary:
+                  label_values: Sequence[str] | None = None, default_region: str | None = None,
+                  engine: str = "local", sensor: SensorSettings = SensorSettings()) -> BuildSummary:
     """Build TFRecord shards and manifest.json for scenes; resume where shards are complete.
 
     progress(done, total) is called with tile counts as blocks finish. Polygons whose label_field
     is one of label_values are slumps (every polygon without label_field). A scene in no site
-    polygon whose labels carry no region gets default_region; without it the build fails.
+    polygon whose labels carry no region gets default_region; without it the build fails. `sensor`
+    chooses the sensor profile that reads the scenes (rts_tf.sensors; default: detected per scene).
+    engine "local" builds scenes in `workers` processes, "ray" in Ray tasks (rts_tf.engine). A
+    scene whose input fails does not stop the others: the build ends with an InputError naming
+    the failed scenes (and writes no manifest); the finished scenes are kept for a re-run.
     """
     started = time.perf_counter()
     settings.validate()
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
     jobs, label_report = plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings,
-                                   label_field, label_values, default_region)
+                                   label_field, label_values, default_region, sensor)
     out_path = Path(out)
     prepare_output(out_path, settings, overwrite)
 
@@ -189,20 +204,32 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
         if progress is not None:
             progress(done, total)
 
-    for part in run_jobs(todo, workers, advance):
-        parts[part["scene_id"]] = part
+    failed: dict[str, str] = {}
+    for result in run_jobs(todo, workers, advance, engine):
+        if result.error is None:
+            parts[result.key] = result.result
+        else:
+            failed[result.key] = result.error
+    # Every job has ended: temporaries left now are of attempts that died (a killed worker).
+    remove_temporaries(out_path)
+    if failed:
+        raise InputError(failures_message(failed, len(jobs), "scenes",
+                                          f"{len(jobs) - len(failed)} built or complete and kept; no manifest "
+                                          "written; fix or remove the failed scenes and run the command again"))
     manifest = assemble_manifest(jobs, parts, settings, label_report)
     write_json(out_path / MANIFEST_NAME, manifest)
 
     summary = BuildSummary(out=str(out_path), scenes=len(jobs), scenes_built=len(todo),
                            scenes_skipped=len(jobs) - len(todo), seconds=time.perf_counter() - started,
-                           labels=label_report)
+                           labels=label_report, sensor_given=sensor.sensor is not None,
+                           scene_warnings=[warning for job in jobs for warning in job.scene.warnings])
     pixels = ignored = 0
     for job in jobs:
         part = parts[job.scene.scene_id]
         summary.tiles += part["tiles"]
         summary.slump_tiles += part["slump_tiles"]
         summary.regions[part["region"]] = summary.regions.get(part["region"], 0) + part["tiles"]
+        summary.sensors[job.scene.sensor] = summary.sensors.get(job.scene.sensor, 0) + 1
         pixels += part["tiles"] * settings.tile_size ** 2
         ignored += part["ignored_pixels"]
         summary.scene_labels[job.scene.scene_id] = {"region": job.region, "region_from": job.region_from,
@@ -217,8 +244,8 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
         if not parts[job.scene.scene_id]["tiles"]:
             causes = uncovered_inputs(job)
             summary.empty_scenes[job.scene.scene_id] = ", ".join(causes) if causes else (
-                "no input is empty on its own: nodata, UDM2-unusable pixels, DEM or TCVIS gaps and the padding "
-                "of edge tiles together leave too few valid pixels")
+                "no input is empty on its own: nodata, pixels the quality mask makes unusable, DEM or TCVIS gaps "
+                "and the padding of edge tiles together leave too few valid pixels")
     if not summary.tiles:
         # The manifest stays written (every tile counted as dropped), for `inspect`; a re-run resumes and fails alike.
         raise InputError(summary.no_tiles_message())
@@ -232,7 +259,7 @@ def uncovered_inputs(job: SceneJob) -> list[str]:
 
     from rasterio.windows import Window
 
-    from rts_tf.scene import AUXILIARY_CHUNK, usable_udm2
+    from rts_tf.scene import AUXILIARY_CHUNK, SceneReader
 
     scene, settings = job.scene, job.settings
     grid = scene_grid(scene)
@@ -242,12 +269,12 @@ def uncovered_inputs(job: SceneJob) -> list[str]:
     with ExitStack() as opened:
         opened.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
         sources = opened.enter_context(open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings))
-        sr = opened.enter_context(rasterio.open(scene.sr))
-        udm2 = opened.enter_context(rasterio.open(scene.udm2)) if scene.udm2 else None
-        checks = [(f"{scene.sr} holds no data", lambda window, _: sr.dataset_mask(window=window) > 0)]
-        if udm2 is not None:
-            checks.append((f"its UDM2 {scene.udm2} marks no pixel usable",
-                           lambda window, _: usable_udm2(udm2.read(window=window))))
+        reader = SceneReader(scene, grid)
+        opened.callback(reader.close)
+        checks = [(f"{scene.sr} holds no data", lambda window, _: reader.numbers(window)[1])]
+        if scene.mask is not None:
+            kind = {"udm2": "UDM2", "scl": "SCL", "classes": "--mask"}[SENSORS[scene.sensor].mask]
+            checks.append((f"its {kind} {scene.mask} marks no pixel usable", lambda window, _: reader.quality(window)))
         for source in sources.sources:
             is_dem = source is sources.terrain.dem
             # NaN (no data) fails any comparison, also with -inf.
@@ -266,13 +293,14 @@ def uncovered_inputs(job: SceneJob) -> list[str]:
 
 
 def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, label_field=None,
-              label_values=None, default_region=None) -> tuple[list[SceneJob], dict[str, Any]]:
+              label_values=None, default_region=None, sensor: SensorSettings = SensorSettings()
+              ) -> tuple[list[SceneJob], dict[str, Any]]:
     """Validate every input and decide each scene's region, site and labels, before writing anything.
 
     Returns the jobs and the manifest's "labels" entry: the label file, the selection, how many
     polygons matched scenes by each rule and which matched none.
     """
-    scene_list = find_scenes(scenes)
+    scene_list = find_scenes(scenes, sensor)
     if default_region is not None and not default_region.strip():
         raise InputError("--default-region must not be empty")
     site_layer = read_polygons(sites, "sites", ("region",)) if sites else None
@@ -286,7 +314,7 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
         for scene in scene_list:
             grid = scene_grid(scene)
             sources.check(scene, grid)
-            match = matcher.match(scene.scene_id, grid)
+            match = matcher.match(scene.scene_id, grid, scene.aliases)
             matches.append(match)
             site, region = site_of(site_layer, grid) if site_layer else (None, None)
             region_from = "sites" if region else "labels" if match.region else "default"
@@ -327,9 +355,11 @@ def fingerprint(job: SceneJob, labels_path: str) -> str:
         info = os.stat(path)
         return [str(Path(path).resolve()), info.st_size, info.st_mtime_ns]
 
-    files = [job.scene.sr, job.scene.udm2, *job.tcvis, *(job.dem or []), *(job.rel_elevation or []),
-             *(job.slope or [])]
+    scene = job.scene
+    files = [*scene.files, *job.tcvis, *(job.dem or []), *(job.rel_elevation or []), *(job.slope or [])]
     content = {"settings": asdict(job.settings), "files": [stat(f) for f in files if f is not None],
+               "sensor": [scene.sensor, [[str(path), band] for path, band in scene.bands], scene.reflectance(),
+                          list(scene.mask_ignore)],
                "region": job.region, "site": job.site, "schema_version": SCHEMA_VERSION,
                "labels": hashlib.sha256(b"".join(shapely.to_wkb(g) for g in job.polygons)).hexdigest(),
                "label_selection": job.label_selection}
@@ -356,8 +386,19 @@ def prepare_output(out: Path, settings: BuildSettings, overwrite: bool) -> None:
             remove_records(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(settings_path, wanted)
+    remove_temporaries(out)
+
+
+def remove_temporaries(out: Path) -> None:
+    """Delete the temporary files of earlier attempts (interrupted builds, killed workers). Only
+    the driver calls this, before and after all jobs of a command, never a job: a job that may run
+    twice must not delete its other attempt's files."""
     for leftover in build_files(out, temporary_only=True):
-        leftover.unlink()
+        leftover.unlink(missing_ok=True)
+
+
+# `<file>.tmp` (earlier versions) or `<file>.<attempt id>.tmp` of manifests, parts and shards.
+TEMPORARY_NAME = re.compile(r"\.(json|tfrecord|tfrecord\.gz)(\.[0-9a-f]{12})?\.tmp$")
 
 
 def previous_settings(out: Path) -> dict | None:
@@ -374,11 +415,12 @@ def previous_settings(out: Path) -> dict | None:
 def build_files(out: Path, temporary_only: bool = False) -> list[Path]:
     """The files a build wrote in a records folder: manifest, settings, the scene parts (JSON with a
     fingerprint, one folder down), the shards those and the manifest name, and temporary files of
-    all of these (`*.tfrecord*.tmp`, `*.json.tmp`). Anything else is the user's."""
+    all of these (`*.tfrecord*.tmp`, `*.json.tmp`, each also with an attempt id before `.tmp`).
+    Anything else is the user's."""
     found: set[Path] = set()
     for folder in [out, *sorted(p for p in out.iterdir() if p.is_dir())]:
         for path in folder.iterdir():
-            if path.is_file() and path.name.endswith((".json.tmp", ".tfrecord.tmp", ".tfrecord.gz.tmp")):
+            if path.is_file() and TEMPORARY_NAME.search(path.name):
                 found.add(path)
     if temporary_only:
         return sorted(found)
@@ -424,24 +466,36 @@ def completed_part(job: SceneJob) -> dict | None:
     return part
 
 
-def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None]):
-    """Build scenes in this process (workers=1) or in a pool of spawned processes; yield parts."""
+def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None], engine: str = "local"):
+    """Build scenes in this process (workers=1), in a pool of spawned processes, or in Ray tasks
+    (engine "ray"); yield each scene's Outcome (its part, or why it failed) as it finishes."""
+    keys = [job.scene.scene_id for job in jobs]
+    if not jobs:
+        return
+    if engine == "ray":
+        from rts_tf.engine import largest_node_memory, ray_session, ray_tasks
+
+        with ray_session(workers) as ray:
+            ceiling = largest_node_memory(ray)
+            resources = [{"num_cpus": 1, "memory": min(scene_memory(job), ceiling) if ceiling else scene_memory(job)}
+                         for job in jobs]
+            yield from ray_tasks(ray, build_scene, jobs, keys, resources, advance, label="build_scene")
+        return
     if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield build_scene(job, advance)
+        yield from local_jobs(build_scene, jobs, keys, advance)
         return
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         queue = manager.Queue()
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=quiet_worker) as pool:
-            pending = {pool.submit(build_scene_reporting, job, queue) for job in jobs}
+            pending = {pool.submit(build_scene_reporting, job, queue): key for job, key in zip(jobs, keys)}
             try:
                 while pending:
-                    finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                     while not queue.empty():
                         advance(queue.get())
                     for future in finished:
-                        yield future.result()
+                        yield outcome(pending.pop(future), *future.result())
             except BaseException:
                 for future in pending:
                     future.cancel()
@@ -450,12 +504,24 @@ def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None])
                 advance(queue.get())
 
 
+# What building a scene holds in memory besides its blocks (Python, GDAL, NumPy, the GDAL cache),
+# and per pixel of the scene (an upper bound: blocks of 4 x 4 tiles bound it in fact).
+SCENE_BASE_BYTES = 512 * 2 ** 20
+SCENE_BYTES_PER_PIXEL = 8
+SCENE_MAX_BYTES = 3 * 2 ** 30
+
+
+def scene_memory(job: SceneJob) -> int:
+    """The memory a Ray task building this scene asks for, from the scene's size."""
+    return int(min(SCENE_BASE_BYTES + SCENE_BYTES_PER_PIXEL * job.height * job.width, SCENE_MAX_BYTES))
+
+
 def quiet_worker() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def build_scene_reporting(job: SceneJob, queue) -> dict:
-    return build_scene(job, queue.put)
+def build_scene_reporting(job: SceneJob, queue) -> tuple[str, Any]:
+    return run_job(build_scene, job, queue.put)
 
 
 def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
@@ -512,11 +578,12 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
         "transform": list(grid.transform)[:6], "width": grid.width, "height": grid.height,
         **counts, "label_polygons": len(job.polygons), "labels": dict(job.label_counts),
         "region_from": job.region_from,
-        "sources": {"sr": str(job.scene.sr), "udm2": str(job.scene.udm2) if job.scene.udm2 else None},
+        "sensor": job.scene.sensor, "reflectance": job.scene.reflectance(), "sources": job.scene.sources(),
         "shards": {job.shard_path: shard}, "positions": positions,
         "statistics": statistics.to_dict(), "fingerprint": job.fingerprint,
     }
-    write_json(job.part_path, part)
+    # The part is the scene's completion marker: written last, under this attempt's own temporary name.
+    write_json(job.part_path, part, unique=True)
     return part
 
 
@@ -529,12 +596,14 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
     """
     overall = BandStatistics(len(BANDS))
     by_region: dict[str, BandStatistics] = {}
+    by_sensor: dict[str, BandStatistics] = {}
     scenes, shards, regions = [], {}, {}
     for job in sorted(jobs, key=lambda j: j.scene.scene_id):
         part = parts[job.scene.scene_id]
         statistics = BandStatistics.from_dict(part["statistics"])
         overall.merge(statistics)
         by_region.setdefault(part["region"], BandStatistics(len(BANDS))).merge(statistics)
+        by_sensor.setdefault(job.scene.sensor, BandStatistics(len(BANDS))).merge(statistics)
         region = regions.setdefault(part["region"], {"scenes": 0, "tiles": 0, "slump_tiles": 0, "slump_pixels": 0})
         region["scenes"] += 1
         for key in ("tiles", "slump_tiles", "slump_pixels"):
@@ -558,10 +627,11 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
         "labels": labels or {},
         # What decides each pixel's band values: `fit` copies it into run.json for `predict`.
         "recipe": recipe_settings("dem" if jobs and jobs[0].dem else "precomputed", settings.rel_elevation_radius,
-                                  settings.dem_min_valid),
+                                  settings.dem_min_valid, sensors=sorted(by_sensor)),
         "regions": dict(sorted(regions.items())),
         "scenes": scenes,
         "shards": shards,
         "statistics": {"overall": overall.to_dict(),
-                       "regions": {name: stats.to_dict() for name, stats in sorted(by_region.items())}},
+                       "regions": {name: stats.to_dict() for name, stats in sorted(by_region.items())},
+                       "sensors": {name: stats.to_dict() for name, stats in sorted(by_sensor.items())}},
     }

@@ -9,8 +9,10 @@ import sys
 import click
 
 from rts_tf import __version__
+from rts_tf.engine import ENGINES
 from rts_tf.errors import InputError, disk_problem, output_error
-from rts_tf.settings import BuildSettings, FitConfig
+from rts_tf.sensors import SENSORS
+from rts_tf.settings import GENERIC_REFLECTANCE_OFFSET, GENERIC_REFLECTANCE_SCALE, BuildSettings, FitConfig, SensorSettings
 
 
 FIT, BUILD = FitConfig(), BuildSettings()  # option defaults come from the settings classes
@@ -63,6 +65,29 @@ config_option = click.option(
     help="YAML file whose keys are this command's option names; flags given here override it.")
 
 
+def sensor_options(command):
+    """The options that choose how scene files are read (rts_tf.sensors), shared by build-records and predict;
+    the command gets them as keyword arguments for SensorSettings."""
+    options = [
+        click.option("--sensor", default=None, metavar="NAME",
+                     help=f"Sensor profile: {', '.join(SENSORS)} (default: detected from the files; the summary "
+                          "says which). Each maps its bands, reflectance and quality mask onto the canonical bands."),
+        click.option("--band-map", default=None, metavar="BAND=N,...",
+                     help="--sensor generic: the file band of each canonical band, e.g. blue=1,green=2,red=3,nir=4."),
+        click.option("--reflectance-scale", type=float, default=None,
+                     help=f"--sensor generic: reflectance = DN * scale + offset [default: {GENERIC_REFLECTANCE_SCALE:g}]."),
+        click.option("--reflectance-offset", type=float, default=None,
+                     help=f"--sensor generic: the offset of that conversion [default: {GENERIC_REFLECTANCE_OFFSET:g}]."),
+        click.option("--mask", type=click.Path(), default=None,
+                     help="--sensor generic: a quality raster of the (one) scene, on any grid (read nearest)."),
+        click.option("--mask-ignore", multiple=True, callback=lambda *args: split_integers(*args),
+                     help="--sensor generic: the --mask values that make a pixel ignored, e.g. 0,3,8."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def progress_bar(description: str):
     """A tqdm bar driven by progress(done, total) callbacks; returns (callback, close)."""
     from tqdm import tqdm
@@ -88,6 +113,13 @@ def main() -> None:
     """
     # TensorFlow's C++ start-up log lines are noise for a command-line user.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # oneDNN CPU kernels (read once, when TensorFlow is imported, which every command does later):
+    # TensorFlow 2.15 turns them on by itself only on CPUs with AVX512-VNNI, AVX-VNNI or AMX. A UNet
+    # or UNet++ training step took 2.2-2.4x less CPU with them than with TensorFlow's own kernels,
+    # also with oneDNN limited to plain AVX-512 (ONEDNN_MAX_CPU_ISA=AVX512_CORE), and 1.2-1.3x less
+    # limited to AVX2; DeepLab's dilated convolutions need them (rts_tf.models.blocks.AtrousConv2D).
+    # A value the user set, such as 0, is kept.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 @main.command("demo-data")
@@ -149,17 +181,24 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
               show_default=True)
 @click.option("--compression-level", type=int, default=BUILD.compression_level,
               show_default=True, help="GZIP level 0-9.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Scenes built in parallel processes.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Scenes built in parallel processes (--engine ray: the CPUs of an embedded Ray).")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: processes on this machine; ray: one Ray task per scene, on the cluster of "
+                   "RAY_ADDRESS or an embedded one-machine Ray (needs rts-tf[ray]).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace records built with other settings.")
+@sensor_options
 def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, default_region, label_field,
                           label_values, out, tile_size, overlap, max_ignored, rel_elevation_radius, dem_min_valid,
                           all_touched,
-                          compression, compression_level, workers, overwrite) -> None:
+                          compression, compression_level, workers, engine, overwrite, **sensor) -> None:
     """Align scenes, terrain, TCVIS and labels, tile them and write TFRecord shards.
 
-    Every source is brought onto each scene's grid. Pixels that are unusable (UDM2), nodata, or
+    Scenes are PlanetScope (4- or 8-band), Sentinel-2 L2A (.SAFE or band files) or, with --sensor
+    generic, any raster; each sensor's numbers become the same canonical reflectance. Every source
+    is brought onto each scene's grid. Pixels that are unusable (UDM2, SCL, --mask), nodata, or
     outside the DEM/TCVIS get label 255 (ignore). Writes OUT/<region>/<scene_id>.tfrecord[.gz] and
-    OUT/manifest.json (records schema 2: reflectance uint16 as delivered, TCVIS uint8, NDVI int16,
+    OUT/manifest.json (records schema 2: reflectance uint16 x 1e-4, TCVIS uint8, NDVI int16,
     terrain float16; see records/README.md). Re-running the same command resumes: complete, verified scenes are skipped.
     """
     from rts_tf.build import BuildSettings, build_records
@@ -172,9 +211,10 @@ def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, site
     try:
         summary = build_records(scenes=list(scenes), labels=labels, out=out, tcvis=list(tcvis), dem=list(dem),
                                 rel_elevation=list(rel_elevation), slope=list(slope), sites=sites,
-                                settings=settings, workers=workers, overwrite=overwrite, progress=update,
+                                settings=settings, workers=workers, engine=engine, overwrite=overwrite,
+                                progress=update,
                                 label_field=label_field, label_values=label_values,
-                                default_region=default_region)
+                                default_region=default_region, sensor=SensorSettings(**sensor))
     finally:
         close()
     for line in summary.lines():
@@ -354,7 +394,12 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
 @click.option("--val-split", type=TableChoice("rts_tf.settings", "VAL_SPLITS"), default=None,
               help="Validation drawn from the training regions of each run (see `fit --help`).")
 @click.option("--val-fraction", type=float, default=None, help="Share of the training data that validates.")
-def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides) -> None:
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: one run after the other in this process; ray: one Ray task per run (one GPU each when "
+                   "the cluster has GPUs), on the cluster of RAY_ADDRESS or an embedded one-machine Ray.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="--engine ray: CPUs of each run when there is no GPU, and of an embedded Ray.")
+def crossval_command(records, arch, encoder, logdir, grid, regions, engine, workers, **overrides) -> None:
     """Leave-one-region-out cross-validation over architectures and encoders.
 
     Trains one run per architecture, encoder and held-out region in LOGDIR/<arch>_<encoder>/<region>,
@@ -365,7 +410,7 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides)
     from rts_tf.crossval import crossval
 
     result = crossval(records, logdir, arch=list(arch) or None, encoder=list(encoder) or None, grid=grid,
-                      regions=regions, overrides=overrides, report=click.echo)
+                      regions=regions, overrides=overrides, report=click.echo, engine=engine, workers=workers)
     click.echo(result.markdown())
     click.echo(f"{result.trained} runs trained, {result.skipped} already complete; tables in {logdir}/crossval.md "
                "and crossval.csv")
@@ -394,17 +439,27 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, **overrides)
 @click.option("--min-area", type=float, default=100.0, show_default=True, help="Smallest polygon kept, m2.")
 @click.option("--drop-touching", is_flag=True, default=False,
               help="Drop polygons touching nodata or the scene edge (possibly cut slumps).")
-@click.option("--overwrite", is_flag=True, default=False, help="Replace earlier results in --out.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: this process; ray: Ray actors that each load the model once (one per GPU, or per "
+                   "--workers CPUs), on the cluster of RAY_ADDRESS or an embedded one-machine Ray.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="--engine ray: CPUs of each predicting actor when there is no GPU, and of an embedded Ray.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Recompute scenes that already have results (else complete ones are skipped, and results of "
+                   "other settings refused).")
 @click.option("--trust-model", is_flag=True, default=False,
               help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
+@sensor_options
 def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
-                    rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, overwrite,
-                    trust_model) -> None:
+                    rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, engine, workers, overwrite,
+                    trust_model, **sensor) -> None:
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
-    Uses the same scene stack as build-records, so bands, order and normalisation match training.
+    Uses the same scene stack as build-records, so bands, order and normalisation match training
+    (a scene of another sensor than the model's records is predicted, with a warning).
     Writes OUT/<scene_id>/<scene_id>_probability.tif, _mask.tif and _polygons.gpkg (area_m2, mean and
     max probability, scene_id, image_date, region) and OUT/rts_polygons.gpkg (all scenes, EPSG:4326).
+    Re-running the command skips scenes that are complete (OUT/<scene_id>/<scene_id>_complete.json).
     """
     from rts_tf.predict import predict
 
@@ -413,9 +468,12 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
         summary = predict(list(runs), list(scenes), out, list(tcvis), dem=list(dem), rel_elevation=list(rel_elevation),
                           slope=list(slope), sites=sites, overlap=overlap, batch_size=batch_size, flips=tta,
                           threshold=threshold, min_area=min_area, drop_touching=drop_touching, overwrite=overwrite,
+                          engine=engine, workers=workers,
                           rel_elevation_radius=rel_elevation_radius, allow_feature_mismatch=allow_feature_mismatch,
-                          trust_model=trust_model, progress=update)
+                          trust_model=trust_model, progress=update, sensor=SensorSettings(**sensor))
     finally:
         close()
     for line in summary.lines():
         click.echo(line)
+    if summary.failed:
+        raise InputError(summary.failure_message())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pyogrio
 import pyogrio.raw
 import rasterio
 import shapely
+import shapely.affinity
 from affine import Affine
 from rasterio.features import rasterize
 from rasterio.warp import transform as transform_points
@@ -31,6 +33,13 @@ TCVIS_CRS = "EPSG:4326"
 TCVIS_LAT_STEP = 0.00027
 AUXILIARY_MARGIN = 450.0  # metres around the scenes; the contract asks for at least 300
 SR_BANDS = REFLECTANCE_BANDS
+# PlanetScope 8-band (SuperDove) surface reflectance, as Planet names the bands of *_AnalyticMS_SR_8b.tif.
+SR_8B_BANDS = ("coastal_blue", "blue", "green_i", "green", "yellow", "red", "rededge", "nir")
+SUPERDOVES = ("2413", "241c", "2426", "2439", "2461", "247d", "2480", "24a4")
+SENTINEL2_PIXEL = 10.0
+SENTINEL2_BANDS = ("B02", "B03", "B04", "B08")  # blue, green, red, nir at 10 m
+SENTINEL2_WAVELENGTHS = {"B02": ("blue", 0.49), "B03": ("green", 0.56), "B04": ("red", 0.665), "B08": ("nir", 0.842)}
+SENTINEL2_BOA_ADD_OFFSET = -1000  # processing baseline 04.00 on: DN = reflectance x 10000 + 1000
 UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
 TCVIS_BANDS = ("brightness_trend", "greenness_trend", "wetness_trend")
 SATELLITES = ("0f15", "0f22", "0f4c", "1003", "1006", "100c", "1025", "103c", "1049", "105e")
@@ -54,6 +63,7 @@ class RegionSpec:
     heavy_haze: bool = False  # the first scene has a heavy-haze patch
     snow: bool = False  # the first scene has late-lying snow banks
     dem_void: bool = False  # the DEM has a nodata hole over a lake, as ArcticDEM often does
+    sentinel2: bool = False  # also imaged by Sentinel-2 L2A (10 m band COGs, SCL); its PlanetScope scene is 8-band
 
 
 REGIONS = (
@@ -63,6 +73,7 @@ REGIONS = (
     RegionSpec("Kolguev", 49.2, 69.1, 32639, 2, 2019, coast=True, heavy_haze=True, dem_void=True),
     RegionSpec("Banks", -120.5, 72.2, 32610, 1, 2020, twin_slump=True, snow=True),
     RegionSpec("Tuktoyaktuk", -133.0, 69.4, 32608, 2, 2018, bowtie_label=True),
+    RegionSpec("Yamal", 68.9, 70.3, 32642, 1, 2022, sentinel2=True),
 )
 
 TUNDRA, LAKE, RIVER, SEA, GRAVEL, BARE, SLUMP = range(7)
@@ -359,7 +370,10 @@ def _plan_scenes(spec: RegionSpec, rng, centre, scene_size: int) -> list[ScenePl
             date = date + datetime.timedelta(days=9) if date == first_date else date
         # Acquisitions around 10:30 local solar time, recorded in UTC.
         seconds = int(((10.5 + rng.uniform(-1, 1) - spec.lon / 15.0) % 24.0) * 3600)
-        satellite = SATELLITES[int(rng.integers(len(SATELLITES)))]
+        if spec.sentinel2:  # a SuperDove: ids since 2019 carry hundredths of a second, e.g. 20220801_061530_27_2461
+            satellite = f"{int(rng.integers(100)):02d}_{SUPERDOVES[int(rng.integers(len(SUPERDOVES)))]}"
+        else:
+            satellite = SATELLITES[int(rng.integers(len(SATELLITES)))]
         scene_id = f"{date:%Y%m%d}_{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}_{satellite}"
         # The valid footprint: a rotated, slightly irregular quadrilateral, like a PlanetScope frame.
         angle = math.radians(rng.uniform(6.0, 12.0) * rng.choice([-1, 1]))
@@ -448,7 +462,8 @@ def _ground_reflectance(world: World, scene: ScenePlan, look: dict, rng) -> np.n
     reflectance *= np.where(inside & (slump_radius > 0.8) & (np.cos(slump_theta) < -0.2), 0.8, 1.0)
     reflectance = np.where(inside & (slump_radius > 0.9) & (texture > 0.3), 0.5 * (reflectance + tundra), reflectance)
     # Terrain shading from the same elevation model, sun in the south-east 35 degrees high.
-    gradient_y, gradient_x = np.gradient(world.elevation(x, y), -PIXEL_SIZE, PIXEL_SIZE)
+    pixel = scene.transform.a
+    gradient_y, gradient_x = np.gradient(world.elevation(x, y), -pixel, pixel)
     elevation, azimuth = math.radians(35.0), math.radians(135.0)
     sun = (math.cos(elevation) * math.sin(azimuth), math.cos(elevation) * math.cos(azimuth), math.sin(elevation))
     illumination = (sun[2] - gradient_x * sun[0] - gradient_y * sun[1]) / np.sqrt(1.0 + gradient_x**2 + gradient_y**2)
@@ -528,6 +543,136 @@ def _render_scene(world: World, scene: ScenePlan, spec: RegionSpec, look: dict, 
     udm[6] = np.where(valid, np.clip(95.0 - 30.0 * udm[3] - 40.0 * udm[4] - 20.0 * udm[5] + 3.0 * waves, 0, 100), 0)
     udm[7] = ~valid
     return sr, udm
+
+
+def _eight_bands(sr: np.ndarray) -> np.ndarray:
+    """An 8-band SuperDove product (coastal blue, blue, green I, green, yellow, red, red edge, NIR) whose
+    blue, green, red and NIR (bands 2, 4, 6, 8) are the 4-band scene's, as Planet harmonises them."""
+    blue, green, red, nir = sr.astype(np.float32)
+    extra = [0.9 * blue + 0.1 * green - 40.0, 0.85 * green + 0.15 * blue, 0.5 * (green + red), 0.55 * red + 0.45 * nir]
+    coastal, green_i, yellow, rededge = (np.clip(np.round(band), 1, 65535).astype(np.uint16) for band in extra)
+    bands = np.stack([coastal, sr[0], green_i, sr[1], yellow, sr[2], rededge, sr[3]])
+    return np.where(sr[0] > 0, bands, 0).astype(np.uint16)  # nodata stays 0 in every band
+
+
+def _plan_sentinel2(spec: RegionSpec, rng, scene: ScenePlan) -> ScenePlan:
+    """A Sentinel-2 L2A crop around a PlanetScope scene: 10 m pixels on the 20 m grid of SCL, 1.5 times
+    the scene's extent, the swath edge cutting off one corner (nodata there)."""
+    left, bottom, right, top = scene.bounds
+    size = [2 * max(8, round(1.5 * extent / SENTINEL2_PIXEL / 2)) for extent in (right - left, top - bottom)]
+    x = round(((left + right) / 2 - size[0] * SENTINEL2_PIXEL / 2) / 20.0) * 20.0
+    y = round(((top + bottom) / 2 + size[1] * SENTINEL2_PIXEL / 2) / 20.0) * 20.0
+    transform = Affine(SENTINEL2_PIXEL, 0.0, x, 0.0, -SENTINEL2_PIXEL, y)
+    width, height = size
+    corner, cut = int(rng.integers(4)), rng.uniform(0.35, 0.5)
+    corners = [(0, 0), (width, 0), (width, height), (0, height)]
+    cx, cy = corners[corner]
+    edge = shapely.Polygon([(cx, cy), (cx + (cut * width if cx == 0 else -cut * width), cy),
+                            (cx, cy + (cut * height if cy == 0 else -cut * height))])
+    pixels = shapely.box(0, 0, width, height).difference(edge)
+    footprint = shapely.affinity.affine_transform(pixels, [transform.a, 0, 0, transform.e, transform.c, transform.f])
+    date = datetime.date.fromisoformat(scene.date) + datetime.timedelta(days=int(rng.integers(1, 4)))
+    seconds = int(((10.5 - spec.lon / 15.0) % 24.0) * 3600) + int(rng.integers(-600, 600))
+    generated = seconds + int(rng.integers(3600, 10000))
+    clock = lambda value: f"{value // 3600 % 24:02d}{value // 60 % 60:02d}{value % 60:02d}"  # noqa: E731
+    product = (f"S2B_MSIL2A_{date:%Y%m%d}T{clock(seconds)}_N0400_R{int(rng.integers(1, 144)):03d}_T42WVD_"
+               f"{date:%Y%m%d}T{clock(generated)}")
+    return ScenePlan(product, f"{date:%Y-%m-%d}", width, height, transform, footprint)
+
+
+def _render_sentinel2(world: World, plan: ScenePlan, look: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Sentinel-2 L2A bands B02, B03, B04, B08 (4, H, W) uint16 at 10 m, with the offset of processing
+    baseline 04.00 (DN = reflectance x 10000 + 1000, 0 = no data), and SCL (H/2, W/2) uint8 at 20 m."""
+    fine = ScenePlan(plan.scene_id, plan.date, 2 * plan.width, 2 * plan.height, plan.transform * Affine.scale(0.5),
+                     plan.footprint)
+    # The same ground as PlanetScope sees, averaged over each 10 m pixel.
+    reflectance = _ground_reflectance(world, fine, look, rng).reshape(4, plan.height, 2, plan.width, 2).mean(axis=(2, 4))
+    rows, columns = np.mgrid[0:plan.height, 0:plan.width].astype(np.float32)
+    radius = 0.12 * min(plan.width, plan.height)
+    row, column = rng.uniform(0.4, 0.65) * plan.height, rng.uniform(0.4, 0.65) * plan.width  # off the swath edge
+    cloud = np.exp(-((rows - row) ** 2 + (columns - column) ** 2) / (2 * radius ** 2))
+    cloud *= 1.0 + 0.15 * _Waves(rng, 5, 30.0, 150.0)(rows, columns)
+    opacity = _smoothstep((cloud - 0.3) / 0.4)
+    offset = max(1, int(round(0.6 * radius)))  # the shadow falls to the north-west
+    shadow = np.zeros_like(opacity)
+    shadow[:-offset, :-offset] = opacity[offset:, offset:]
+    # A thin cirrus streak across the opposite side of the scene.
+    cirrus = np.exp(-((rows - (plan.height - row)) / (0.08 * plan.height)) ** 2
+                    - ((columns - (plan.width - column)) / (0.3 * plan.width)) ** 2)
+    reflectance = reflectance * (1.0 - 0.6 * shadow) * (1.0 - opacity) + CLOUD[:, None, None] * opacity
+    reflectance += 250.0 * cirrus
+    reflectance *= 1.0 + 0.01 * rng.standard_normal(reflectance.shape)
+    reflectance += 8.0 * rng.standard_normal(reflectance.shape)
+    valid = rasterize([plan.footprint], out_shape=(plan.height, plan.width), transform=plan.transform,
+                      dtype=np.uint8).astype(bool)
+    bands = np.where(valid, np.clip(np.round(reflectance - SENTINEL2_BOA_ADD_OFFSET), 1, 65535), 0).astype(np.uint16)
+
+    # Scene classification at 20 m from the 20 m means: water, vegetation or bare, then cloud
+    # (high and medium probability), cloud shadow, thin cirrus, and no data outside the swath.
+    coarse = lambda array: array.reshape(*array.shape[:-2], plan.height // 2, 2, plan.width // 2, 2)  # noqa: E731
+    mean = coarse(reflectance).mean(axis=(-3, -1))
+    x, y = (np.asarray(values)[::2, ::2] + SENTINEL2_PIXEL / 2 for values in plan.pixel_centres())
+    water = np.isin(world.surface(x, y).code, (LAKE, RIVER, SEA))
+    ndvi = (mean[3] - mean[2]) / np.maximum(mean[3] + mean[2], 1.0)
+    scl = np.where(water, 6, np.where(ndvi > 0.35, 4, 5)).astype(np.uint8)
+    scl[coarse(cirrus).max(axis=(-3, -1)) > 0.5] = 10
+    scl[coarse(shadow).max(axis=(-3, -1)) > 0.3] = 3
+    strongest = coarse(cloud).max(axis=(-3, -1))
+    scl[strongest > 0.3] = 8
+    scl[strongest > 0.6] = 9
+    scl[~coarse(valid).all(axis=(-3, -1))] = 0
+    return bands, scl
+
+
+def _stac_item(plan: ScenePlan, utm: str, cloud_cover: float) -> dict:
+    """The STAC item a catalogue delivers beside the band COGs (Sentinel-2 L2A, processing baseline 04.00)."""
+    footprint = shapely.geometry.shape(transform_geom(utm, "EPSG:4326", plan.footprint.__geo_interface__))
+    raster = {"nodata": 0, "data_type": "uint16", "spatial_resolution": SENTINEL2_PIXEL, "scale": 0.0001,
+              "offset": SENTINEL2_BOA_ADD_OFFSET / 10000.0}
+    assets = {band: {"href": f"./{band}.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                     "title": f"Band {int(band[1:])} - {name} - 10m", "roles": ["data", "reflectance"], "gsd": 10,
+                     "eo:bands": [{"name": band, "common_name": name, "center_wavelength": wavelength}],
+                     "raster:bands": [raster]}
+              for band, (name, wavelength) in SENTINEL2_WAVELENGTHS.items()}
+    assets["SCL"] = {"href": "./SCL.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                     "title": "Scene classification map (SCL)", "roles": ["data"], "gsd": 20,
+                     "raster:bands": [{"nodata": 0, "data_type": "uint8", "spatial_resolution": 20}]}
+    seconds = plan.scene_id.split("_")[2][9:]
+    return {
+        "type": "Feature", "stac_version": "1.0.0", "id": plan.scene_id,
+        "stac_extensions": ["https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+                            "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+                            "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
+                            "https://stac-extensions.github.io/sentinel-2/v1.0.0/schema.json"],
+        "bbox": [round(value, 7) for value in footprint.bounds],
+        "geometry": json.loads(json.dumps(shapely.geometry.mapping(footprint))),
+        "properties": {"datetime": f"{plan.date}T{seconds[:2]}:{seconds[2:4]}:{seconds[4:]}Z",
+                       "platform": "sentinel-2b", "constellation": "sentinel-2", "instruments": ["msi"],
+                       "eo:cloud_cover": round(cloud_cover, 2), "proj:epsg": int(utm.split(":")[1]),
+                       "s2:mgrs_tile": "42WVD", "s2:product_type": "S2MSI2A", "s2:processing_baseline": "04.00",
+                       "s2:product_uri": f"{plan.scene_id}.SAFE"},
+        "assets": assets,
+        "links": [],
+    }
+
+
+def _write_sentinel2(folder: Path, plan: ScenePlan, bands: np.ndarray, scl: np.ndarray, utm: str) -> list[Path]:
+    """Band COGs B02, B03, B04, B08 (10 m), SCL.tif (20 m) and the STAC item, as a STAC download leaves them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    layers = [(band, data[None], plan.transform, 2) for band, data in zip(SENTINEL2_BANDS, bands)]
+    layers.append(("SCL", scl[None], plan.transform * Affine.scale(2.0), 1))
+    for name, data, transform, predictor in layers:
+        written.append(folder / f"{name}.tif")
+        with rasterio.open(written[-1], "w", driver="COG", width=data.shape[2], height=data.shape[1], count=1,
+                           dtype=data.dtype, crs=utm, transform=transform, nodata=0, compress="deflate",
+                           predictor=predictor, blocksize=512) as dataset:
+            dataset.write(data)
+            dataset.descriptions = (name,)
+    cloud_cover = 100.0 * float(np.isin(scl, (8, 9, 10)).sum()) / max(1, int((scl > 0).sum()))
+    written.append(folder / f"{plan.scene_id}.json")
+    written[-1].write_text(json.dumps(_stac_item(plan, utm, cloud_cover), indent=1) + "\n")
+    return written
 
 
 def _write_raster(path: Path, data: np.ndarray, crs: str, transform: Affine, descriptions, nodata=None, predictor=1):
@@ -633,8 +778,10 @@ def _bowtie(geometry: shapely.MultiPolygon) -> shapely.MultiPolygon:
 def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None = None) -> dict:
     """Write the synthetic demo dataset under `out` in the real input formats.
 
-    Returns {"scenes": [scene_id...], "regions": [...], "slumps": physical slumps, "labels": label
-    rows (a slump seen in two scenes has two), "bytes": size of the files written}. The same seed
+    Returns {"scenes": [scene_id...], "sensors": {scene_id: sensor profile}, "regions": [...],
+    "slumps": physical slumps, "labels": label rows (a slump seen in two scenes has two), "bytes":
+    size of the files written}. The region imaged by Sentinel-2 (Yamal) has an 8-band PlanetScope
+    scene and a Sentinel-2 L2A scene (band COGs, SCL, STAC item) of the same ground. The same seed
     and scene_size give byte-identical files. scene_size (pixels, default 640) is the nominal scene
     width and height; each scene varies by +-15%.
     """
@@ -642,7 +789,7 @@ def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None
     if scene_size < 64:
         raise ValueError(f"scene_size must be at least 64 pixels, got {scene_size}")
     out = Path(out)
-    scene_ids, written, labels, sites, slump_count = [], [], [], [], 0
+    scene_ids, sensors, written, labels, sites, slump_count = [], {}, [], [], [], 0
     for region_index, spec in enumerate(REGIONS):
         rng = np.random.default_rng([seed, region_index])
         utm = f"EPSG:{spec.epsg}"
@@ -658,10 +805,13 @@ def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None
             scene_look = dict(look, gain=look["gain"] * gain, haze=look["haze"] * haze)
             sr, udm = _render_scene(world, scene, spec, scene_look, scene_rng, scene_index == 0)
             folder = out / "scenes" / scene.scene_id
-            written += [folder / f"{scene.scene_id}_3B_AnalyticMS_SR.tif", folder / f"{scene.scene_id}_3B_udm2.tif"]
-            _write_raster(written[-2], sr, utm, scene.transform, SR_BANDS, nodata=0, predictor=2)
+            suffix, descriptions = ("_SR_8b", SR_8B_BANDS) if spec.sentinel2 else ("_SR", SR_BANDS)
+            written += [folder / f"{scene.scene_id}_3B_AnalyticMS{suffix}.tif", folder / f"{scene.scene_id}_3B_udm2.tif"]
+            _write_raster(written[-2], _eight_bands(sr) if spec.sentinel2 else sr, utm, scene.transform, descriptions,
+                          nodata=0, predictor=2)
             _write_raster(written[-1], udm, utm, scene.transform, UDM2_BANDS)
             scene_ids.append(scene.scene_id)
+            sensors[scene.scene_id] = "planetscope-8b" if spec.sentinel2 else "planetscope"
             for slump in world.slumps:
                 if slump.geometry().intersection(scene.footprint).area < 5 * PIXEL_SIZE**2:
                     continue  # not visible in this scene
@@ -669,6 +819,19 @@ def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None
                 if spec.bowtie_label and not any(record[2] == spec.name for _, record in labels):
                     geometry = _bowtie(geometry)
                 labels.append((geometry, (scene.scene_id, scene.date, spec.name, site, "RTS")))
+        if spec.sentinel2:  # the same ground seen by Sentinel-2 a few days later
+            s2_rng = np.random.default_rng([seed, region_index, 50])
+            plan = _plan_sentinel2(spec, s2_rng, scenes[0])
+            bands, scl = _render_sentinel2(world, plan, look, s2_rng)
+            written += _write_sentinel2(out / "scenes" / plan.scene_id, plan, bands, scl, utm)
+            scene_ids.append(plan.scene_id)
+            sensors[plan.scene_id] = "sentinel2-l2a"
+            for slump in world.slumps:
+                if slump.geometry().intersection(plan.footprint).area >= 5 * SENTINEL2_PIXEL**2:
+                    geometry = shapely.geometry.shape(transform_geom(utm, "EPSG:4326",
+                                                                     slump.geometry().__geo_interface__))
+                    labels.append((geometry, (plan.scene_id, plan.date, spec.name, site, "RTS")))
+            scenes = scenes + [plan]  # the DEM, TCVIS and site cover it too
         written += [out / "auxiliary" / kind / f"{spec.name}_{kind}.tif" for kind in ("dem", "tcvis")]
         _write_dem(world, spec, scenes, np.random.default_rng([seed, region_index, 0]), written[-2])
         _write_tcvis(world, spec, scenes, np.random.default_rng([seed, region_index, 99]), written[-1])
@@ -681,6 +844,7 @@ def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None
     _write_vectors(written[-1], "GeoJSON", *zip(*sites), ("site", "region"), "Polygon")
     return {
         "scenes": scene_ids,
+        "sensors": sensors,
         "regions": [spec.name for spec in REGIONS],
         "slumps": slump_count,
         "labels": len(labels),

@@ -193,13 +193,15 @@ def evaluate(run_path: str, records: str, region: str | None = None, out: str | 
     """
     from rts_tf.dataset import check_shards
     from rts_tf.inference import choose_threshold, load_run
+    from rts_tf.scene import recipe_differences
 
     run = load_run(run_path, trust_model=trust_model)
     manifest = read_manifest(records)
     if [b["name"] for b in manifest["bands"]] != run.bands or manifest["tile_size"] != run.tile_size:
         raise InputError(f"{records}: records have other bands or tile size than the run {run_path}")
-    if manifest.get("recipe") and run.info.get("recipe") and manifest["recipe"] != run.recipe:
-        differs = sorted(k for k in run.recipe if manifest["recipe"].get(k) != run.recipe[k])
+    differs = recipe_differences(manifest["recipe"], run.recipe) if manifest.get("recipe") and run.info.get("recipe") \
+        else []
+    if differs:  # (records of another sensor are a transfer test: allowed)
         raise InputError(f"{records}: records were built with other feature settings than the run's "
                          f"({', '.join(differs)}); its model would see other bands than it was trained on")
     holdout = run.info.get("holdout_region")

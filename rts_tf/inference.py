@@ -12,7 +12,7 @@ import numpy as np
 
 from rts_tf.errors import InputError
 from rts_tf.bands import BAND_NAMES
-from rts_tf.scene import recipe_settings
+from rts_tf.scene import recipe_differences, recipe_settings
 
 # Runs saved before run.json carried the feature recipe: the settings prediction used then.
 LEGACY_RECIPE = recipe_settings("dem", 100.0, -1e30, "float32")
@@ -32,8 +32,11 @@ class Run:
     info: dict = field(default_factory=dict)
 
 
-def load_run(path: str | os.PathLike, trust_model: bool = False) -> Run:
+def load_run(path: str | os.PathLike, trust_model: bool = False, with_model: bool = True) -> Run:
     """Load run.json and model.keras from a run folder, with clear errors for incomplete runs.
+
+    with_model=False checks the folder and reads run.json only (Run.model is None): for a driver
+    whose models are loaded elsewhere (Ray actors), without importing TensorFlow.
 
     The model is loaded without running code from the file (see ``rts_tf.models.load_model``) and
     must lie inside the run folder; ``trust_model`` also loads HDF5 and SavedModel files and Lambda
@@ -56,15 +59,17 @@ def load_run(path: str | os.PathLike, trust_model: bool = False) -> Run:
         raise InputError(f"{run_file}: \"model\" must name a file inside the run folder, got {name!r}")
     if not model_file.exists():
         raise InputError(f"{path}: no model file {model_file.name}")
-    from rts_tf.models import load_model
-
     if trust_model:
         import warnings
 
         warnings.warn(f"{model_file}: loading with --trust-model, which allows HDF5 and SavedModel files and Lambda "
                       "layers: they run the Python code stored in the model file", stacklevel=2)
     try:
-        model = load_model(model_file, trust_model=trust_model)
+        model = None
+        if with_model:
+            from rts_tf.models import load_model
+
+            model = load_model(model_file, trust_model=trust_model)
     except InputError:
         raise
     except Exception as error:  # Keras raises many kinds for broken files
@@ -74,13 +79,18 @@ def load_run(path: str | os.PathLike, trust_model: bool = False) -> Run:
                float(info.get("threshold", 0.5)), dict(info.get("recipe") or LEGACY_RECIPE), info)
 
 
-def manifest_recipe(manifest: dict) -> dict:
-    """The feature recipe of records; for records from before manifests carried it, their settings."""
+def manifest_recipe(manifest: dict, regions: Sequence[str] | None = None) -> dict:
+    """The feature recipe of records; for records from before manifests carried it, their settings.
+    With regions, its `sensors` are those of these regions' scenes: what a model trained on them saw."""
     if manifest.get("recipe"):
-        return manifest["recipe"]
-    settings = manifest.get("settings", {})
-    return recipe_settings("dem", settings.get("rel_elevation_radius", 100.0), LEGACY_RECIPE["dem_min_valid"],
-                           settings.get("image_dtype", "float16"))
+        recipe = dict(manifest["recipe"])
+    else:
+        settings = manifest.get("settings", {})
+        recipe = recipe_settings("dem", settings.get("rel_elevation_radius", 100.0), LEGACY_RECIPE["dem_min_valid"],
+                                 settings.get("image_dtype", "float16"))
+    seen = sorted({scene.get("sensor", "planetscope") for scene in manifest["scenes"]
+                   if regions is not None and scene["region"] in regions and scene.get("tiles")})
+    return {**recipe, "sensors": seen} if seen else recipe
 
 
 def choose_threshold(runs: Sequence[Run], threshold: float | None = None) -> tuple[float, str]:
@@ -112,8 +122,8 @@ def check_recipes(runs: Sequence[Run]) -> dict:
     for run in runs[1:]:
         if run.tile_size != first.tile_size:
             raise InputError("the runs of an ensemble must share one tile size")
-        if run.recipe != first.recipe:
-            differs = sorted(k for k in first.recipe if run.recipe.get(k) != first.recipe[k])
+        differs = recipe_differences(run.recipe, first.recipe)  # the sensors trained on may differ
+        if differs:
             raise InputError(f"{run.path}: its records were built with other feature settings than {first.path} "
                              f"({', '.join(differs)}); an ensemble needs one recipe")
     return first.recipe

@@ -153,8 +153,8 @@ class SceneLabels:
 class LabelMatcher:
     """Matches label polygons to scenes.
 
-    A polygon with an `image_id` belongs to the scene of that id (labels of other images of the
-    same place must not leak in); a polygon whose `image_id` is null or blank, or any polygon of a
+    A polygon with an `image_id` belongs to the scene of that id, or of one of its aliases (a
+    Sentinel-2 product's tile id), so labels of other images of the same place do not leak in; a polygon whose `image_id` is null or blank, or any polygon of a
     file without that field, belongs to every scene whose footprint it intersects.
     """
 
@@ -165,8 +165,9 @@ class LabelMatcher:
         self.by_footprint = np.array([value is None for value in self.image_ids], dtype=bool)
         self._moved: dict[str, np.ndarray] = {}  # footprint candidates reprojected, per scene CRS
 
-    def match(self, scene_id: str, grid: Grid) -> SceneLabels:
-        by_id = np.flatnonzero(self.image_ids == scene_id)
+    def match(self, scene_id: str, grid: Grid, aliases: Sequence[str] = ()) -> SceneLabels:
+        ids = {scene_id, *aliases}
+        by_id = np.flatnonzero([image_id in ids for image_id in self.image_ids])
         candidates = np.flatnonzero(self.by_footprint)
         moved = self._reprojected(candidates, grid.crs)
         hits = shapely.intersects(moved, box(*grid.bounds)) if len(moved) else np.zeros(0, dtype=bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -17,18 +18,21 @@ import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from rts_tf.engine import ENGINES, failures_message, local_jobs
 from rts_tf.errors import InputError, disk_problem, output_error
 from rts_tf.inference import Run, StripBlender, check_recipes, choose_threshold, load_run, predict_tiles
 from rts_tf.labels import read_polygons, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
-from rts_tf.scene import SceneFiles, SceneSources, find_scenes, scene_grid
-from rts_tf.records import write_text
+from rts_tf.scene import SceneFiles, SceneSources, find_scenes, recipe_sensors, scene_grid, sensor_warning
+from rts_tf.settings import SensorSettings
+from rts_tf.records import attempt_id, write_json, write_text
 from rts_tf.tiling import tile_offsets
-from rts_tf.vectorize import Polygons, polygons_from_rasters, write_polygons
+from rts_tf.vectorize import Polygons, polygons_from_rasters, read_polygons_file, write_polygons
 
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
 MERGED_NAME = "rts_polygons.gpkg"
+COMPLETE_SUFFIX = "_complete.json"  # OUT/<scene_id>/<scene_id>_complete.json: the scene's completion marker
 WINDOWS_PER_READ = 16  # windows stacked per read: bounds memory, keeps reads large enough to be cheap
 
 
@@ -41,6 +45,7 @@ class SceneResult:
     km2: float
     slumps: int
     slump_area_m2: float
+    complete_before: bool = False  # skipped: complete from an earlier command with the same settings
 
 
 @dataclass
@@ -51,18 +56,96 @@ class PredictSummary:
     merged: str = ""
     threshold: float = 0.5
     threshold_source: str = ""
+    failed: dict[str, str] = field(default_factory=dict)  # scene_id -> why it failed (one line)
+    sensors: dict[str, int] = field(default_factory=dict)  # scenes per sensor profile
+    sensor_given: bool = False  # chosen with --sensor, else detected from the files
+    warnings: list[str] = field(default_factory=list)  # another sensor than the model's, no SCL, ...
 
     def lines(self) -> list[str]:
         km2 = sum(s.km2 for s in self.scenes)
         slumps = sum(s.slumps for s in self.scenes)
         area = sum(s.slump_area_m2 for s in self.scenes) / 1e4
-        rate = km2 / (self.seconds / 60) if self.seconds else 0.0
+        computed = [s for s in self.scenes if not s.complete_before]
+        rate = sum(s.km2 for s in computed) / (self.seconds / 60) if self.seconds else 0.0
         lines = [f"{s.scene_id}: {s.slumps} slumps, {s.slump_area_m2 / 1e4:.2f} ha -> {s.probability}"
-                 for s in self.scenes]
+                 + (" (already complete)" if s.complete_before else "") for s in self.scenes]
+        skipped = len(self.scenes) - len(computed)
         return lines + [f"threshold {self.threshold:.2f} ({self.threshold_source})",
-                        f"predicted {len(self.scenes)} scenes, {km2:.1f} km2 in {self.seconds:.0f} s "
-                        f"({rate:.1f} km2/min): {slumps} slumps, {area:.2f} ha",
-                        f"polygons of all scenes (EPSG:4326): {self.merged}"]
+                        f"predicted {len(self.scenes)} scenes"
+                        + (f" ({len(computed)} now, {skipped} already complete)" if skipped else "")
+                        + f", {km2:.1f} km2 in {self.seconds:.0f} s ({rate:.1f} km2/min): {slumps} slumps, {area:.2f} ha",
+                        f"polygons of all scenes (EPSG:4326): {self.merged}",
+                        "sensors: " + ", ".join(f"{name} {count}" for name, count in sorted(self.sensors.items()))
+                        + f" ({'--sensor' if self.sensor_given else 'detected from the files'})",
+                        *(f"warning: {warning}" for warning in self.warnings)]
+
+    def failure_message(self) -> str:
+        return failures_message(self.failed, len(self.failed) + len(self.scenes), "scenes",
+                                f"{len(self.scenes)} predicted and kept, in {self.merged or 'no merged file'}; fix "
+                                "or remove the failed scenes and run the command again: finished scenes are skipped")
+
+
+@dataclass
+class PredictOptions:
+    """What predicting a scene needs besides the scene: everything a predicting process (this one,
+    or a Ray actor elsewhere) loads or opens once."""
+
+    runs: list[str]
+    out: str
+    tcvis: list[str]
+    dem: list[str] | None
+    rel_elevation: list[str] | None
+    slope: list[str] | None
+    recipe: dict
+    rel_elevation_radius: float | None
+    allow_feature_mismatch: bool
+    trust_model: bool
+    overlap: int
+    batch_size: int
+    flips: bool
+    threshold: float
+    min_area: float
+    drop_touching: bool
+
+
+@dataclass
+class SceneTask:
+    """One scene to predict: its files, its region (for the polygons) and what its results depend on."""
+
+    scene: SceneFiles
+    region: str
+    fingerprint: dict
+
+
+class ScenePredictor:
+    """Loads the runs and opens the feature recipe once; predicts the scenes it is given
+    (`predictor(task, advance)`), each ending with its completion marker."""
+
+    def __init__(self, options: PredictOptions, threads: int | None = None, runs: Sequence[Run] | None = None,
+                 sources: SceneSources | None = None):
+        if threads:  # a Ray actor given `threads` CPUs: TensorFlow would take every core of the node
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        self.options = options
+        self.runs = list(runs) if runs is not None else [load_run(path, trust_model=options.trust_model)
+                                                         for path in options.runs]
+        self.sources = sources if sources is not None else open_recipe(
+            options.recipe, options.tcvis, options.dem, options.rel_elevation, options.slope,
+            options.rel_elevation_radius, options.allow_feature_mismatch)
+
+    def __call__(self, task: SceneTask, advance: Callable[[int], None]) -> dict:
+        options, scene = self.options, task.scene
+        out = Path(options.out)
+        attempt = attempt_id()
+        with cleaned_up(out / scene.scene_id, attempt):
+            result, _ = predict_scene(scene, self.runs, self.sources, out, options.overlap, options.batch_size,
+                                      options.flips, options.threshold, options.min_area, options.drop_touching,
+                                      task.region, advance, attempt)
+        # The completion marker, written last: a scene without it is recomputed.
+        write_json(complete_path(out, scene.scene_id), {"fingerprint": task.fingerprint, "result": vars(result)},
+                   unique=True)
+        return vars(result)
 
 
 def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequence[str],
@@ -71,21 +154,32 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
             batch_size: int = 8, flips: bool = False, threshold: float | None = None, min_area: float = 100.0,
             drop_touching: bool = False, overwrite: bool = False, rel_elevation_radius: float | None = None,
             allow_feature_mismatch: bool = False, trust_model: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> PredictSummary:
+            progress: Callable[[int, int], None] | None = None, engine: str = "local",
+            workers: int = 1, sensor: SensorSettings = SensorSettings()) -> PredictSummary:
     """Predict slumps over whole scenes with one run or the mean of several (an ensemble).
 
     The bands are made by the feature recipe the runs' records were built with (run.json); other
-    terrain inputs or settings are refused unless allow_feature_mismatch.
+    terrain inputs or settings are refused unless allow_feature_mismatch. Scenes whose results are
+    complete (their marker) with the same settings are skipped; results of other settings are
+    refused unless overwrite, which recomputes them. engine "local" predicts in this process,
+    "ray" in Ray actors (one per GPU, or per `workers` CPUs). A scene whose input fails does not
+    stop the others: the summary lists it in `failed`. `sensor` chooses the sensor profile that
+    reads the scenes (default: detected); a scene of another sensor than the runs' records warns.
     """
     started = time.perf_counter()
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    scene_list = find_scenes(scenes)
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    scene_list = find_scenes(scenes, sensor)
     for scene in scene_list:
         scene_grid(scene)
     if not runs:
         raise InputError("give at least one --run")
-    loaded = [load_run(path, trust_model=trust_model) for path in runs]
+    # With Ray the models are loaded by the actors: this process only checks the run folders.
+    loaded = [load_run(path, trust_model=trust_model, with_model=engine == "local") for path in runs]
     recipe = check_recipes(loaded)
     tile_size = loaded[0].tile_size
     overlap = loaded[0].overlap if overlap is None else overlap
@@ -95,40 +189,152 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
     sources = open_recipe(recipe, tcvis, dem, rel_elevation, slope, rel_elevation_radius, allow_feature_mismatch)
     site_layer = read_polygons(sites, "sites", ("region",)) if sites else None
     out_path = Path(out)
+    options = PredictOptions([str(run.path) for run in loaded], str(out_path), list(tcvis), list(dem or []) or None,
+                             list(rel_elevation or []) or None, list(slope or []) or None, recipe,
+                             rel_elevation_radius, allow_feature_mismatch, trust_model, overlap, batch_size, flips,
+                             threshold, min_area, drop_touching)
     try:
+        grids = {}
         for scene in scene_list:
-            sources.check(scene)
+            grids[scene.scene_id] = scene_grid(scene)
+            sources.check(scene, grids[scene.scene_id])
+        shared = shared_inputs(loaded, sources)
+        tasks = [SceneTask(scene, site_of(site_layer, grids[scene.scene_id])[1] or "" if site_layer is not None else "",
+                           {}) for scene in scene_list]
+        for task in tasks:
+            task.fingerprint = scene_fingerprint(task, options, shared)
+        done_before = {} if overwrite else completed_scenes(out_path, tasks)
         prepare_output(out_path, [scene.scene_id for scene in scene_list], overwrite)
-        grids = [scene_grid(scene) for scene in scene_list]
-        total = sum(len(tile_offsets(g.height, tile_size, overlap)) * len(tile_offsets(g.width, tile_size, overlap))
-                    for g in grids)
-        summary = PredictSummary(str(out_path), threshold=threshold, threshold_source=threshold_source)
-        merged = Polygons(CRS.from_epsg(4326))
+        todo = [task for task in tasks if task.scene.scene_id not in done_before]
+        total = sum(len(tile_offsets(grid.height, tile_size, overlap)) * len(tile_offsets(grid.width, tile_size, overlap))
+                    for grid in (grids[task.scene.scene_id] for task in todo))
         done = 0
-        for scene, grid in zip(scene_list, grids):
-            def advance(tiles: int) -> None:
-                nonlocal done
-                done += tiles
-                if progress:
-                    progress(done, total)
 
-            region = site_of(site_layer, grid)[1] or "" if site_layer is not None else ""
-            with cleaned_up(out_path, [scene.scene_id], out_path / scene.scene_id):
-                result, polygons = predict_scene(scene, loaded, sources, out_path, overlap, batch_size, flips,
-                                                 threshold, min_area, drop_touching, region, advance)
-            summary.scenes.append(result)
-            merged.extend(polygons.to_crs(CRS.from_epsg(4326)))
-        summary.merged = str(out_path / MERGED_NAME)
-        with cleaned_up(out_path, [], out_path / MERGED_NAME):
-            write_polygons(merged, summary.merged)
+        def advance(tiles: int) -> None:
+            nonlocal done
+            done += tiles
+            if progress:
+                progress(done, total)
+
+        keys = [task.scene.scene_id for task in todo]
+        results: dict[str, dict] = {}
+        summary = PredictSummary(str(out_path), threshold=threshold, threshold_source=threshold_source,
+                                 sensor_given=sensor.sensor is not None)
+        for scene in scene_list:
+            summary.sensors[scene.sensor] = summary.sensors.get(scene.sensor, 0) + 1
+            mismatch = sensor_warning(scene, recipe_sensors(recipe))
+            summary.warnings += [*scene.warnings, *([mismatch] if mismatch else [])]
+        for result in run_predictions(options, todo, keys, loaded, sources, engine, workers, advance):
+            if result.error is None:
+                results[result.key] = result.result
+            else:
+                summary.failed[result.key] = result.error
+        # Every scene has ended: temporaries left now are of attempts that died (a killed worker).
+        remove_temporaries(out_path, [scene.scene_id for scene in scene_list])
     finally:
         sources.close()
+    # The merged file is made here from the scenes' polygon files, in the scenes' order.
+    merged = Polygons(CRS.from_epsg(4326))
+    for scene in scene_list:
+        scene_id = scene.scene_id
+        if scene_id in done_before or scene_id in results:
+            result = done_before[scene_id] if scene_id in done_before else SceneResult(**results[scene_id])
+            summary.scenes.append(result)
+            merged.extend(read_polygons_file(result.polygons).to_crs(CRS.from_epsg(4326)))
+    summary.merged = str(out_path / MERGED_NAME)
+    try:
+        write_polygons(merged, summary.merged)
+    except Exception as error:
+        if disk_problem(error, summary.merged) is None:
+            raise
+        raise output_error(summary.merged, error) from None
     summary.seconds = time.perf_counter() - started
     write_text(out_path / "summary.json", json.dumps({"scenes": [vars(s) for s in summary.scenes],
+                                                       "failed": summary.failed,
                                                        "threshold": threshold, "threshold_source": threshold_source,
                                                        "recipe": recipe, "runs": [str(r.path) for r in loaded],
                                                        "seconds": summary.seconds}, indent=1))
     return summary
+
+
+def run_predictions(options: PredictOptions, todo: list[SceneTask], keys: list[str], loaded: list[Run],
+                    sources: SceneSources, engine: str, workers: int, advance: Callable[[int], None]):
+    """Each scene's Outcome as it finishes: in this process, or in Ray actors that each load the
+    runs once (one actor per GPU, or per `workers` CPUs without GPUs)."""
+    if not todo:
+        return
+    if engine == "local":
+        yield from local_jobs(ScenePredictor(options, runs=loaded, sources=sources), todo, keys, advance)
+        return
+    from rts_tf.engine import cluster_cpus, cluster_gpus, ray_actors, ray_session
+
+    with ray_session(workers) as ray:
+        gpus = cluster_gpus(ray)
+        if gpus:
+            actors, resources, threads = gpus, {"num_gpus": 1, "num_cpus": 1}, None
+        else:
+            actors, resources, threads = max(1, cluster_cpus(ray) // workers), {"num_cpus": workers}, workers
+        yield from ray_actors(ray, ScenePredictor, (options, threads), todo, keys, actors, resources, advance,
+                              label="predict_scene")
+
+
+def file_state(path: str | os.PathLike | None) -> list | None:
+    """A file's identity for fingerprints: resolved path, size and modification time."""
+    if path is None:
+        return None
+    info = os.stat(path)
+    return [str(Path(path).resolve()), info.st_size, info.st_mtime_ns]
+
+
+def shared_inputs(runs: Sequence[Run], sources: SceneSources) -> str:
+    """A digest of the inputs every scene shares: the runs' files and the auxiliary rasters."""
+    files = [file_state(run.path / "run.json") for run in runs]
+    files += [file_state(run.path / str(run.info.get("model", "model.keras"))) for run in runs]
+    files += [file_state(path) for source in sources.sources for path in source.paths]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def scene_fingerprint(task: SceneTask, options: PredictOptions, shared: str) -> dict:
+    """What a scene's results depend on: settings (other settings are refused without --overwrite)
+    and inputs (changed input files are recomputed)."""
+    settings = {"runs": [str(Path(run).resolve()) for run in options.runs], "overlap": options.overlap,
+                "flips": options.flips, "threshold": options.threshold, "min_area": options.min_area,
+                "drop_touching": options.drop_touching, "rel_elevation_radius": options.rel_elevation_radius,
+                "terrain": "dem" if options.dem else "precomputed"}
+    inputs = {"scene": [file_state(path) for path in task.scene.files], "sensor": task.scene.reflectance(),
+              "bands": [[str(path), band] for path, band in task.scene.bands], "shared": shared,
+              "region": task.region}
+    return {"settings": settings, "inputs": inputs}
+
+
+def complete_path(out: Path, scene_id: str) -> Path:
+    return out / scene_id / f"{scene_id}{COMPLETE_SUFFIX}"
+
+
+def completed_scenes(out: Path, tasks: Sequence[SceneTask]) -> dict[str, SceneResult]:
+    """Scenes whose results are complete with the same settings and inputs (to skip). Results of
+    other settings are refused (the caller's --overwrite replaces them); changed inputs are redone."""
+    complete, conflicts = {}, []
+    for task in tasks:
+        scene_id = task.scene.scene_id
+        try:
+            marker = json.loads(complete_path(out, scene_id).read_text())
+            fingerprint, result = marker["fingerprint"], SceneResult(**{**marker["result"], "complete_before": True})
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # no marker (never finished) or unreadable: the scene is predicted again
+        if fingerprint.get("settings") != task.fingerprint["settings"]:
+            before = fingerprint.get("settings") or {}
+            conflicts.append((scene_id, sorted(k for k in task.fingerprint["settings"]
+                                               if before.get(k) != task.fingerprint["settings"][k])))
+        elif fingerprint.get("inputs") == task.fingerprint["inputs"] and all(
+                Path(path).exists() for path in (result.probability, result.mask, result.polygons)):
+            complete[scene_id] = result
+    if conflicts:
+        scene_id, keys = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more scenes)" if len(conflicts) > 1 else ""
+        raise InputError(f"{out}: already holds results of scene {scene_id}{more} made with other settings "
+                         f"({', '.join(keys)}); use --overwrite to replace them or another --out")
+    return complete
 
 
 def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, rel_elevation: Sequence[str] | None,
@@ -151,31 +357,40 @@ def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, r
 
 
 def output_files(out: Path, scene_ids: list[str], temporary: bool | None = None) -> list[Path]:
-    """The files predict writes for these scenes, by name: results (temporary=False), staging and
-    temporary files (True), or both (None)."""
-    results, temporaries = [out / MERGED_NAME, out / "summary.json"], [out / "rts_polygons.tmp.gpkg",
-                                                                       out / "summary.json.tmp"]
+    """The files predict writes for these scenes that exist, by name: results and completion markers
+    (temporary=False), staging and temporary files of any attempt (True), or both (None)."""
+    results = [out / MERGED_NAME, out / "summary.json"]
+    patterns = ["rts_polygons.tmp.gpkg*", "rts_polygons.*.tmp.gpkg*", "summary.json.tmp", "summary.json.*.tmp"]
+    temporaries = [path for pattern in patterns for path in out.glob(pattern)]
     for scene_id in scene_ids:
         folder = out / scene_id
         results += [folder / f"{scene_id}_{kind}.tif" for kind in ("probability", "mask")]
-        results.append(folder / f"{scene_id}_polygons.gpkg")
-        temporaries += [folder / f"{scene_id}_{kind}.tmp.tif" for kind in ("probability", "mask")]
-        temporaries += [folder / f".{kind}.staging.tif" for kind in ("probability", "mask")]
-        temporaries.append(folder / f"{scene_id}_polygons.tmp.gpkg")
+        results += [folder / f"{scene_id}_polygons.gpkg", complete_path(out, scene_id)]
+        # `<name>.tmp.<ext>` of earlier versions, `<name>.<attempt>.tmp.<ext>` now
+        patterns = [f"{scene_id}_probability*.tmp.tif", f"{scene_id}_mask*.tmp.tif", ".probability*.staging.tif",
+                    ".mask*.staging.tif", f"{scene_id}_polygons*.tmp.gpkg*", f"{scene_id}{COMPLETE_SUFFIX}.*.tmp"]
+        if folder.is_dir():
+            temporaries += [path for pattern in patterns for path in folder.glob(pattern)]
+    results = [path for path in results if path.exists()]
     return results if temporary is False else temporaries if temporary else results + temporaries
 
 
 def prepare_output(out: Path, scene_ids: list[str], overwrite: bool) -> None:
-    """Refuse to overwrite earlier results unless asked; then remove only predict's own files."""
+    """Create the folder; with overwrite remove the results of these scenes (only predict's own
+    files, by name); remove temporaries of earlier attempts."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    results = [path for path in output_files(out, scene_ids, temporary=False)
-               if path.exists() and path.name != "summary.json"]
-    if results and not overwrite:
-        raise InputError(f"{out}: already holds results ({results[0].relative_to(out)}); use --overwrite or "
-                         "another --out")
-    remove_files(output_files(out, scene_ids), out, scene_ids)
+    if overwrite and out.is_dir():
+        remove_files(output_files(out, scene_ids), out, scene_ids)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out, scene_ids)
+
+
+def remove_temporaries(out: Path, scene_ids: list[str]) -> None:
+    """Delete temporaries of earlier attempts. Only this process calls it, before and after all
+    scenes of a command, never a scene's job: a job that may run twice must not delete its other
+    attempt's files."""
+    remove_files(output_files(out, scene_ids, temporary=True), out, scene_ids)
 
 
 def remove_files(paths: list[Path], out: Path, scene_ids: list[str]) -> None:
@@ -189,28 +404,33 @@ def remove_files(paths: list[Path], out: Path, scene_ids: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def cleaned_up(out: Path, scene_ids: list[str], target: Path):
-    """On failure remove the staging and temporary files of these scenes; a full or read-only disk
-    becomes a one-line error naming `target`."""
+def cleaned_up(folder: Path, attempt: str):
+    """On failure remove the staging and temporary files of this attempt (never another's); a full
+    or read-only disk becomes a one-line error naming `folder`."""
     try:
         yield
     except Exception as error:
-        remove_files(output_files(out, scene_ids, temporary=True), out, scene_ids)
-        if disk_problem(error, target) is None:
+        for path in folder.glob(f"*.{attempt}.*"):
+            path.unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        if disk_problem(error, folder) is None:
             raise
-        raise output_error(target, error) from None
+        raise output_error(folder, error) from None
 
 
 def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources, out: Path,
                   overlap: int, batch_size: int, flips: bool, threshold: float, min_area: float, drop_touching: bool,
-                  region: str, advance: Callable[[int], None]) -> tuple[SceneResult, Polygons]:
+                  region: str, advance: Callable[[int], None],
+                  attempt: str | None = None) -> tuple[SceneResult, Polygons]:
     """Stream one scene through the model in groups of windows along each row of tiles; write COGs
     and polygons."""
     size = runs[0].tile_size
     folder = out / scene.scene_id
     folder.mkdir(parents=True, exist_ok=True)
     names = {kind: folder / f"{scene.scene_id}_{kind}.tif" for kind in ("probability", "mask")}
-    staging = {kind: folder / f".{kind}.staging.tif" for kind in names}
+    attempt = attempt or attempt_id()  # every temporary name carries it: two attempts never share one
+    staging = {kind: folder / f".{kind}.{attempt}.staging.tif" for kind in names}
     # A small GDAL cache for the whole scene: streaming, COG conversion and vectorising.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), sources.stack(scene) as stack:
         grid = stack.grid
@@ -261,21 +481,21 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                     mask_out.write(np.where(usable, probability >= threshold, MASK_NODATA).astype(np.uint8)[None],
                                    window=window)
         for kind in names:
-            to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8")
+            to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8", attempt)
         polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)
     count = len(polygons)
     polygons.attributes.update(scene_id=[scene.scene_id] * count, image_date=[scene.image_date] * count,
                                region=[region] * count)
     polygon_path = folder / f"{scene.scene_id}_polygons.gpkg"
-    write_polygons(polygons, polygon_path)
+    write_polygons(polygons, polygon_path, temporary_id=attempt)
     km2 = grid.width * grid.height * abs(grid.transform.a * grid.transform.e) / 1e6
     return SceneResult(scene.scene_id, str(names["probability"]), str(names["mask"]), str(polygon_path), km2,
                        count, float(sum(polygons.attributes["area_m2"]))), polygons
 
 
-def to_cog(staging: Path, path: Path, dtype: str) -> None:
+def to_cog(staging: Path, path: Path, dtype: str, attempt: str) -> None:
     """Convert a tiled GeoTIFF into a Cloud-Optimised GeoTIFF (internal overviews), atomically."""
-    temporary = path.with_name(path.stem + ".tmp.tif")
+    temporary = path.with_name(f"{path.stem}.{attempt}.tmp.tif")
     resampling = "AVERAGE" if dtype == "float32" else "NEAREST"
     rasterio.shutil.copy(staging, temporary, driver="COG", COMPRESS="DEFLATE", OVERVIEWS="AUTO",
                          RESAMPLING=resampling, BLOCKSIZE=512)

@@ -1,7 +1,7 @@
 """TFRecord schema: the one declaration of tile features, used to write, parse and describe shards.
 
-Schema 2 stores each source in its natural type: PlanetScope reflectance as the uint16 numbers it
-is delivered in, TCVIS as uint8, NDVI as int16 in steps of 1e-4, relative elevation and slope as
+Schema 2 stores each source in its natural type: reflectance as uint16 steps of 1e-4 (PlanetScope's
+numbers as delivered; other sensors' converted to this one convention, see rts_tf.sensors), TCVIS as uint8, NDVI as int16 in steps of 1e-4, relative elevation and slope as
 float16, the label as uint8. A band's value in its unit is `stored * scale + offset`, computed in
 float32 by `image_float32` (TensorFlow) and `parts_to_float32` (NumPy) alike, so the records and
 the scenes that `predict` stacks give a model bit-identical inputs. Writing needs no TensorFlow:
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ class ImagePart:
 
 
 IMAGE_PARTS = (
-    ImagePart("reflectance", "uint16", REFLECTANCE_BANDS, 1e-4),  # surface reflectance x 10000, as delivered
+    ImagePart("reflectance", "uint16", REFLECTANCE_BANDS, 1e-4),  # surface reflectance x 10000, every sensor
     ImagePart("ndvi", "int16", ("ndvi",), 1e-4),
     ImagePart("tcvis", "uint8", TCVIS_BANDS),
     ImagePart("terrain", "float16", TERRAIN_BANDS),
@@ -244,7 +245,8 @@ class ShardWriter:
 
     def __init__(self, path: Path, compression: str, compression_level: int | None):
         self.path = Path(path)
-        self.temporary = self.path.with_name(self.path.name + ".tmp")
+        # A name of this attempt's own: an engine may run a scene twice at once (a retried task).
+        self.temporary = self.path.with_name(f"{self.path.name}.{attempt_id()}.tmp")
         self._file = self._stream = None
         self.count = 0
         with self._disk_errors():
@@ -317,16 +319,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+def attempt_id() -> str:
+    """A short random name for one attempt at a job, for its temporary files (`<name>.<id>.tmp`)."""
+    return uuid.uuid4().hex[:12]
 
 
-def write_text(path: Path, text: str) -> None:
+def write_json(path: Path, data: Any, unique: bool = False) -> None:
+    """Write JSON atomically (temporary name, then rename); see write_text for unique."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n", unique=unique)
+
+
+def write_text(path: Path, text: str, unique: bool = False) -> None:
     """Write a text file atomically; a full or read-only disk is a one-line InputError and leaves
-    no temporary file."""
+    no temporary file. unique: the temporary name is this attempt's own (`<name>.<id>.tmp`), for
+    files that two attempts at one job may write at once."""
     path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{attempt_id()}.tmp" if unique else path.name + ".tmp")
     try:
         temporary.write_text(text)
         os.replace(temporary, path)
@@ -478,8 +486,11 @@ def _manifest_problem(manifest: dict) -> str | None:
         missing = [region for region in manifest["regions"] if region not in statistics["regions"]]
         if missing:
             raise ValueError(f"statistics.regions lacks {', '.join(missing)}")
+        # Per sensor since sensor profiles (optional: older manifests have none).
+        check(statistics.get("sensors", {}), "an object", "statistics.sensors")
         for name, stats in [("overall", statistics["overall"]),
-                            *((f"regions.{region}", stats) for region, stats in statistics["regions"].items())]:
+                            *((f"regions.{region}", stats) for region, stats in statistics["regions"].items()),
+                            *((f"sensors.{sensor}", stats) for sensor, stats in statistics.get("sensors", {}).items())]:
             where = f"statistics.{name}"
             sums = ("mean", "std", "min", "max", "sum", "sum_squares")
             check_object(stats, {"count": "an integer", **{key: "a list" for key in sums}}, where)

@@ -1,100 +1,176 @@
-"""Scene stack: a PlanetScope scene and its auxiliary sources, aligned band by band on its grid."""
+"""Scene stack: a scene of any sensor and its auxiliary sources, aligned band by band on its grid."""
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from rts_tf.bands import BANDS
+from rts_tf.bands import BANDS, REFLECTANCE_BANDS
 from rts_tf.errors import InputError
 from rts_tf.rasters import Grid, RasterSource, check_readable, open_raster, warp_array
 from rts_tf.records import IMAGE_PARTS, parts_to_float32
+# SceneFiles and find_scenes live with the sensor profiles; scenes are found and stacked through this module.
+from rts_tf.sensors import REFLECTANCE_CONVENTION, REFLECTANCE_STEP, SENSORS, SceneFiles, family, find_scenes  # noqa: F401
 from rts_tf.settings import DEM_MIN_VALID
 from rts_tf.terrain import relative_elevation, slope_degrees
 
-REFLECTANCE_SCALE = 10000.0
+REFLECTANCE_SCALE = 1 / REFLECTANCE_STEP  # reflectance x 10000: the records' uint16 steps
 # TCVIS and terrain are resampled onto the scene grid in fixed chunks of this many pixels, aligned
 # with the scene's top-left corner: GDAL's warper gives slightly different values for the same
 # pixel in differently placed windows (up to 0.2 DN of TCVIS, 0.01 degree of slope on the demo
 # data), so a pixel's bands would depend on the tile or window it was read in. With fixed chunks
 # they depend on the scene grid alone, in build-records, evaluate and predict alike.
 AUXILIARY_CHUNK = 512
-SR_PATTERN = re.compile(r"^(?P<id>.+?)(_3B_AnalyticMS_SR.*|_BGRN_SR)\.tiff?$", re.IGNORECASE)
-UDM2_BANDS = ("clear", "snow", "shadow", "light_haze", "heavy_haze", "cloud", "confidence", "udm1")
-
-
-@dataclass(frozen=True)
-class SceneFiles:
-    """The files of one PlanetScope scene: surface reflectance and, optionally, its UDM2 mask."""
-
-    scene_id: str
-    sr: Path
-    udm2: Path | None
-
-    @property
-    def image_date(self) -> str:
-        """The acquisition date from a PSScene id (YYYYMMDD_...), or '' when the id has none."""
-        match = re.match(r"^(\d{4})(\d{2})(\d{2})_", self.scene_id)
-        return "-".join(match.groups()) if match else ""
-
-
-def find_scenes(folders: Sequence[str | os.PathLike]) -> list[SceneFiles]:
-    """Scenes in folders: each folder is a scene folder, a folder of scene folders, or both."""
-    scenes: dict[str, SceneFiles] = {}
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.exists():
-            raise InputError(f"{folder}: scene folder not found")
-        if folder.is_file():
-            candidates = [folder]
-        else:
-            candidates = sorted(folder.iterdir()) + sorted(
-                p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in sub.iterdir())
-        found = [scene_files(path) for path in candidates if SR_PATTERN.match(path.name)]
-        if not found:
-            raise InputError(f"{folder}: no PlanetScope scene found (expected *_3B_AnalyticMS_SR*.tif "
-                             "or *_BGRN_SR.tif here or in its sub-folders)")
-        for scene in found:
-            if scene.scene_id in scenes and scenes[scene.scene_id].sr != scene.sr:
-                raise InputError(f"{scene.sr}: scene {scene.scene_id} is also at {scenes[scene.scene_id].sr}")
-            scenes[scene.scene_id] = scene
-    return [scenes[key] for key in sorted(scenes)]
-
-
-def scene_files(sr_path: Path) -> SceneFiles:
-    """The SceneFiles of a surface-reflectance file, with its UDM2 beside it if there is one."""
-    scene_id = SR_PATTERN.match(sr_path.name).group("id")
-    udm2 = sorted(p for p in sr_path.parent.glob(f"{scene_id}*udm2*") if p.suffix.lower() in (".tif", ".tiff"))
-    return SceneFiles(scene_id, sr_path, udm2[0] if udm2 else None)
 
 
 def scene_grid(scene: SceneFiles) -> Grid:
-    """Open and validate a scene's files; return its grid."""
-    with open_raster(scene.sr, "PlanetScope surface reflectance") as dataset:
-        if dataset.count != 4:
-            raise InputError(f"{scene.sr}: surface reflectance must have 4 bands (B, G, R, NIR), found {dataset.count}")
-        if dataset.crs is None:
-            raise InputError(f"{scene.sr}: scene has no CRS")
-        if dataset.crs.is_geographic or (dataset.crs.linear_units or "").lower() not in ("metre", "meter", "m"):
-            raise InputError(f"{scene.sr}: scene CRS {dataset.crs} does not have metre units")
-        check_readable(dataset, "surface reflectance")
-        grid = Grid(dataset.crs, dataset.transform, dataset.height, dataset.width)
-    if scene.udm2 is not None:
-        with open_raster(scene.udm2, "UDM2 mask") as dataset:
-            if dataset.count != 8:
-                raise InputError(f"{scene.udm2}: UDM2 must have 8 bands, found {dataset.count}")
-            check_readable(dataset, "UDM2 mask")
+    """Open and validate a scene's files as its sensor reads them; return its grid (that of its bands)."""
+    sensor = SENSORS[scene.sensor]
+    grid, first = None, None
+    for path in dict.fromkeys(path for path, _ in scene.bands):
+        with open_raster(path, f"{sensor.title}") as dataset:
+            if grid is None:
+                if dataset.crs is None:
+                    raise InputError(f"{path}: scene has no CRS")
+                if dataset.crs.is_geographic or (dataset.crs.linear_units or "").lower() not in ("metre", "meter", "m"):
+                    raise InputError(f"{path}: scene CRS {dataset.crs} does not have metre units")
+                grid, first = Grid(dataset.crs, dataset.transform, dataset.height, dataset.width), path
+            elif (dataset.crs, dataset.transform, dataset.height, dataset.width) != \
+                    (grid.crs, grid.transform, grid.height, grid.width):
+                raise InputError(f"{path}: not on the grid of {first.name} ({dataset.width} x {dataset.height} px at "
+                                 f"{dataset.res[0]:g} m against {grid.width} x {grid.height}): a scene's bands must share "
+                                 "one grid")
+            _check_bands(scene, path, dataset.count)
+            check_readable(dataset, f"{sensor.title}")
+    if scene.mask is not None:
+        what = {"udm2": "UDM2 mask", "scl": "Sentinel-2 scene classification (SCL)", "classes": "--mask"}[sensor.mask]
+        with open_raster(scene.mask, what) as dataset:
+            if sensor.mask == "udm2" and dataset.count != 8:
+                raise InputError(f"{scene.mask}: UDM2 must have 8 bands, found {dataset.count}")
+            if dataset.crs is None:
+                raise InputError(f"{scene.mask}: {what} has no CRS")
+            check_readable(dataset, what)
     return grid
+
+
+def _check_bands(scene: SceneFiles, path: Path, count: int) -> None:
+    """Refuse a reflectance file whose band count does not fit the sensor (one line naming the file)."""
+    sensor = SENSORS[scene.sensor]
+    if scene.sensor == "planetscope" and count != 4:
+        raise InputError(f"{path}: surface reflectance must have 4 bands (B, G, R, NIR), found {count}"
+                         + ("; an 8-band PlanetScope product: leave out --sensor or give --sensor planetscope-8b"
+                            if count == 8 else ""))
+    if scene.sensor == "planetscope-8b" and count != 8:
+        raise InputError(f"{path}: an 8-band PlanetScope file must have 8 bands (coastal blue, blue, green I, green, "
+                         f"yellow, red, red edge, NIR), found {count}")
+    if sensor.count is not None and count < sensor.count:
+        raise InputError(f"{path}: {sensor.title} band file must have {sensor.count} band, found {count}")
+    for name, (band_path, band) in zip(REFLECTANCE_BANDS, scene.bands):
+        if band_path == path and band > count:
+            raise InputError(f"{path}: --band-map names band {band} for {name}, but the file has {count} "
+                             f"band{'s' if count > 1 else ''}")
+
+
+class SceneReader:
+    """A scene's canonical reflectance, as records store it, and its usable pixels, window by window.
+
+    Each sensor's numbers become reflectance = DN * scale + offset, clipped at 0 and rounded to the
+    records' uint16 steps of 1e-4; numbers already in that convention (PlanetScope's, Sentinel-2's
+    before baseline 04.00) are passed through untouched. A pixel is usable where every band file
+    has data (Sentinel-2: DN 0 is no data) and the quality mask (UDM2, SCL, --mask) allows it.
+    """
+
+    def __init__(self, scene: SceneFiles, grid: Grid):
+        self.scene, self.grid, self.sensor = scene, grid, SENSORS[scene.sensor]
+        self._opened: list = []
+        self._groups: list[tuple] = []  # (dataset, band numbers, canonical positions), one per file
+        try:
+            by_path: dict[Path, tuple] = {}
+            for position, (path, band) in enumerate(scene.bands):
+                if path not in by_path:
+                    by_path[path] = (self._open(path), [], [])
+                    self._groups.append(by_path[path])
+                by_path[path][1].append(band)
+                by_path[path][2].append(position)
+            self._mask = self._mask_coverage = None
+            if scene.mask is not None:
+                mask = self._open(scene.mask)
+                if (mask.crs, mask.transform, mask.height, mask.width) == (grid.crs, grid.transform, grid.height,
+                                                                            grid.width):
+                    self._mask = mask
+                    self._mask_coverage = mask if mask.nodata is not None else None
+                else:  # SCL at 20 m, or a --mask on another grid: nearest neighbour onto the scene grid
+                    self._mask = WarpedVRT(mask, crs=grid.crs, transform=grid.transform, width=grid.width,
+                                           height=grid.height, resampling=Resampling.nearest,
+                                           add_alpha=mask.nodata is None, nodata=mask.nodata)
+                    self._opened.append(self._mask)
+                    self._mask_coverage = self._mask
+        except BaseException:
+            self.close()
+            raise
+        self._as_stored = all(scale == REFLECTANCE_STEP for scale in scene.scale) and not any(scene.offset)
+
+    def _open(self, path: Path):
+        dataset = rasterio.open(path)
+        self._opened.append(dataset)
+        return dataset
+
+    def close(self) -> None:
+        for dataset in reversed(self._opened):
+            dataset.close()
+        self._opened.clear()
+
+    def numbers(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Reflectance in the records' uint16 steps (4, h, w) and where the scene has data (h, w)."""
+        if len(self._groups) == 1 and self._groups[0][2] == [0, 1, 2, 3]:
+            dataset, bands, _ = self._groups[0]
+            raw = dataset.read(bands, window=window)
+            data = dataset.dataset_mask(window=window) > 0
+        else:
+            raw, data = None, np.ones((int(window.height), int(window.width)), dtype=bool)
+            for dataset, bands, positions in self._groups:
+                values = dataset.read(bands, window=window)
+                if raw is None:
+                    raw = np.empty((4,) + values.shape[1:], values.dtype)
+                raw[positions] = values
+                data &= dataset.dataset_mask(window=window) > 0
+        if self.sensor.mask == "scl":
+            data &= (raw != 0).all(axis=0)  # Sentinel-2's NODATA special value
+        if self._as_stored and raw.dtype == np.uint16:
+            return raw, data
+        values = raw.astype(np.float64)
+        finite = np.isfinite(values).all(axis=0)
+        data &= finite
+        values[:, ~finite] = 0.0
+        values = values * np.asarray(self.scene.scale)[:, None, None] + np.asarray(self.scene.offset)[:, None, None]
+        steps = np.rint(np.maximum(values, 0.0) / REFLECTANCE_STEP)  # negative reflectance (S2 offset) -> 0
+        return np.minimum(steps, np.iinfo(np.uint16).max).astype(np.uint16), data
+
+    def quality(self, window: Window) -> np.ndarray:
+        """Pixels the quality mask allows (h, w); all without a mask."""
+        if self._mask is None:
+            return np.ones((int(window.height), int(window.width)), dtype=bool)
+        if self.sensor.mask == "udm2":
+            return usable_udm2(self._mask.read(list(range(1, 9)), window=window))
+        usable = ~np.isin(self._mask.read(1, window=window), self.scene.mask_ignore)
+        if self._mask_coverage is not None:  # pixels the mask does not reach are not known to be usable
+            usable &= self._mask_coverage.dataset_mask(window=window) > 0
+        return usable
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Reflectance steps (4, h, w) uint16 and usable pixels (h, w)."""
+        numbers, usable = self.numbers(window)
+        usable &= self.quality(window)
+        return numbers, usable
 
 
 class Terrain:
@@ -199,19 +275,60 @@ class SceneSources:
         self.close()
 
 
+# Recipes written before sensor profiles said this; the rule is the same for PlanetScope (see comparable_recipe).
+LEGACY_VALID_PIXELS = ("scene data, UDM2 usable (clear; no snow, shadow, heavy haze, cloud, unusable), "
+                       "TCVIS and terrain defined")
+VALID_PIXELS = ("scene data, the sensor's quality mask usable (UDM2: clear; no snow, shadow, heavy haze, cloud, "
+                "unusable; Sentinel-2 SCL: not 0, 1, 3, 8, 9, 10, 11; generic: --mask value not in --mask-ignore), "
+                "TCVIS and terrain defined")
+
+
 def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: float,
-                    legacy_dtype: str | None = None) -> dict:
+                    legacy_dtype: str | None = None, sensors: Sequence[str] | None = None) -> dict:
     """Every setting that decides a pixel's band values (besides the input files themselves): the
     stored types of schema 2 (`image_encoding`), or for runs on schema-1 records their one
-    `image_dtype`."""
+    `image_dtype`; the reflectance convention every sensor is converted to; and, for information,
+    the sensors the records were built from (`sensors`: another sensor at prediction warns, it
+    does not fail)."""
     encoding = {"image_dtype": legacy_dtype} if legacy_dtype else {"image_encoding": {
         part.name: {"dtype": part.dtype, "bands": list(part.bands), "scale": part.scale, "offset": part.offset}
         for part in IMAGE_PARTS}}
     return {"terrain": terrain, "rel_elevation_radius": float(rel_elevation_radius),
             "dem_min_valid": float(dem_min_valid), **encoding,
             "auxiliary_resampling": "bilinear", "auxiliary_chunk": AUXILIARY_CHUNK,
-            "valid_pixels": "scene data, UDM2 usable (clear; no snow, shadow, heavy haze, cloud, unusable), "
-                            "TCVIS and terrain defined"}
+            "valid_pixels": VALID_PIXELS, "reflectance": REFLECTANCE_CONVENTION,
+            "sensors": sorted(set(sensors or ["planetscope"]))}
+
+
+def recipe_sensors(recipe: dict) -> list[str]:
+    """The sensors a recipe's records were built from (recipes from before sensor profiles: PlanetScope)."""
+    return list(recipe.get("sensors") or ["planetscope"])
+
+
+def comparable_recipe(recipe: dict) -> dict:
+    """A recipe without its sensors, with what older recipes left unsaid filled in: what must be
+    equal for two models, or a model and records, to see the same bands."""
+    recipe = {key: value for key, value in recipe.items() if key != "sensors"}
+    recipe.setdefault("reflectance", REFLECTANCE_CONVENTION)  # PlanetScope numbers were already in it
+    if recipe.get("valid_pixels") == LEGACY_VALID_PIXELS:
+        recipe["valid_pixels"] = VALID_PIXELS
+    return recipe
+
+
+def recipe_differences(first: dict, second: dict) -> list[str]:
+    """The keys on which two recipes make other bands (sensors aside)."""
+    first, second = comparable_recipe(first), comparable_recipe(second)
+    return sorted(key for key in set(first) | set(second) if first.get(key) != second.get(key))
+
+
+def sensor_warning(scene: SceneFiles, sensors: Sequence[str]) -> str | None:
+    """A warning when a scene's sensor is not among those a model was trained on, else None.
+    (PlanetScope 4- and 8-band are one family: their canonical bands are harmonised.)"""
+    if family(scene.sensor) in {family(sensor) for sensor in sensors}:
+        return None
+    return (f"scene {scene.scene_id} is {scene.sensor} imagery, but the model was trained on "
+            f"{', '.join(sensors)} records: its bands are the same canonical reflectance, but another sensor's "
+            "resolution and spectral response may lower the accuracy")
 
 
 class SceneStack:
@@ -228,13 +345,10 @@ class SceneStack:
         # Enough chunks for the rows of chunks one block or row of windows spans.
         self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._capacity = 3 * math.ceil(self.grid.width / AUXILIARY_CHUNK) + 2
-        self._sr = rasterio.open(scene.sr)
-        self._udm2 = rasterio.open(scene.udm2) if scene.udm2 else None
+        self._reader = SceneReader(scene, self.grid)
 
     def close(self) -> None:
-        self._sr.close()
-        if self._udm2 is not None:
-            self._udm2.close()
+        self._reader.close()
         self._chunks.clear()
 
     def __enter__(self) -> "SceneStack":
@@ -280,10 +394,7 @@ class SceneStack:
             return None
         window = Window(left, top, right - left, bottom - top)
         try:
-            numbers = self._sr.read(window=window)
-            usable = self._sr.dataset_mask(window=window) > 0
-            if self._udm2 is not None:
-                usable &= usable_udm2(self._udm2.read(window=window))
+            numbers, usable = self._reader.read(window)
         except RasterioError as error:
             raise InputError(f"{self.scene.sr}: cannot read scene: {str(error).splitlines()[0]}") from None
         auxiliary = self.auxiliary(top, left, bottom - top, right - left)
@@ -303,7 +414,8 @@ class SceneStack:
         its stored type} (records.IMAGE_PARTS), and a validity mask (height, width).
 
         The window may extend past the scene: pixels outside are 0 and invalid. A pixel is valid
-        when the scene has data there, UDM2 calls it usable, and every auxiliary source covers it.
+        when the scene has data there, its quality mask (UDM2, SCL, --mask) calls it usable, and every
+        auxiliary source covers it.
         Invalid pixels hold 0 in every band. A pixel's values do not depend on the window.
         """
         parts = {part.key: np.zeros((height, width, len(part.bands)), part.dtype) for part in IMAGE_PARTS}
@@ -314,8 +426,6 @@ class SceneStack:
         inside, values, usable = found
         for part in IMAGE_PARTS:
             source = values[part.name]
-            if part.name == "reflectance" and source.dtype != np.uint16:  # numbers as delivered, if uint16
-                source = source / REFLECTANCE_SCALE
             stored = source if source.dtype == part.dtype else part.store(source)
             # Band by band into the channels-last view: no stacked copy of the whole block.
             view = parts[part.key][inside]

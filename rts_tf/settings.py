@@ -15,6 +15,23 @@ SCHEDULES = ("constant", "step", "exponential", "cosine")
 VAL_SPLITS = ("auto", "scenes", "blocks")
 # ArcticDEM's nodata is -9999; files without a declared nodata would let it in as elevation.
 DEM_MIN_VALID = -1000.0
+# --sensor generic: reflectance = DN * scale + offset unless --reflectance-scale/--reflectance-offset say otherwise
+# (the common convention of surface-reflectance products: reflectance x 10000 in integers).
+GENERIC_REFLECTANCE_SCALE = 1e-4
+GENERIC_REFLECTANCE_OFFSET = 0.0
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """Which sensor profile reads the scenes (rts_tf.sensors.SENSORS) and the generic profile's options;
+    None everywhere means: detect the sensor from the files."""
+
+    sensor: str | None = None
+    band_map: str | dict | None = None  # "blue=1,green=2,red=3,nir=4" (generic)
+    reflectance_scale: float | None = None  # generic; default GENERIC_REFLECTANCE_SCALE
+    reflectance_offset: float | None = None  # generic; default GENERIC_REFLECTANCE_OFFSET
+    mask: str | None = None  # generic: a quality raster of one scene
+    mask_ignore: tuple[int, ...] | None = None  # its values that make a pixel ignored
 
 
 @dataclass(frozen=True)

@@ -445,7 +445,7 @@ def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result:
         "threshold_source": "best threshold of the validation data at the best epoch",
         "records": str(Path(config.records).resolve()),
         # How the bands were made: predict and evaluate rebuild scenes with exactly this recipe.
-        "recipe": manifest_recipe(manifest),
+        "recipe": manifest_recipe(manifest, split.train_regions),  # with the sensors trained on
         "build_settings": manifest.get("settings", {}),
         "regions": {"train": list(split.train_regions), "validation": list(split.validation_regions),
                     "test": [split.test_region] if split.test_region else []},

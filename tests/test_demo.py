@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,15 +38,28 @@ def read_features(path: Path) -> tuple[dict, np.ndarray, dict]:
     return meta, shapely.from_wkb(wkb), dict(zip(meta["fields"], values))
 
 
-def scene_files(out: Path, scene_id: str) -> tuple[Path, Path]:
+SENTINEL2_FILES = ("B02.tif", "B03.tif", "B04.tif", "B08.tif", "SCL.tif")
+
+
+def scene_files(out: Path, scene_id: str) -> tuple[Path, ...]:
+    """A PlanetScope scene's SR (4- or 8-band) and UDM2; a Sentinel-2 scene's band COGs, SCL and STAC item."""
     folder = out / "scenes" / scene_id
-    return folder / f"{scene_id}_3B_AnalyticMS_SR.tif", folder / f"{scene_id}_3B_udm2.tif"
+    if scene_id.startswith("S2"):
+        return (*(folder / name for name in SENTINEL2_FILES), folder / f"{scene_id}.json")
+    suffix = "_8b" if (folder / f"{scene_id}_3B_AnalyticMS_SR_8b.tif").exists() else ""
+    return folder / f"{scene_id}_3B_AnalyticMS_SR{suffix}.tif", folder / f"{scene_id}_3B_udm2.tif"
+
+
+def planet_scenes(summary: dict) -> list[str]:
+    return [scene_id for scene_id in summary["scenes"] if summary["sensors"][scene_id].startswith("planetscope")]
 
 
 def read_scene(out: Path, scene_id: str):
+    """A PlanetScope scene's blue, green, red and NIR (bands 2, 4, 6, 8 of an 8-band product), UDM2, profile."""
     sr_path, udm_path = scene_files(out, scene_id)
     with rasterio.open(sr_path) as sr, rasterio.open(udm_path) as udm:
-        return sr.read().astype(np.float64), udm.read(), sr.profile
+        bands = [2, 4, 6, 8] if sr.count == 8 else [1, 2, 3, 4]
+        return sr.read(bands).astype(np.float64), udm.read(), sr.profile
 
 
 def scenes_by_region(out: Path, summary: dict) -> dict[str, list[str]]:
@@ -71,11 +86,19 @@ def scene_label_mask(out: Path, scene_id: str, profile) -> np.ndarray:
 
 def test_layout_and_summary(tiny):
     out, summary = tiny
-    assert summary["regions"] == ["Lena", "Horton", "Herschel", "Kolguev", "Banks", "Tuktoyaktuk"]
+    assert summary["regions"] == ["Lena", "Horton", "Herschel", "Kolguev", "Banks", "Tuktoyaktuk", "Yamal"]
+    assert sorted(summary["sensors"].values()).count("planetscope") == len(summary["scenes"]) - 2
     expected = {Path("labels.gpkg"), Path("sites.geojson")}
     for scene_id in summary["scenes"]:
-        assert len(scene_id) == 20 and scene_id[8] == "_" and scene_id[15] == "_", scene_id
-        assert scene_id[4:6] in ("07", "08"), "acquisitions are in July or August"
+        sensor = summary["sensors"][scene_id]
+        if sensor == "planetscope":  # Dove classic and Dove-R ids: date_time_satellite
+            assert len(scene_id) == 20 and scene_id[8] == "_" and scene_id[15] == "_", scene_id
+        elif sensor == "planetscope-8b":  # SuperDove ids carry hundredths of a second
+            assert re.fullmatch(r"\d{8}_\d{6}_\d{2}_24[0-9a-f]{2}", scene_id), scene_id
+        else:  # the ESA product name, baseline 04.00
+            assert re.fullmatch(r"S2[AB]_MSIL2A_\d{8}T\d{6}_N0400_R\d{3}_T\d{2}[A-Z]{3}_\d{8}T\d{6}", scene_id), scene_id
+        date = re.search(r"\d{8}", scene_id).group()
+        assert date[4:6] in ("07", "08"), "acquisitions are in July or August"
         expected |= {path.relative_to(out) for path in scene_files(out, scene_id)}
     for region in summary["regions"]:
         expected |= {Path(f"auxiliary/dem/{region}_dem.tif"), Path(f"auxiliary/tcvis/{region}_tcvis.tif")}
@@ -86,16 +109,19 @@ def test_layout_and_summary(tiny):
     assert set(grouped) == set(summary["regions"])
     assert all(len(ids) in (1, 2) for ids in grouped.values())
     assert sum(len(ids) == 2 for ids in grouped.values()) >= 3
+    assert [summary["sensors"][scene_id] for scene_id in grouped["Yamal"]] == ["planetscope-8b", "sentinel2-l2a"]
 
 
 def test_scene_rasters_match_planetscope_formats(tiny):
     out, summary = tiny
-    for scene_id in summary["scenes"]:
+    for scene_id in planet_scenes(summary):
         sr_path, udm_path = scene_files(out, scene_id)
+        eight = summary["sensors"][scene_id] == "planetscope-8b"
         with rasterio.open(sr_path) as sr, rasterio.open(udm_path) as udm:
-            assert (sr.count, sr.dtypes[0], sr.nodata) == (4, "uint16", 0)
+            assert (sr.count, sr.dtypes[0], sr.nodata) == (8 if eight else 4, "uint16", 0)
             assert sr.crs.to_epsg() in REGION_BY_EPSG and sr.res == (3.0, 3.0)
-            assert sr.descriptions == ("blue", "green", "red", "nir")
+            assert sr.descriptions == (("coastal_blue", "blue", "green_i", "green", "yellow", "red", "rededge", "nir")
+                                       if eight else ("blue", "green", "red", "nir"))
             assert sr.profile["tiled"] and sr.profile["blockxsize"] == 256 and sr.compression.name == "deflate"
             assert (udm.count, udm.dtypes[0]) == (8, "uint8")
             assert udm.descriptions == (
@@ -112,8 +138,55 @@ def test_scene_rasters_match_planetscope_formats(tiny):
         assert 0.55 < 1.0 - nodata.mean() < 0.95
         usable = flags[0] == 1
         assert not (usable & ((flags[5] == 1) | (flags[2] == 1) | (flags[4] == 1) | (flags[1] == 1))).any()
-        blue, nir = np.median(image[0][usable]), np.median(image[3][usable])
+        blue, nir = (np.median(image[band - 1][usable]) for band in ((2, 8) if eight else (1, 4)))
         assert 150 < blue < 1200 and 1200 < nir < 4000, (scene_id, blue, nir)
+        if eight:  # the added bands lie between their neighbours: coastal blue near blue, red edge between red and NIR
+            coastal, red, rededge = (np.median(image[band - 1][usable]) for band in (1, 6, 7))
+            assert 0.7 * blue < coastal < 1.1 * blue and red < rededge < nir
+
+
+def test_sentinel2_scene_is_a_stac_download_of_the_same_ground(tiny):
+    """Yamal's Sentinel-2 L2A scene: band COGs at 10 m with the offset of processing baseline 04.00
+    (DN = reflectance x 10000 + 1000; 0 = no data), SCL at 20 m over the same extent, and the STAC item
+    that says so; the ground and slumps of the 8-band PlanetScope scene."""
+    out, summary = tiny
+    eight, product = scenes_by_region(out, summary)["Yamal"]
+    *band_paths, scl_path, item_path = scene_files(out, product)
+    item = json.loads(item_path.read_text())
+    assert (item["type"], item["id"], item["properties"]["s2:processing_baseline"]) == ("Feature", product, "04.00")
+    layers = []
+    for path in band_paths:
+        raster = item["assets"][path.stem]["raster:bands"][0]
+        assert (raster["scale"], raster["offset"], raster["nodata"]) == (0.0001, -0.1, 0)
+        assert item["assets"][path.stem]["href"] == f"./{path.name}"
+        with rasterio.open(path) as dataset:
+            assert (dataset.count, dataset.dtypes[0], dataset.nodata, dataset.res) == (1, "uint16", 0, (10.0, 10.0))
+            assert dataset.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and dataset.crs.to_epsg() == 32642
+            layers.append(dataset.read(1).astype(np.float64))
+            transform, shape = dataset.transform, dataset.shape
+    with rasterio.open(scl_path) as dataset:
+        assert (dataset.count, dataset.dtypes[0], dataset.res) == (1, "uint8", (20.0, 20.0))
+        assert (dataset.transform.c, dataset.transform.f) == (transform.c, transform.f)
+        assert dataset.shape == (shape[0] // 2, shape[1] // 2)
+        scl = dataset.read(1)
+    image = np.stack(layers)
+    nodata = image[0] == 0
+    assert np.array_equal(nodata, (image == 0).any(axis=0)), "no data is all bands or none"
+    assert 0.05 < nodata.mean() < 0.3, "the swath edge cuts off a corner"
+    assert (image[:, ~nodata] > 1000).mean() > 0.99, "numbers carry the offset of +1000"
+    assert {0, 3, 4, 6, 8, 9, 10} <= set(np.unique(scl).tolist()) <= set(range(12))
+    clear = ~nodata & np.isin(np.repeat(np.repeat(scl, 2, axis=0), 2, axis=1), (4, 5))
+    reflectance = (image[:, clear] - 1000) / 10000
+    planet, flags, _ = read_scene(out, eight)
+    planet = planet[:, (flags[0] == 1)] / 10000
+    ndvi = [np.median((nir - red) / (nir + red)) for red, nir in (reflectance[2:], planet[2:])]
+    assert abs(ndvi[0] - ndvi[1]) < 0.05 and ndvi[0] > 0.45, ndvi
+    gain = np.median(reflectance, axis=1) / np.median(planet, axis=1)  # PlanetScope's calibration varies by scene
+    assert (0.75 < gain).all() and (gain < 1.4).all(), gain  # 1 / (0.8 x 0.95) at most
+    # The same slumps, labelled for both scenes by image_id.
+    _, geometries, fields = read_features(out / "labels.gpkg")
+    seen = [set(shapely.to_wkb(geometries[fields["image_id"] == scene_id]).tolist()) for scene_id in (eight, product)]
+    assert len(seen[1]) >= 3 and seen[1] <= seen[0], (len(seen[0]), len(seen[1]))
 
 
 def test_auxiliary_tiles_cover_every_scene_with_margin(tiny):
@@ -145,17 +218,18 @@ def test_labels_have_fields_crs_and_awkward_geometries(tiny):
     assert meta["crs"] == "EPSG:4326"
     assert len(geometries) == summary["labels"] >= summary["slumps"] >= 6 * 2
     assert set(fields["label"]) == {"RTS"}
-    assert set(fields["image_id"]) <= set(summary["scenes"])
+    assert set(fields["image_id"]) == set(summary["scenes"])
     grouped = scenes_by_region(out, summary)
     for image_id, image_date, region, site in zip(*(fields[key] for key in ("image_id", "image_date", "region", "site"))):
-        assert image_date == f"{image_id[:4]}-{image_id[4:6]}-{image_id[6:8]}"
+        date = re.search(r"\d{8}", image_id).group()  # PlanetScope ids start with it; S2 product names carry it
+        assert image_date == f"{date[:4]}-{date[4:6]}-{date[6:8]}"
         assert image_id in grouped[region] and site == f"{region.lower()}_1"
     assert not shapely.is_valid(geometries).all(), "at least one self-intersecting label"
     assert shapely.is_valid(geometries).sum() >= len(geometries) - 2
     parts = shapely.get_num_geometries(geometries)
     assert set(shapely.get_type_id(geometries)) == {6} and parts.max() >= 2, "one label has two parts"
     # Every label touches the valid area of its own scene.
-    for scene_id in summary["scenes"]:
+    for scene_id in planet_scenes(summary):
         image, _, profile = read_scene(out, scene_id)
         label = scene_label_mask(out, scene_id, profile)
         assert (label & (image[0] > 0)).any() or not (fields["image_id"] == scene_id).any()
@@ -176,7 +250,7 @@ def test_sites_cover_their_scenes(tiny):
 def test_slumps_are_less_green_than_the_tundra_around_them(tiny):
     out, summary = tiny
     inside_values, ring_values = [], []
-    for scene_id in summary["scenes"]:
+    for scene_id in planet_scenes(summary):
         image, flags, profile = read_scene(out, scene_id)
         label = scene_label_mask(out, scene_id, profile)
         usable = flags[0] == 1
@@ -213,7 +287,8 @@ def test_dem_is_steeper_inside_slumps_and_tcvis_shows_their_trend(tiny):
 def test_two_scene_regions_overlap_and_share_slumps_matched_by_image_id(tiny):
     out, summary = tiny
     _, geometries, fields = read_features(out / "labels.gpkg")
-    pairs = [ids for ids in scenes_by_region(out, summary).values() if len(ids) == 2]
+    pairs = [ids for ids in scenes_by_region(out, summary).values()
+             if len(ids) == 2 and all(summary["sensors"][scene_id] == "planetscope" for scene_id in ids)]
     for first, second in pairs:
         with rasterio.open(scene_files(out, first)[0]) as a, rasterio.open(scene_files(out, second)[0]) as b:
             box_a, box_b = shapely.box(*a.bounds), shapely.box(*b.bounds)
@@ -237,7 +312,7 @@ def test_two_scene_regions_overlap_and_share_slumps_matched_by_image_id(tiny):
 def test_udm2_has_clouds_over_part_of_a_slump_shadows_haze_and_snow(tiny):
     out, summary = tiny
     partly_clouded, seen = False, np.zeros(6, dtype=bool)
-    for scene_id in summary["scenes"]:
+    for scene_id in planet_scenes(summary):
         image, flags, profile = read_scene(out, scene_id)
         seen |= flags[:6].reshape(6, -1).any(axis=1)
         label = scene_label_mask(out, scene_id, profile)
@@ -287,6 +362,9 @@ def test_default_size_fits_the_budget(tmp_path):
             if all(point.distance(other) > 1e-4 for other in distinct):
                 distinct.append(point)
         assert 3 <= len(distinct) <= 8, (region, len(distinct))
-    for scene_id in summary["scenes"]:
+    for scene_id in planet_scenes(summary):
         with rasterio.open(scene_files(tmp_path / "default", scene_id)[0]) as sr:
             assert 544 <= sr.width <= 736 and 544 <= sr.height <= 736
+    sentinel2 = next(scene_id for scene_id, sensor in summary["sensors"].items() if sensor == "sentinel2-l2a")
+    with rasterio.open(scene_files(tmp_path / "default", sentinel2)[0]) as b02:
+        assert 250 <= b02.width <= 340 and 250 <= b02.height <= 340  # 1.5 times a PlanetScope scene at 10 m

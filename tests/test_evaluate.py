@@ -127,7 +127,7 @@ def test_evaluate_a_trained_run_on_scene_mosaics(tiny_run, demo_records, tmp_pat
     assert (tmp_path / "metrics.md").read_text().startswith("| region |")
     every = CliRunner().invoke(main, ["evaluate", "--run", str(tiny_run), "--records", str(demo_records),
                                       "--out", str(tmp_path / "all"), "--region", "all"])
-    assert every.exit_code == 0 and len(json.loads((tmp_path / "all" / "metrics.json").read_text())["regions"]) == 6
+    assert every.exit_code == 0 and len(json.loads((tmp_path / "all" / "metrics.json").read_text())["regions"]) == 7
     specks = CliRunner().invoke(main, ["evaluate", "--run", str(tiny_run), "--records", str(demo_records),
                                        "--out", str(tmp_path / "specks"), "--min-area", "0"])
     assert specks.exit_code == 0 and metrics["min_area_m2"] == 100

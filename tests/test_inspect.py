@@ -10,11 +10,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rts_tf.cli import main
 
 
-def test_demo_records_cover_six_regions(demo_records):
+def test_demo_records_cover_seven_regions_and_three_sensors(demo_records):
     manifest = json.loads((demo_records / "manifest.json").read_text())
-    assert set(manifest["regions"]) == {"Lena", "Horton", "Herschel", "Kolguev", "Banks", "Tuktoyaktuk"}
+    assert set(manifest["regions"]) == {"Lena", "Horton", "Herschel", "Kolguev", "Banks", "Tuktoyaktuk", "Yamal"}
     assert all(region["slump_tiles"] > 0 for region in manifest["regions"].values())
-    assert {scene["epsg"] for scene in manifest["scenes"]} >= {32652, 32609, 32607, 32639, 32610, 32608}
+    assert {scene["epsg"] for scene in manifest["scenes"]} >= {32652, 32609, 32607, 32639, 32610, 32608, 32642}
+    sensors = {scene["sensor"] for scene in manifest["scenes"] if scene["region"] == "Yamal"}
+    assert sensors == {"planetscope-8b", "sentinel2-l2a"} == set(manifest["statistics"]["sensors"]) - {"planetscope"}
 
 
 def test_inspect_verifies_summarises_and_previews(demo_records, tmp_path):

@@ -69,12 +69,16 @@ def test_predict_overwrite_removes_only_its_own_files(tiny_run, demo_records, tm
     assert CliRunner().invoke(main, arguments).exit_code == 0
     mine = tmp_path / "maps" / scene["scene_id"] / "my_notes.txt"
     mine.write_text("keep me")
-    again = CliRunner().invoke(main, arguments)
-    assert again.exit_code != 0 and "--overwrite" in again.output
-    replaced = CliRunner().invoke(main, [*arguments, "--overwrite"])
+    probability = tmp_path / "maps" / scene["scene_id"] / f"{scene['scene_id']}_probability.tif"
+    written = probability.stat().st_mtime_ns
+    again = CliRunner().invoke(main, arguments)  # the scene is complete: skipped, not refused
+    assert again.exit_code == 0 and "already complete" in again.output, again.output
+    assert probability.stat().st_mtime_ns == written
+    replaced = CliRunner().invoke(main, [*arguments, "--overwrite"])  # recomputed
     assert replaced.exit_code == 0, replaced.output
+    assert "already complete" not in replaced.output and probability.stat().st_mtime_ns != written
     assert mine.read_text() == "keep me"
-    assert (tmp_path / "maps" / scene["scene_id"] / f"{scene['scene_id']}_probability.tif").exists()
+    assert probability.exists()
 
 
 def test_a_failed_start_writes_nothing_and_does_not_block_the_corrected_command(demo_records, tmp_path):

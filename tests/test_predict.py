@@ -214,3 +214,24 @@ def test_bad_predict_input(scene_world, tmp_path):
     fails(predict_arguments(scene_world, out, "red"), out, "--overwrite")
     np.testing.assert_array_equal(read(out, "probability")[0], before)
     assert runner.invoke(main, predict_arguments(scene_world, out, "red", extra=["--overwrite"])).exit_code == 0
+
+
+def test_a_rerun_skips_complete_scenes_and_redoes_unfinished_ones(scene_world, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out"
+    assert runner.invoke(main, predict_arguments(scene_world, out, "red")).exit_code == 0
+    probability = out / SCENE / f"{SCENE}_probability.tif"
+    written = probability.stat().st_mtime_ns
+    again = runner.invoke(main, predict_arguments(scene_world, out, "red"))
+    assert again.exit_code == 0 and "(0 now, 1 already complete)" in again.output, again.output
+    assert probability.stat().st_mtime_ns == written
+    assert len(pyogrio.raw.read(out / "rts_polygons.gpkg")[2]) == 1  # the merged file still holds the scene
+    # Without its completion marker (an attempt killed after its maps) a scene is predicted again,
+    # and temporaries of dead attempts are removed.
+    (out / SCENE / f"{SCENE}_complete.json").unlink()
+    (out / SCENE / ".probability.0123456789ab.staging.tif").write_bytes(b"left by a killed attempt")
+    redone = runner.invoke(main, predict_arguments(scene_world, out, "red"))
+    assert redone.exit_code == 0 and "already complete" not in redone.output, redone.output
+    assert probability.stat().st_mtime_ns != written and not list(out.rglob("*staging*"))
+    other = runner.invoke(main, predict_arguments(scene_world, out, "red", extra=["--threshold", "0.7"]))
+    assert other.exit_code != 0 and "threshold" in other.output and "--overwrite" in other.output

@@ -85,7 +85,7 @@ def without_region_statistics(manifest):
 
 
 def with_image_shape(manifest):
-    manifest["features"]["image"]["shape"] = [64, 64, len(BANDS)]
+    manifest["features"]["image_reflectance"]["shape"] = [64, 64, 4]
     return manifest
 
 
@@ -115,7 +115,7 @@ BROKEN_MANIFESTS = {
                                                           *m["scenes"][1:]]},
                                ["scenes[0]", "lacks", "region"]),
     "region statistics missing": (without_region_statistics, ["statistics.regions", "Beta"]),
-    "image shape not the tile": (with_image_shape, ["features.image.shape", "[32, 32, 10]"]),
+    "image shape not the tile": (with_image_shape, ["features.image_reflectance.shape", "[32, 32, 4]"]),
 }
 
 
