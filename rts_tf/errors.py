@@ -32,7 +32,13 @@ def disk_problem(error: BaseException, path: str | os.PathLike | None = None) ->
     GDAL's), else None. With `path`, a bare write error on a nearly full disk counts as full."""
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
         return DISK_ERRORS[error.errno]
-    text = str(error)
+    # GDAL's own words (a TIFF write error, say) may be in an error that this one was raised from.
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    text = "\n".join(chain)
     if path is not None and ("io error" in text.lower() or "write error" in text.lower()):
         existing = Path(path)
         while not existing.exists() and existing != existing.parent:

@@ -434,8 +434,10 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
     # A small GDAL cache for the whole scene: streaming, COG conversion and vectorising.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), sources.stack(scene) as stack:
         grid = stack.grid
+        # The staging files are uncompressed (5 bytes a pixel while the scene is predicted): they
+        # are read once, by the COG conversion, and compressing them twice cost a second per 4096 px scene.
         profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=grid.crs,
-                       transform=grid.transform, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+                       transform=grid.transform, tiled=True, blockxsize=512, blockysize=512)
         rows, cols = tile_offsets(grid.height, size, overlap), tile_offsets(grid.width, size, overlap)
         blender = StripBlender(grid.height, grid.width, size)
         # Each row of tiles is read in groups of a few batches, so no buffer grows with the scene.
@@ -443,10 +445,23 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
         groups = [cols[i:i + per_read] for i in range(0, len(cols), per_read)]
         reads = [(index, group) for index in range(len(rows)) for group in groups]
 
+        # The rows a group of windows shares with the group above it (the overlap) are taken from
+        # that read, not stacked again: a pixel's bands do not depend on the window it is read in.
+        shared = size - (rows[1] - rows[0]) if len(rows) > 1 else 0
+        above: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # group's left -> bottom rows: first row, bands, valid
+
         def read(job: tuple[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
             index, group = job
+            top, left, width = rows[index], group[0], group[-1] + size - group[0]
+            first, bands, usable = above.get(left, (None, None, None))
+            reused = shared if first == top else 0
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):  # GDAL environments are per thread
-                return stack.read(rows[index], group[0], size, group[-1] + size - group[0])
+                image, valid = stack.read(top + reused, left, size - reused, width)
+            if reused:
+                image, valid = np.concatenate([bands, image]), np.concatenate([usable, valid])
+            if shared:
+                above[left] = (top + size - shared, image[size - shared:].copy(), valid[size - shared:].copy())
+            return image, valid
 
         # One reader thread stacks the next group of windows while the model works on this one.
         with rasterio.open(staging["probability"], "w", dtype="float32", nodata=PROBABILITY_NODATA, **profile) as prob_out, \
@@ -480,8 +495,11 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                                    window=window)
                     mask_out.write(np.where(usable, probability >= threshold, MASK_NODATA).astype(np.uint8)[None],
                                    window=window)
-        for kind in names:
-            to_cog(staging[kind], names[kind], "float32" if kind == "probability" else "uint8", attempt)
+        # Both conversions at once: GDAL compresses without holding Python's lock.
+        with ThreadPoolExecutor(len(names)) as converters:
+            for done in [converters.submit(to_cog, staging[kind], names[kind],
+                                           "float32" if kind == "probability" else "uint8", attempt) for kind in names]:
+                done.result()
         polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)
     count = len(polygons)
     polygons.attributes.update(scene_id=[scene.scene_id] * count, image_date=[scene.image_date] * count,
