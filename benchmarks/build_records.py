@@ -143,18 +143,19 @@ def main() -> None:
     parser.add_argument("--throughput-size", type=int, default=4096)
     parser.add_argument("--throughput-scenes", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192], help="scene sizes for peak RSS")
-    parser.add_argument("--levels", type=int, nargs="*", default=[1], help="GZIP levels to compare")
+    parser.add_argument("--levels", type=int, nargs="*", default=[1], help="GZIP levels to compare with the default (no compression)")
     args = parser.parse_args()
 
     data = make_dataset(args.cache, args.throughput_size, args.throughput_scenes)
     print(f"throughput: {args.throughput_scenes} scenes of {args.throughput_size} px, 256 px tiles, overlap 25")
+    for workers in (1, 2):
+        result = run_build(data, args.cache / "records", workers)
+        print(f"  no compression (default), --workers {workers}: {result['tiles']} tiles in {result['seconds']:.1f} s "
+              f"= {result['tiles_per_s']:.1f} tiles/s, {result['mb']:.0f} MB at {result['mb_per_s']:.1f} MB/s")
     for level in args.levels:
-        for workers in (1, 2):
-            result = run_build(data, args.cache / "records", workers, ["--compression-level", str(level)])
-            print(f"  gzip level {level}, --workers {workers}: {result['tiles']} tiles in {result['seconds']:.1f} s "
-                  f"= {result['tiles_per_s']:.1f} tiles/s, {result['mb']:.0f} MB at {result['mb_per_s']:.1f} MB/s")
-    result = run_build(data, args.cache / "records", 2, ["--compression", "none"])
-    print(f"  no compression, --workers 2: {result['tiles_per_s']:.1f} tiles/s, {result['mb']:.0f} MB")
+        result = run_build(data, args.cache / "records", 2, ["--compression", "gzip", "--compression-level", str(level)])
+        print(f"  gzip level {level}, --workers 2: {result['tiles']} tiles in {result['seconds']:.1f} s "
+              f"= {result['tiles_per_s']:.1f} tiles/s, {result['mb']:.0f} MB at {result['mb_per_s']:.1f} MB/s")
     print("peak RSS of one scene against its size (--workers 1):")
     for size in args.sizes:
         result = run_build(make_dataset(args.cache, size, 1), args.cache / f"records_{size}", 1)
