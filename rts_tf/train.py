@@ -18,7 +18,7 @@ import yaml
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.records import read_manifest, write_json
+from rts_tf.records import read_manifest, write_json, write_text
 from rts_tf.settings import SCHEDULES, VAL_SPLITS, FitConfig
 
 RUN_NAME = "run.json"
@@ -227,9 +227,8 @@ def start_run_folder(config: FitConfig, mode: str) -> Path:
     logdir.mkdir(parents=True, exist_ok=True)
     saved = logdir / CONFIG_NAME
     if mode != "resume":
-        temporary = saved.with_name(saved.name + ".tmp")
-        temporary.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-        temporary.replace(saved)
+        # Every worker of a multi-worker run writes it: each under a temporary name of its own.
+        write_text(saved, yaml.safe_dump(asdict(config), sort_keys=False), unique=True)
     return logdir
 
 
