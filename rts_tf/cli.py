@@ -324,6 +324,9 @@ def split_integers(ctx, param, value):
               show_default=True, help="Validation tiles in the panels.")
 @click.option("--profile", is_flag=True, default=None, help="Profile batches 2-4 for TensorBoard's profiler.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Fixed steps per epoch (default: one pass).")
+@click.option("--deterministic/--no-deterministic", default=FIT.deterministic, show_default=True,
+              help="Deterministic TensorFlow ops: the same seed on the same machine gives the same weights and "
+                   "scores, bit for bit. --no-deterministic allows faster, unordered GPU kernels.")
 @click.option("--verify", is_flag=True, default=False, help="Check every shard's sha256 (default: its size).")
 @click.option("--overwrite", is_flag=True, default=False, help="Delete an existing run in --logdir first.")
 def fit_command(overwrite: bool, verify: bool, **options) -> None:
@@ -333,9 +336,15 @@ def fit_command(overwrite: bool, verify: bool, **options) -> None:
     and the threshold are chosen on validation data drawn from the training regions (--val-split),
     and the held-out region is only scored for TensorBoard's test curves and by `evaluate`.
 
+    Before training, fit checks that the validation data holds slump pixels (and says how many):
+    `auto` draws again, stratified by slump content, when the first draw holds none; a split you
+    chose without slumps is refused. A flat validation threshold sweep keeps 0.5, with a warning.
+
     Multi-GPU: MirroredStrategy over all visible GPUs (or --devices). Multi-machine:
     MultiWorkerMirroredStrategy when TF_CONFIG is set. Re-running the same command resumes an
-    interrupted run from its last finished epoch. Ends with LOGDIR/model.keras, saved_model/ and
+    interrupted run from its last finished epoch (also after a kill at any point); runtime options
+    (--devices, --logical-cpus, --image-every, --image-tiles, --profile, --cache, --deterministic)
+    may change between attempts, anything else (or the records' content) makes it another run. Ends with LOGDIR/model.keras, saved_model/ and
     run.json (band order, normalisation, tile size, metrics) for `rts-tf predict`.
     """
     from rts_tf.train import FitConfig, fit
@@ -347,7 +356,8 @@ def fit_command(overwrite: bool, verify: bool, **options) -> None:
 
 
 @main.command("evaluate")
-@click.option("--run", "run", required=True, type=click.Path(), help="Run folder written by `rts-tf fit`.")
+@click.option("--run", "run", multiple=True, required=True, type=click.Path(),
+              help="Run folder written by `rts-tf fit`; repeat it for an ensemble (the runs' mean probability).")
 @click.option("--records", required=True, type=click.Path(), help="Records folder.")
 @click.option("--region", default=None, help="Region to score ('all' for every region; default: the run's "
                                              "held-out region).")
@@ -355,22 +365,25 @@ def fit_command(overwrite: bool, verify: bool, **options) -> None:
               help="Probability threshold (default: the run's, chosen on its validation data).")
 @click.option("--verify", is_flag=True, default=False, help="Check every shard's sha256 (default: its size).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder for metrics.json and metrics.md (default: the run folder).")
+              help="Folder for metrics.json and metrics.md (default: the (first) run folder).")
 @click.option("--min-area", type=click.FloatRange(0), default=100.0, show_default=True,
               help="Predicted objects smaller than this (m2) are not counted, as `predict` drops their polygons.")
 @click.option("--trust-model", is_flag=True, default=False,
               help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
-def evaluate_command(run: str, records: str, region: str | None, threshold: float | None, out: str | None,
+def evaluate_command(run: tuple[str, ...], records: str, region: str | None, threshold: float | None, out: str | None,
                      min_area: float, verify: bool, trust_model: bool) -> None:
-    """Score a run on scene mosaics (overlapping tiles counted once), per region and overall.
+    """Score a run (or an ensemble) on scene mosaics (overlapping tiles counted once), per region and overall.
 
-    Pixel IoU, F1, precision, recall at the threshold; the best IoU over a threshold sweep;
-    object-level precision/recall/F1 (a predicted slump matches a true one at IoU >= 0.5); boundary
-    IoU. Ignored pixels are excluded everywhere.
+    Pixel IoU, F1, precision, recall at the threshold; object-level precision/recall/F1 (a
+    predicted slump matches a true one at IoU >= 0.5); boundary IoU. Ignored pixels are excluded
+    everywhere. Each row says what the region is to the run: held-out or unseen (transfer scores),
+    or training/validation data (not transfer scores). For the held-out region also the paper-style
+    max IoU (best epoch on that region at threshold 0.5, Nitze et al. 2021) and the oracle IoU
+    (best epoch and threshold on that region): transfer <= oracle and paper-style <= oracle.
     """
     from rts_tf.evaluate import evaluate, markdown_table
 
-    result = evaluate(run, records, region=region, out=out, threshold=threshold, min_area=min_area, verify=verify,
+    result = evaluate(list(run) if len(run) > 1 else run[0], records, region=region, out=out, threshold=threshold, min_area=min_area, verify=verify,
                       trust_model=trust_model)
     click.echo(markdown_table(result))
 
@@ -390,7 +403,10 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--loss", type=TableChoice("rts_tf.losses", "LOSSES"), default=None)
 @click.option("--image-every", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=int, default=None, help="Seed of every run (one run per cell); see --seeds.")
+@click.option("--seeds", type=int, default=None,
+              help="Train each cell N times with seeds 0..N-1 (runs in <region>/seed<N>): the table gives mean ± sd "
+                   "over seeds and a seed-ensemble row. A grid file may list seeds instead (seed: [0, 1, 2]).")
 @click.option("--val-split", type=TableChoice("rts_tf.settings", "VAL_SPLITS"), default=None,
               help="Validation drawn from the training regions of each run (see `fit --help`).")
 @click.option("--val-fraction", type=float, default=None, help="Share of the training data that validates.")
@@ -399,18 +415,23 @@ def evaluate_command(run: str, records: str, region: str | None, threshold: floa
                    "the cluster has GPUs), on the cluster of RAY_ADDRESS or an embedded one-machine Ray.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="--engine ray: CPUs of each run when there is no GPU, and of an embedded Ray.")
-def crossval_command(records, arch, encoder, logdir, grid, regions, engine, workers, **overrides) -> None:
-    """Leave-one-region-out cross-validation over architectures and encoders.
+def crossval_command(records, arch, encoder, logdir, grid, regions, engine, workers, seeds, **overrides) -> None:
+    """Leave-one-region-out cross-validation over architectures, encoders and seeds.
 
-    Trains one run per architecture, encoder and held-out region in LOGDIR/<arch>_<encoder>/<region>,
-    evaluates it on its held-out region and writes LOGDIR/crossval.csv and crossval.md (rows:
-    held-out regions; columns: models). Re-running skips finished runs and resumes an interrupted
-    one. `tensorboard --logdir LOGDIR` shows all runs in one HParams table.
+    Trains one run per architecture, encoder, held-out region (and seed) in
+    LOGDIR/<arch>_<encoder>/<region>[/seed<N>], scores it on its held-out region and writes
+    LOGDIR/crossval.csv (a row per run with its seed, a mean row and a seed-ensemble row per cell)
+    and crossval.md (rows: held-out regions; columns: models; mean ± sd over seeds of transfer IoU,
+    paper-style max IoU and transfer F1). One run is noise: use --seeds 3 or more to compare models.
+    Re-running skips finished runs and resumes an interrupted one; scores are recomputed unless
+    crossval computed them for exactly that run, records and code. `tensorboard --logdir LOGDIR`
+    shows all runs in one HParams table.
     """
     from rts_tf.crossval import crossval
 
     result = crossval(records, logdir, arch=list(arch) or None, encoder=list(encoder) or None, grid=grid,
-                      regions=regions, overrides=overrides, report=click.echo, engine=engine, workers=workers)
+                      regions=regions, overrides=overrides, report=click.echo, engine=engine, workers=workers,
+                      seeds=seeds)
     click.echo(result.markdown())
     click.echo(f"{result.trained} runs trained, {result.skipped} already complete; tables in {logdir}/crossval.md "
                "and crossval.csv")

@@ -16,49 +16,122 @@ from rts_tf.records import read_manifest, write_text
 from rts_tf.train import FitConfig
 
 
+# Scores of each run (and their spread over seeds); a None (no held-out curve) is left out of means.
+SCORES = (("iou", "transfer IoU"), ("paper_max_iou", "paper-style max IoU"), ("f1", "transfer F1"))
+
+
+def mean_sd(values) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation, n) of the values that are not None; sd None for fewer than two."""
+    kept = [float(v) for v in values if v is not None and v == v]
+    if not kept:
+        return None, None, 0
+    mean = sum(kept) / len(kept)
+    sd = (sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)) ** 0.5 if len(kept) > 1 else None
+    return mean, sd, len(kept)
+
+
+def spread(values, digits: int = 3) -> str:
+    """'mean ± sd' of the values that are not None ('mean' alone for one value, '-' for none)."""
+    mean, sd, n = mean_sd(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
 @dataclass
 class CrossvalResult:
+    """A run per model, held-out region and seed (`rows`), and a seed ensemble per cell (`ensembles`)."""
+
     logdir: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    ensembles: list[dict[str, Any]] = field(default_factory=list)
     trained: int = 0
     skipped: int = 0
 
+    def cells(self) -> dict[tuple[str, str], list[dict]]:
+        cells: dict[tuple[str, str], list[dict]] = {}
+        for row in self.rows:
+            cells.setdefault((row["region"], row["model"]), []).append(row)
+        return cells
+
+    def aggregates(self) -> list[dict[str, Any]]:
+        """One row per cell: mean and sd over its seeds of every score."""
+        rows = []
+        for (region, model), runs in self.cells().items():
+            row = {"region": region, "model": model, "arch": runs[0]["arch"], "encoder": runs[0]["encoder"],
+                   "seed": "mean", "n": len(runs)}
+            for key in CSV_SCORES:
+                mean, sd, _ = mean_sd(run.get(key) for run in runs)
+                row[key], row[f"{key}_sd"] = mean, sd
+            rows.append(row)
+        return rows
+
     def markdown(self) -> str:
-        columns = sorted({row["model"] for row in self.rows})
+        models = sorted({row["model"] for row in self.rows})
         regions = list(dict.fromkeys(row["region"] for row in self.rows))
-        cells = {(row["region"], row["model"]): row for row in self.rows}
-        lines = ["| held-out region | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
-        for region in regions + ["mean"]:
-            values = []
-            for column in columns:
-                chosen = [cells[(r, column)] for r in regions if (r, column) in cells] if region == "mean" \
-                    else [cells[(region, column)]] if (region, column) in cells else []
-                if not chosen:
-                    values.append("")
-                    continue
-                mean = lambda key: sum(row[key] for row in chosen if row[key] is not None) / len(chosen)
-                values.append(f"{mean('iou'):.3f} / {mean('paper_max_iou'):.3f} / {mean('f1'):.3f}")
-            lines.append(f"| {region} | " + " | ".join(values) + " |")
-        lines.append("")
-        lines.append("Cells: transfer IoU on the held-out region's scenes (model and threshold chosen on "
-                     "validation data from the training regions) / paper-style max IoU (the best per-epoch IoU "
-                     "on the held-out region, as Nitze et al. 2021 report it) / transfer F1.")
+        cells = self.cells()
+        means = {cell: {key: mean_sd(run.get(key) for run in runs)[0] for key, _ in SCORES}
+                 for cell, runs in cells.items()}
+
+        def of_means(chosen: list[tuple[str, str]]) -> str:
+            # The mean of cells' means (no sd: regions and models are not repetitions).
+            return " / ".join(spread([mean_sd(means[c][key] for c in chosen)[0]]) for key, _ in SCORES) \
+                if chosen else ""
+
+        lines = ["| held-out region | " + " | ".join(models) + " | mean over models |",
+                 "|" + " --- |" * (len(models) + 2)]
+        for region in regions:
+            values = [" / ".join(spread(run.get(key) for run in cells[(region, m)]) for key, _ in SCORES)
+                      if (region, m) in cells else "" for m in models]
+            lines.append(f"| {region} | " + " | ".join(values) +
+                         f" | {of_means([(region, m) for m in models if (region, m) in cells])} |")
+        lines.append("| mean | " + " | ".join(of_means([(r, m) for r in regions if (r, m) in cells]) for m in models) +
+                     f" | {of_means(list(cells))} |")
+        n = ", ".join(str(count) for count in sorted({len(runs) for runs in cells.values()}))
+        lines += ["", f"Cells: {' / '.join(title for _, title in SCORES)}, each the mean ± standard deviation over "
+                      f"the runs of {n} seed(s) (one value: one run). Transfer: the model (best epoch) and threshold "
+                      "chosen on validation data of the training regions, scored on the held-out region. "
+                      "Paper-style max IoU: the best epoch on the held-out region at threshold 0.5, as Nitze et al. "
+                      "(2021) report it. All scored on scene mosaics (see `rts-tf evaluate`). The mean row and "
+                      "column average the cells' means, leaving out missing values."]
+        if self.ensembles:
+            lines += ["", "Seed ensemble (the mean probability of each cell's seeds, scored once; threshold: "
+                          "see crossval.csv):", "",
+                      "| held-out region | " + " | ".join(models) + " |", "|" + " --- |" * (len(models) + 1)]
+            by_cell = {(row["region"], row["model"]): row for row in self.ensembles}
+            for region in regions:
+                lines.append(f"| {region} | " + " | ".join(
+                    f"{by_cell[(region, m)]['iou']:.3f} / {by_cell[(region, m)]['f1']:.3f}"
+                    if (region, m) in by_cell else "" for m in models) + " |")
+            lines.append("")
+            lines.append("Cells: transfer IoU / transfer F1 of the ensemble.")
         return "\n".join(lines)
 
     def csv(self) -> str:
         buffer = io.StringIO()
-        keys = ["region", "model", "arch", "encoder", "iou", "f1", "precision", "recall", "object_f1",
-                "boundary_iou", "threshold", "paper_max_iou", "paper_max_epoch", "validation_iou", "best_epoch",
-                "oracle_iou", "oracle_threshold", "run"]
+        keys = ["region", "model", "arch", "encoder", "seed", "n", *[k for key in CSV_SCORES for k in (key, f"{key}_sd")],
+                "threshold", "threshold_source", "paper_max_epoch", "best_epoch", "run"]
         writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(self.rows)
+        for (region, model), runs in self.cells().items():
+            writer.writerows(runs)
+            writer.writerows(row for row in self.aggregates() if (row["region"], row["model"]) == (region, model))
+            writer.writerows(row for row in self.ensembles if (row["region"], row["model"]) == (region, model))
         return buffer.getvalue()
 
 
+CSV_SCORES = ("iou", "f1", "precision", "recall", "object_f1", "boundary_iou", "paper_max_iou", "oracle_iou",
+              "validation_iou")
+
+
 def grid_settings(grid: str | None, arch: list[str] | None, encoder: list[str] | None,
-                  overrides: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Architectures, encoders and shared fit settings from a grid file, overridden by flags."""
+                  overrides: dict[str, Any], seeds: int | None = None
+                  ) -> tuple[list[str], list[str], list[int] | None, dict[str, Any]]:
+    """Architectures, encoders, seeds and shared fit settings from a grid file, overridden by flags.
+
+    Seeds: `seeds` N gives 0..N-1; else a `seed` list in the grid; else None (one run of the shared
+    `seed`, in the run folder of a grid without seeds).
+    """
     shared: dict[str, Any] = {}
     if grid:
         shared = load_config(grid, FitConfig.keys())
@@ -71,19 +144,34 @@ def grid_settings(grid: str | None, arch: list[str] | None, encoder: list[str] |
     for key in ("records", "logdir", "holdout_region", "train_regions", "val_regions"):
         shared.pop(key, None)
     shared.update({k: v for k, v in overrides.items() if v is not None})
-    return list(archs), list(encoders), shared
+    seed_list = None
+    if isinstance(shared.get("seed"), list):
+        seed_list = shared.pop("seed")
+        if not seed_list or not all(isinstance(value, int) for value in seed_list):
+            raise InputError(f"{grid}: 'seed' must be a whole number or a list of them, got {seed_list}")
+    if seeds is not None:
+        if seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {seeds}")
+        seed_list = list(range(seeds))
+    if seed_list is not None and len(set(seed_list)) != len(seed_list):
+        raise InputError(f"the seeds {seed_list} repeat a seed")
+    return list(archs), list(encoders), seed_list, shared
 
 
 def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: list[str] | None = None,
              grid: str | None = None, regions: list[str] | None = None, overrides: dict[str, Any] | None = None,
-             report: Callable[[str], None] | None = None, engine: str = "local", workers: int = 1) -> CrossvalResult:
-    """Train and evaluate every architecture x encoder with each region held out once.
+             report: Callable[[str], None] | None = None, engine: str = "local", workers: int = 1,
+             seeds: int | None = None) -> CrossvalResult:
+    """Train and evaluate every architecture x encoder (x seed) with each region held out once.
 
-    Each run lives in LOGDIR/<arch>_<encoder>/<region>; re-running skips finished runs and resumes an
-    interrupted one. Writes LOGDIR/crossval.csv and crossval.md. engine "local" trains the runs one
-    after the other in this process; "ray" runs one Ray task per run (one GPU each when the cluster
-    has GPUs, else `workers` CPUs), so a grid fills every GPU of a cluster. A run that fails on a
-    user's error does not stop the others: the tables hold the rest and an InputError names it.
+    Each run lives in LOGDIR/<arch>_<encoder>/<region> (with several seeds: .../<region>/seed<N>);
+    re-running skips finished runs and resumes an interrupted one. Writes LOGDIR/crossval.csv (a
+    row per run, a mean row per cell, a seed-ensemble row per cell) and crossval.md (mean ± sd over
+    seeds). Scores are computed by crossval for its cell (cached in RUN/crossval/ under a key of
+    everything they depend on), never read from a metrics.json written otherwise. engine "local"
+    trains the runs one after the other in this process; "ray" runs one Ray task per run (one GPU
+    each when the cluster has GPUs, else `workers` CPUs). A run that fails on a user's error does
+    not stop the others: the tables hold the rest and an InputError names it.
     """
     from rts_tf.train import check_config
 
@@ -92,7 +180,7 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     manifest = read_manifest(records)
-    archs, encoders, shared = grid_settings(grid, arch, encoder, overrides or {})
+    archs, encoders, seed_list, shared = grid_settings(grid, arch, encoder, overrides or {}, seeds)
     held_out = regions or list(manifest["regions"])
     unknown = [r for r in held_out if r not in manifest["regions"]]
     if unknown:
@@ -100,11 +188,18 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
     if len(manifest["regions"]) < 2:
         raise InputError(f"{records}: cross-validation needs at least two regions")
     base = FitConfig(records=str(records), logdir=str(logdir), **shared)
-    configs = [replace(base, arch=a, encoder=e, holdout_region=r, logdir=str(Path(logdir) / f"{a}_{e}" / r))
-               for a in archs for e in encoders for r in held_out]
+
+    def folder(a: str, e: str, r: str, seed: int | None) -> str:
+        cell = Path(logdir) / f"{a}_{e}" / r
+        return str(cell if seed is None else cell / f"seed{seed}")
+
+    configs = [replace(base, arch=a, encoder=e, holdout_region=r, logdir=folder(a, e, r, s),
+                       **({} if s is None else {"seed": s}))
+               for a in archs for e in encoders for r in held_out for s in (seed_list or [None])]
     for config in configs:
         check_config(config)  # every name is checked before hours of training start
-    keys = [f"{config.arch} {config.encoder}, held out {config.holdout_region}" for config in configs]
+    keys = [f"{config.arch} {config.encoder}, held out {config.holdout_region}"
+            f"{'' if seed_list is None else f', seed {config.seed}'}" for config in configs]
     result = CrossvalResult(str(logdir))
     finished: dict[str, dict] = {}
     failed: dict[str, str] = {}
@@ -139,6 +234,13 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
             result.rows.append(finished[key]["row"])
             result.skipped += finished[key]["skipped"]
             result.trained += not finished[key]["skipped"]
+    if seed_list is not None and len(seed_list) > 1:
+        for (region, model), runs in result.cells().items():
+            if len(runs) > 1:
+                row = ensemble_row([run["run"] for run in runs], str(records), region, model, runs[0])
+                result.ensembles.append(row)
+                if report:
+                    report(f"{model}, held out {region}, ensemble of {len(runs)} seeds: transfer IoU {row['iou']:.3f}")
     Path(logdir).mkdir(parents=True, exist_ok=True)
     write_text(Path(logdir) / "crossval.csv", result.csv())
     write_text(Path(logdir) / "crossval.md", result.markdown() + "\n")
@@ -149,13 +251,38 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
     return result
 
 
+def scored(run_paths: list[str], records: str, region: str, out: Path) -> dict:
+    """evaluate()'s result for these runs on one region, computed for this cell: reused from `out`
+    only when its key (runs, records content, region, threshold policy, code version) matches."""
+    from rts_tf.evaluate import evaluate, evaluation_key
+
+    key = evaluation_key(run_paths, read_manifest(records), [region], None, 100.0)
+    try:
+        cached = json.loads((out / "metrics.json").read_text())
+        if cached.get("key") == key:
+            return cached
+    except (OSError, json.JSONDecodeError):
+        pass
+    return evaluate(run_paths if len(run_paths) > 1 else run_paths[0], records, region=region, out=str(out))
+
+
+def ensemble_row(run_paths: list[str], records: str, region: str, model: str, first: dict) -> dict:
+    """The table row of a cell's seed ensemble: the mean probability of its runs, scored once."""
+    metrics = scored(run_paths, records, region, Path(run_paths[0]).parent / "ensemble")
+    overall = metrics["overall"]
+    return {"region": region, "model": model, "arch": first["arch"], "encoder": first["encoder"],
+            "seed": "ensemble", "n": len(run_paths), **{key: overall.get(key) for key in CSV_SCORES},
+            "paper_max_iou": None, "oracle_iou": overall["best_iou"], "validation_iou": None,
+            "threshold": metrics["threshold"], "threshold_source": metrics["threshold_source"],
+            "run": str(Path(run_paths[0]).parent / "ensemble")}
+
+
 def crossval_run(job: tuple[FitConfig, str, int | None], advance: Callable[[int], None] | None = None) -> dict:
     """Train (or resume, or skip when finished) one run of the grid and score it on its held-out
     region: {"row": its table row, "skipped": whether it was already trained}. `threads` limits
     TensorFlow's CPU threads (a Ray task given that many CPUs)."""
     import tensorflow as tf
 
-    from rts_tf.evaluate import evaluate
     from rts_tf.train import fit
 
     config, records, threads = job
@@ -166,20 +293,14 @@ def crossval_run(job: tuple[FitConfig, str, int | None], advance: Callable[[int]
             pass
     fitted = fit(config)
     run = Path(config.logdir)
-    metrics_file = run / "metrics.json"
-    if metrics_file.exists() and metrics_file.stat().st_mtime >= (run / "run.json").stat().st_mtime:
-        metrics = json.loads(metrics_file.read_text())
-    else:
-        metrics = evaluate(str(run), records)
-    overall = metrics["overall"]
+    metrics = scored([str(run)], records, config.holdout_region, run / "crossval")
+    overall = metrics["regions"][config.holdout_region]
     run_info = json.loads((run / "run.json").read_text())
     row = {"region": config.holdout_region, "model": f"{config.arch} {config.encoder}",
-           "arch": config.arch, "encoder": config.encoder, **overall,
-           "threshold": metrics["threshold"],
-           "paper_max_iou": metrics["paper_style"]["max_iou"],
+           "arch": config.arch, "encoder": config.encoder, "seed": config.seed, "n": 1, **overall,
+           "threshold": metrics["threshold"], "threshold_source": run_info.get("threshold_source"),
            "paper_max_epoch": metrics["paper_style"]["epoch"],
            "validation_iou": run_info["metrics"].get("iou", 0.0),
-           "best_epoch": run_info["best_epoch"], "oracle_iou": overall["best_iou"],
-           "oracle_threshold": overall["best_threshold"], "run": str(run)}
+           "best_epoch": run_info["best_epoch"], "run": str(run)}
     tf.keras.backend.clear_session()
     return {"row": row, "skipped": bool(fitted.skipped)}

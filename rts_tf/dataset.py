@@ -46,6 +46,20 @@ class Selection:
                 scene["slump_tiles"] * len(kept) / max(scene["tiles"], 1)
         return int(round(tiles)), int(round(slumps))
 
+    def slump_pixels(self, manifest: dict) -> int | None:
+        """Slump pixels in the selected tiles (a pixel of overlapping tiles counts in each), or None
+        when the manifest does not list them (records from before tile positions carried counts)."""
+        total = 0
+        for scene in manifest["scenes"]:
+            if scene["scene_id"] not in self.scenes:
+                continue
+            positions = scene.get("positions")
+            if positions is None or any(len(position) < 3 for position in positions):
+                return None
+            kept = self.positions.get(scene["scene_id"])
+            total += sum(int(p[2]) for p in positions if kept is None or (int(p[0]), int(p[1])) in kept)
+        return total
+
 
 @dataclass(frozen=True)
 class DataSplit:
@@ -59,16 +73,26 @@ class DataSplit:
     test_region: str | None = None
     validation_regions: tuple[str, ...] = ()
 
-    def describe(self) -> str:
+    stratified: bool = False  # drawn again by slump content: the first draw held no slump pixel
+
+    def describe(self, manifest: dict | None = None) -> str:
+        """What validates, and (with the manifest) how many tiles and slump pixels it holds."""
+        again = ", drawn by slump content" if self.stratified else ""
         if self.method == "scenes":
-            return f"validation: {len(self.validation.scenes)} whole scenes of the training regions " \
+            text = f"validation: {len(self.validation.scenes)} whole scenes of the training regions{again} " \
                    f"({', '.join(self.validation.scenes)})"
-        if self.method == "blocks":
-            return f"validation: an edge strip of tiles in each of {len(self.validation.positions)} training scenes, " \
-                   "one tile row or column between it and the training tiles"
-        if self.method == "regions":
-            return f"validation: the regions {', '.join(self.validation_regions)}"
-        return "validation: the training data itself (--validate-on-training-data); scores are not independent"
+        elif self.method == "blocks":
+            text = f"validation: an edge strip of tiles in each of {len(self.validation.positions)} training " \
+                   f"scenes{again}, one tile row or column between it and the training tiles"
+        elif self.method == "regions":
+            text = f"validation: the regions {', '.join(self.validation_regions)}"
+        else:
+            text = "validation: the training data itself (--validate-on-training-data); scores are not independent"
+        if manifest is not None:
+            pixels = self.validation.slump_pixels(manifest)
+            text += f"; {self.validation.tile_count(manifest)[0]} tiles" + \
+                (f", {pixels:,} slump pixels" if pixels is not None else "")
+        return text
 
     def summary(self, manifest: dict) -> dict:
         """What run.json records: the method, the scenes of each part, the tiles held out for validation."""
@@ -79,7 +103,9 @@ class DataSplit:
         return {"method": self.method, "train_regions": list(self.train_regions), "test_region": self.test_region,
                 "validation_regions": list(self.validation_regions),
                 "train": part(self.train), "validation": part(self.validation), "test": part(self.test),
-                "description": self.describe()}
+                "slump_pixels": {"train": self.train.slump_pixels(manifest),
+                                 "validation": self.validation.slump_pixels(manifest)},
+                "stratified": self.stratified, "description": self.describe(manifest)}
 
 
 def scenes_of(manifest: dict, regions) -> list[dict]:
@@ -109,6 +135,63 @@ def slump_positions(manifest: dict, scene: dict) -> set[tuple[int, int]] | None:
 
 
 def split_data(manifest: dict, holdout_region: str | None = None, train_regions=None, val_regions=None,
+               method: str = "auto", fraction: float = 0.15, seed: int = 0,
+               validate_on_training_data: bool = False) -> DataSplit:
+    """Split records into training, validation and test data, with validation that holds slump pixels.
+
+    A validation set without slump pixels cannot select anything (its IoU is 0 at every epoch and
+    threshold): `auto` then draws again, stratified by slump content (`stratified_split`); a
+    split the user chose (--val-regions, --val-split scenes or blocks) is refused, naming its scenes.
+    See `draw_split` for the split itself.
+    """
+    split = draw_split(manifest, holdout_region, train_regions, val_regions, method, fraction, seed,
+                       validate_on_training_data)
+    if split.validation.slump_pixels(manifest) != 0 or not split.train.slump_pixels(manifest):
+        return split  # slumps to select on (or counts unknown), or no slumps to learn at all
+    if method == "auto" and not val_regions and not validate_on_training_data:
+        stratified = stratified_split(manifest, split, fraction, seed)
+        if stratified is not None:
+            return stratified
+        raise InputError("no validation split of the training regions holds slump pixels: every slump is in one "
+                         "scene strip that training needs; give --val-regions or more labelled scenes")
+    chosen = "--val-regions " + ",".join(val_regions) if val_regions else f"--val-split {method}"
+    raise InputError(f"the validation data of {chosen} holds no slump pixel (scenes: "
+                     f"{', '.join(split.validation.scenes)}): no checkpoint or threshold could be selected on it; "
+                     "choose other validation data or --val-split auto")
+
+
+def stratified_split(manifest: dict, first: DataSplit, fraction: float, seed: int) -> DataSplit | None:
+    """A split whose validation holds slump pixels, or None: whole scenes drawn separately from the
+    scenes with slumps and those without (round(fraction x n) of each kind, at least one scene
+    with slumps, always leaving training a scene with slumps), else edge strips whose sides are
+    chosen among those that hold slumps."""
+    scenes = scenes_of(manifest, first.train_regions)
+    with_slumps = sorted(s["scene_id"] for s in scenes if s.get("slump_pixels"))
+    without = sorted(s["scene_id"] for s in scenes if not s.get("slump_pixels"))
+    rng = np.random.default_rng([seed, 7])
+    if len(with_slumps) >= 2:
+        count = min(max(1, round(fraction * len(with_slumps))), len(with_slumps) - 1)
+        chosen = set(rng.choice(with_slumps, size=count, replace=False).tolist())
+        if without:
+            chosen.update(rng.choice(without, size=min(round(fraction * len(without)), len(without)),
+                                     replace=False).tolist())
+        tiles = sum(s["tiles"] for s in scenes)
+        if sum(s["tiles"] for s in scenes if s["scene_id"] in chosen) <= 2 * fraction * tiles:
+            return DataSplit("scenes", first.train_regions,
+                             Selection(tuple(s["scene_id"] for s in scenes if s["scene_id"] not in chosen)),
+                             Selection(tuple(s["scene_id"] for s in scenes if s["scene_id"] in chosen)),
+                             first.test, first.test_region, stratified=True)
+    try:
+        blocks = block_split(manifest, scenes, first.train_regions, fraction, seed, first.test, first.test_region,
+                             prefer_slumps=True)
+    except InputError:
+        return None
+    if blocks.validation.slump_pixels(manifest) and blocks.train.slump_pixels(manifest):
+        return DataSplit(**{**blocks.__dict__, "stratified": True})
+    return None
+
+
+def draw_split(manifest: dict, holdout_region: str | None = None, train_regions=None, val_regions=None,
                method: str = "auto", fraction: float = 0.15, seed: int = 0,
                validate_on_training_data: bool = False) -> DataSplit:
     """Split records into training, validation and test data.
@@ -183,14 +266,15 @@ def scene_split(scenes: list[dict], fraction: float, seed: int) -> set[str]:
 
 
 def block_split(manifest: dict, scenes: list[dict], train_regions: tuple[str, ...], fraction: float, seed: int,
-                test: Selection | None, test_region: str | None) -> DataSplit:
+                test: Selection | None, test_region: str | None, prefer_slumps: bool = False) -> DataSplit:
     """Validation from an edge strip of tiles of every training scene, with a buffer of tiles
     that would share pixels with both parts left out of either.
 
     The strip holds the `fraction` of the scene's lines of tiles (rows or columns, at least one)
     nearest to one edge, counting only lines that hold tiles; the edge is drawn with `seed`
     (another is tried when a side would leave no training tiles). The buffer is the next
-    line(s) of tiles, as many as still overlap the strip.
+    line(s) of tiles, as many as still overlap the strip. prefer_slumps: in each scene, the sides
+    whose strip holds slump pixels (and leaves training some) are tried first.
     """
     size, overlap = manifest["tile_size"], manifest["overlap"]
     buffer = math.ceil(size / (size - overlap)) - 1  # neighbours this many lines away still share pixels
@@ -198,6 +282,8 @@ def block_split(manifest: dict, scenes: list[dict], train_regions: tuple[str, ..
     for index, scene in enumerate(sorted(scenes, key=lambda s: s["scene_id"])):
         kept = kept_positions(manifest, scene)
         rng = np.random.default_rng([seed, index])
+        slumps = slump_positions(manifest, scene) or set()
+        candidates = []
         for side in rng.permutation(4):  # top, bottom, left, right
             axis = 0 if side < 2 else 1
             lines = sorted({position[axis] for position in kept}, reverse=bool(side % 2))
@@ -210,9 +296,12 @@ def block_split(manifest: dict, scenes: list[dict], train_regions: tuple[str, ..
             validation = {p for p in kept if offsets.index(p[axis]) <= last}
             training = {p for p in kept if offsets.index(p[axis]) > last + buffer}
             if validation and training:
-                validation_positions[scene["scene_id"]] = frozenset(validation)
-                train_positions[scene["scene_id"]] = frozenset(training)
-                break
+                candidates.append((validation, training))
+        if prefer_slumps:  # a stable sort: the drawn order among sides of the same kind
+            candidates.sort(key=lambda parts: not (parts[0] & slumps and parts[1] & slumps))
+        if candidates:
+            validation_positions[scene["scene_id"]] = frozenset(candidates[0][0])
+            train_positions[scene["scene_id"]] = frozenset(candidates[0][1])
     if not validation_positions:
         raise InputError(f"the training scenes are too small to split into validation and training blocks "
                          f"({buffer + 2} lines of tiles are needed); give --val-regions or more data")

@@ -148,7 +148,10 @@ def forward(model):
     if call is None:
         import tensorflow as tf
 
-        traced = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+        # The cached call reaches the model through a weak reference: a value that held the model
+        # itself would keep its key alive, and every model ever used (a crossval grid) with it.
+        reference = weakref.ref(model)
+        traced = tf.function(lambda batch: reference()(batch, training=False), reduce_retracing=True)
         call = _FORWARD[model] = lambda batch: np.asarray(traced(batch))
     return call
 

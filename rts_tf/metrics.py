@@ -80,15 +80,18 @@ class SegmentationMetric(tf.keras.metrics.Metric):
 
 
 class ThresholdSweep(tf.keras.metrics.Metric):
-    """The best IoU over a sweep of thresholds (kind='iou'), or the threshold giving it ('threshold').
+    """The best IoU over a sweep of thresholds (kind='iou'), the threshold giving it ('threshold'),
+    or the best minus the worst IoU of the sweep ('spread': 0 when no threshold is better than another).
 
     A tie goes to the lowest threshold, as in ``scoring.best_of_sweep``.
     """
 
+    NAMES = {"iou": "best_iou", "threshold": "best_threshold", "spread": "iou_spread"}
+
     def __init__(self, kind: str = "iou", thresholds=SWEEP, name: str | None = None, **kwargs):
-        if kind not in ("iou", "threshold"):
-            raise ValueError(f"unknown sweep kind '{kind}'; choose iou or threshold")
-        super().__init__(name=name or f"best_{kind}", **kwargs)
+        if kind not in self.NAMES:
+            raise ValueError(f"unknown sweep kind '{kind}'; choose one of: {', '.join(self.NAMES)}")
+        super().__init__(name=name or self.NAMES[kind], **kwargs)
         self.kind, self.thresholds = kind, tuple(float(t) for t in thresholds)
         shifted = [keras_threshold(t) for t in self.thresholds]
         self.true_positives = tf.keras.metrics.TruePositives(shifted)
@@ -108,6 +111,8 @@ class ThresholdSweep(tf.keras.metrics.Metric):
         tp, fp, fn = (tf.reshape(counter.result(), [-1]) for counter in self.counters())
         iou = scores(tp, fp, fn, divide=tf.math.divide_no_nan)["iou"]
         # The lowest index among the maxima: tf.argmax does not promise which of tied maxima it returns.
+        if self.kind == "spread":
+            return tf.reduce_max(iou) - tf.reduce_min(iou)
         best = tf.reduce_min(tf.where(tf.equal(iou, tf.reduce_max(iou)), tf.range(tf.size(iou)), tf.size(iou)))
         return iou[best] if self.kind == "iou" else tf.gather(tf.constant(self.thresholds, tf.float32), best)
 
@@ -122,4 +127,5 @@ class ThresholdSweep(tf.keras.metrics.Metric):
 def segmentation_metrics() -> list[tf.keras.metrics.Metric]:
     """The metrics reported per epoch for training and validation."""
     return [SegmentationMetric("iou"), SegmentationMetric("f1"), SegmentationMetric("precision"),
-            SegmentationMetric("recall"), ThresholdSweep("iou"), ThresholdSweep("threshold")]
+            SegmentationMetric("recall"), ThresholdSweep("iou"), ThresholdSweep("threshold"),
+            ThresholdSweep("spread")]

@@ -36,7 +36,14 @@ class EpochLog(tf.keras.callbacks.Callback):
         """Keep an epoch's values (replacing a re-run epoch's) and save the log."""
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1]
         self.epochs.append({"epoch": epoch + 1, **{k: float(v) for k, v in values.items()}})
-        write_json(self.path, self.epochs)
+        write_json(self.path, self.epochs, unique=True)
+
+    def truncate(self, epochs: int) -> None:
+        """Forget epochs after the first `epochs` (those a resumed run trains again: a kill after the
+        log was written but before the epoch's backup leaves one such)."""
+        if any(e["epoch"] > epochs for e in self.epochs):
+            self.epochs = [e for e in self.epochs if e["epoch"] <= epochs]
+            write_json(self.path, self.epochs, unique=True)
 
     def history(self) -> dict[str, list[float]]:
         keys = sorted({k for e in self.epochs for k in e if k != "epoch"})
@@ -66,22 +73,39 @@ class ResumableEarlyStopping(tf.keras.callbacks.EarlyStopping):
 
 class TestCurves(tf.keras.callbacks.Callback):
     """After every epoch, score the held-out (test) region for TensorBoard's `test` run and for
-    run.json. Nothing is added to the epoch logs, so no callback that chooses can read it."""
+    run.json, with the scorer of `evaluate` (tiles blended into scene mosaics, overlapping tiles
+    counted once): IoU, F1, precision and recall at the paper's fixed threshold 0.5, and the best
+    IoU over the threshold sweep (`best_iou`). Nothing is added to the epoch logs, so no callback
+    that chooses can read it. Only the chief scores (no collective op: the other workers of a
+    multi-worker run never join it)."""
 
-    def __init__(self, dataset: tf.data.Dataset, logdir: Path, path: Path):
+    def __init__(self, records: str, manifest: dict, scenes, bands: list[str], logdir: Path, path: Path,
+                 batch_size: int, enabled: bool = True):
         super().__init__()
-        self.dataset, self.logdir = dataset, Path(logdir)
+        self.records, self.manifest, self.scenes = str(records), manifest, list(scenes)
+        self.bands, self.batch_size, self.enabled = bands, batch_size, enabled
+        self.logdir = Path(logdir)
         self.log = EpochLog(path)  # its own file, never the epoch logs the other callbacks read
         self.writer = None
 
     def on_epoch_end(self, epoch, logs=None):
-        results = self.model.evaluate(self.dataset, verbose=0, return_dict=True)
+        if not self.enabled:
+            return
+        from rts_tf.evaluate import score_scenes
+        from rts_tf.inference import Run
+
+        run = Run(self.logdir, self.model, self.manifest["tile_size"], self.manifest["overlap"], self.bands, 0.5)
+        counts = score_scenes(self.records, self.manifest, self.scenes, [run], PAPER_THRESHOLD, objects=False,
+                              batch_size=self.batch_size)
+        metrics = counts.metrics()
+        results = {key: metrics[key] for key in ("iou", "f1", "precision", "recall", "best_iou", "best_threshold")}
         self.log.record(epoch, results)
         self.writer = self.writer or tf.summary.create_file_writer(str(self.logdir))
         with self.writer.as_default():
             for key, value in results.items():
                 tf.summary.scalar(f"epoch_{key}", value, step=epoch,
-                                  description="held-out (test) region: for the curves only, never for choices")
+                                  description="held-out (test) region, scene mosaics: for the curves only, never "
+                                              "for choices")
         self.writer.flush()
 
     def history(self) -> dict[str, list[float]]:
@@ -90,6 +114,80 @@ class TestCurves(tf.keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.writer is not None:
             self.writer.close()
+
+
+# The fixed threshold of Nitze et al. (2021) for the paper-style per-epoch score.
+PAPER_THRESHOLD = 0.5
+
+
+class BestCheckpoint(tf.keras.callbacks.Callback):
+    """The weights of every epoch whose validation IoU beats all earlier ones, each in a file named
+    by its epoch (`best-epoch0003.h5`), so that a kill at any point leaves the file of the epoch the
+    history calls best: files of a newer best are removed only once the epoch's backup exists
+    (`CheckpointCleanup`, after BackupAndRestore), and a resumed run first removes the files of
+    epochs it will train again."""
+
+    PATTERN = "best-epoch*.h5"
+
+    def __init__(self, folder: Path, epoch_log: EpochLog, monitor: str = "val_iou"):
+        super().__init__()
+        self.folder, self.epoch_log, self.monitor = Path(folder), epoch_log, monitor
+
+    @staticmethod
+    def path(folder: Path, epoch: int) -> Path:
+        """The file of 1-based `epoch`."""
+        return Path(folder) / f"best-epoch{epoch:04d}.h5"
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or np.isnan(value):
+            return
+        earlier = [e[self.monitor] for e in self.epoch_log.epochs if e["epoch"] < epoch + 1 and self.monitor in e]
+        if not earlier or value > max(earlier):
+            target = self.path(self.folder, epoch + 1)
+            temporary = target.with_name("tmp-" + target.name)
+            self.model.save_weights(str(temporary))
+            temporary.replace(target)
+
+
+def best_epoch(epochs: list[dict], monitor: str = "val_iou") -> int | None:
+    """The 1-based epoch with the highest monitored value (the first of equals), or None."""
+    values = [(e[monitor], -e["epoch"]) for e in epochs if monitor in e and not np.isnan(e[monitor])]
+    return -max(values)[1] if values else None
+
+
+def prune_checkpoints(folder: Path, keep: int | None, after: int | None = None) -> None:
+    """Remove best-epoch files other than epoch `keep`'s; with `after`, only those of later epochs."""
+    for path in Path(folder).glob("tmp-" + BestCheckpoint.PATTERN):
+        path.unlink(missing_ok=True)  # a save that a kill interrupted
+    for path in Path(folder).glob(BestCheckpoint.PATTERN):
+        number = int(path.stem[len("best-epoch"):])
+        if number != keep and (after is None or number > after):
+            path.unlink(missing_ok=True)
+
+
+class CheckpointCleanup(tf.keras.callbacks.Callback):
+    """After BackupAndRestore has saved an epoch: the best-epoch files that no resume can need go."""
+
+    def __init__(self, folder: Path, epoch_log: EpochLog, monitor: str = "val_iou"):
+        super().__init__()
+        self.folder, self.epoch_log, self.monitor = Path(folder), epoch_log, monitor
+
+    def on_epoch_end(self, epoch, logs=None):
+        prune_checkpoints(self.folder, best_epoch(self.epoch_log.epochs, self.monitor))
+
+
+class TrainingDone(tf.keras.callbacks.Callback):
+    """Marks the end of training (all epochs, or stopped early) before BackupAndRestore deletes its
+    backup at the end of `fit`: a run killed while saving its model then saves it again on re-run,
+    instead of training from nothing."""
+
+    def __init__(self, path: Path, epoch_log: EpochLog):
+        super().__init__()
+        self.path, self.epoch_log = Path(path), epoch_log
+
+    def on_train_end(self, logs=None):
+        write_json(self.path, {"epochs_run": len(self.epoch_log.epochs)})
 
 
 class LearningRateLogger(tf.keras.callbacks.Callback):
@@ -134,7 +232,11 @@ class ImagePanels(tf.keras.callbacks.Callback):
     def write(self, epoch: int) -> None:
         self.written = epoch
         self.writer = self.writer or tf.summary.create_file_writer(str(self.logdir))
-        probabilities = self.model.predict(self.images, verbose=0)[..., 0]
+        # The model's own call, not `predict`: predict gathers across the workers of a multi-worker
+        # run, and only the chief writes panels.
+        from rts_tf.inference import forward
+
+        probabilities = forward(self.model)(self.images)[..., 0]
         with self.writer.as_default():
             for index, (image, label, probability) in enumerate(zip(self.images, self.labels, probabilities)):
                 valid = label != IGNORE

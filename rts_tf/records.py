@@ -345,6 +345,15 @@ def write_text(path: Path, text: str, unique: bool = False) -> None:
         raise output_error(path, error) from None
 
 
+def records_fingerprint(manifest: dict) -> str:
+    """A checksum of what records hold (bands, tiling, every shard's sha256), whatever their path:
+    records rebuilt with other content at the same path get another fingerprint."""
+    content = {"bands": manifest.get("bands"), "tile_size": manifest.get("tile_size"),
+               "overlap": manifest.get("overlap"),
+               "shards": {path: info.get("sha256") for path, info in sorted(manifest.get("shards", {}).items())}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(directory: str | os.PathLike) -> dict:
     """Load DIR/manifest.json with one-line errors for a missing folder, an unreadable file, or a
     manifest that lacks a key the readers need or holds a value of the wrong JSON type."""

@@ -106,7 +106,14 @@ class FitConfig:
     image_tiles: int = 4
     profile: bool = False
     steps_per_epoch: int | None = None
+    deterministic: bool = True
 
     @classmethod
     def keys(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+# How a run is executed, not what it computes: changing these does not make a run another run (it
+# resumes), while any other FitConfig field, or other records content, does.
+RUNTIME_OPTIONS = ("logdir", "records", "devices", "logical_cpus", "image_every", "image_tiles", "profile", "cache",
+                   "deterministic")

@@ -18,12 +18,14 @@ import yaml
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.records import read_manifest, write_json, write_text
-from rts_tf.settings import SCHEDULES, VAL_SPLITS, FitConfig
+from rts_tf.records import read_manifest, records_fingerprint, write_json, write_text
+from rts_tf.settings import RUNTIME_OPTIONS, SCHEDULES, VAL_SPLITS, FitConfig
 
 RUN_NAME = "run.json"
 CONFIG_NAME = "config.yaml"
+IDENTITY_NAME = "identity.json"
 MODEL_NAME = "model.keras"
+TRAINED_NAME = "trained.json"  # in checkpoints/: training ended, the model is still to be saved
 @dataclass
 class FitResult:
     """What a run produced."""
@@ -172,15 +174,24 @@ def git_commit() -> str:
 
 
 # Everything fit (and evaluate) writes into a run folder: --overwrite removes these and nothing else.
-RUN_FILES = (CONFIG_NAME, CONFIG_NAME + ".tmp", RUN_NAME, RUN_NAME + ".tmp", "history.json", "history.json.tmp",
+RUN_FILES = (CONFIG_NAME, CONFIG_NAME + ".tmp", IDENTITY_NAME, RUN_NAME, RUN_NAME + ".tmp", "history.json", "history.json.tmp",
              "test_history.json", "test_history.json.tmp", MODEL_NAME, f"tmp-{MODEL_NAME}", "metrics.json",
              "metrics.json.tmp", "metrics.md")
-RUN_FOLDERS = ("checkpoints", "backup", "saved_model", "saved_model.tmp", "train", "validation", "test", "images")
+RUN_FOLDERS = ("checkpoints", "backup", "saved_model", "saved_model.tmp", "train", "validation", "test", "images",
+               "crossval")
 
 
-def check_run_folder(config: FitConfig, overwrite: bool) -> str:
+def run_identity(config: FitConfig, manifest: dict) -> dict:
+    """What makes a run this run: every setting that changes what is trained (not how it is run,
+    see settings.RUNTIME_OPTIONS) and the records' content by checksum (not their path)."""
+    identity = {key: value for key, value in asdict(config).items() if key not in RUNTIME_OPTIONS}
+    return {**identity, "records": records_fingerprint(manifest)}
+
+
+def check_run_folder(config: FitConfig, manifest: dict, overwrite: bool) -> str:
     """What to do with --logdir, deciding without changing anything: 'new', 'resume', 'complete'
-    or 'replace'. A non-empty folder that holds no run is refused, with or without --overwrite."""
+    or 'replace'. A non-empty folder that holds no run is refused, with or without --overwrite.
+    A run resumes when its identity (`run_identity`) is the same; runtime options may differ."""
     logdir = Path(config.logdir)
     if logdir.exists() and not logdir.is_dir():
         raise InputError(f"{logdir}: exists and is not a folder")
@@ -192,13 +203,19 @@ def check_run_folder(config: FitConfig, overwrite: bool) -> str:
                          "or empty --logdir (nothing was changed)")
     if overwrite:
         return "replace"
+    wanted = run_identity(config, manifest)
     try:
-        previous = yaml.safe_load(saved.read_text()) if saved.exists() else None
-    except (OSError, yaml.YAMLError):
-        previous = None
-    # The folder's own path is not part of a run's identity: a moved run folder still resumes.
-    wanted = {k: v for k, v in asdict(config).items() if k != "logdir"}
-    if isinstance(previous, dict) and {k: v for k, v in previous.items() if k != "logdir"} == wanted:
+        previous = json.loads((logdir / IDENTITY_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        try:  # a run from before identity.json: its configuration, records by path
+            previous = yaml.safe_load(saved.read_text()) if saved.exists() else None
+        except (OSError, yaml.YAMLError):
+            previous = None
+        if isinstance(previous, dict):
+            previous = {k: v for k, v in previous.items() if k not in RUNTIME_OPTIONS}
+            previous["records"] = wanted["records"] if Path(str(config.records)).resolve() == \
+                Path(str(yaml.safe_load(saved.read_text()).get("records", ""))).resolve() else None
+    if previous == wanted:
         run = logdir / RUN_NAME
         complete = run.exists() and json.loads(run.read_text()).get("complete", False)
         return "complete" if complete else "resume"
@@ -206,7 +223,8 @@ def check_run_folder(config: FitConfig, overwrite: bool) -> str:
         return "replace"  # the configuration of a run that never finished an epoch
     previous = previous if isinstance(previous, dict) else {}
     differs = sorted(k for k in wanted if previous.get(k) != wanted[k])
-    raise InputError(f"{logdir}: holds a run with another configuration ({', '.join(differs)}); "
+    named = ", ".join("records content" if k == "records" else k for k in differs)
+    raise InputError(f"{logdir}: holds a run with another configuration ({named}); "
                      "use --overwrite or another --logdir")
 
 
@@ -219,16 +237,17 @@ def run_started(logdir: Path) -> bool:
     return bool(epochs) or (logdir / RUN_NAME).exists()
 
 
-def start_run_folder(config: FitConfig, mode: str) -> Path:
-    """Create or clear the run folder (only the files a run writes) and save the configuration."""
+def start_run_folder(config: FitConfig, manifest: dict, mode: str) -> Path:
+    """Create or clear the run folder (only the files a run writes) and save the configuration
+    (config.yaml, the latest runtime options included) and the run's identity."""
     logdir = Path(config.logdir)
     if mode == "replace":
         remove_run_files(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    saved = logdir / CONFIG_NAME
-    if mode != "resume":
-        # Every worker of a multi-worker run writes it: each under a temporary name of its own.
-        write_text(saved, yaml.safe_dump(asdict(config), sort_keys=False), unique=True)
+    # Every worker of a multi-worker run writes them: each under a temporary name of its own.
+    write_text(logdir / CONFIG_NAME, yaml.safe_dump(asdict(config), sort_keys=False), unique=True)
+    if mode != "resume" or not (logdir / IDENTITY_NAME).exists():
+        write_json(logdir / IDENTITY_NAME, run_identity(config, manifest), unique=True)
     return logdir
 
 
@@ -266,7 +285,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
                                    *(split.test.shards(manifest) if split.test and config.test_curves else [])}),
                  config.records, verify)
     # Nothing is written before the configuration, the data and the model have been checked.
-    mode = check_run_folder(config, overwrite)
+    mode = check_run_folder(config, manifest, overwrite)
     logdir = Path(config.logdir)
     if mode == "complete":
         run = json.loads((logdir / RUN_NAME).read_text())
@@ -279,6 +298,9 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     from rts_tf.losses import get_loss
     from rts_tf.metrics import segmentation_metrics
 
+    # Same seed, same machine: the same weights and scores, bit for bit (--no-deterministic: faster
+    # on GPUs, whose fastest kernels may add in any order).
+    set_determinism(config.deterministic)
     tf.keras.utils.set_random_seed(config.seed)
     strategy = make_strategy(config)
     replicas = strategy.num_replicas_in_sync
@@ -315,16 +337,11 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
                              epochs=(first_epoch, config.epochs) if exact else None)
         validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False,
                                   verify=verify, pad_batches=replicas > 1)
-        test = None
-        if split.test is not None and config.test_curves:
-            test = make_dataset(config.records, manifest, split.test, global_batch, training=False, verify=verify,
-                                pad_batches=replicas > 1)
         if config.steps_per_epoch:
             train = train.repeat()
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         train, validation = train.with_options(options), validation.with_options(options)
-        test = test.with_options(options) if test is not None else None
 
         with strategy.scope():
             model = build_segmenter(config, bands, tile_size, mean, std, heads=True)
@@ -332,67 +349,92 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
             model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
                           jit_compile=config.xla)
 
-        start_run_folder(config, mode)
+        start_run_folder(config, manifest, mode)
         chief = is_chief(strategy)
         writable = logdir if chief else Path(tempfile_dir(logdir))
         checkpoints = writable / "checkpoints"
         checkpoints.mkdir(parents=True, exist_ok=True)
         hparams = {"arch": config.arch, "encoder": config.encoder, "holdout_region": config.holdout_region or "",
                    "learning_rate": config.learning_rate, "loss": config.loss, "batch_size": global_batch}
-        from rts_tf.monitor import EpochLog, ImagePanels, LearningRateLogger, ResumableEarlyStopping, TestCurves, \
-            hparams_callback
+        from rts_tf.monitor import BestCheckpoint, CheckpointCleanup, EpochLog, ImagePanels, LearningRateLogger, \
+            ResumableEarlyStopping, TestCurves, TrainingDone, best_epoch, hparams_callback, prune_checkpoints
 
         history_log = EpochLog(writable / "history.json")
-        # A resumed run goes on from its history: the best validation IoU so far stays the bar.
-        best_so_far = history_log.best("val_iou")
-        keras_callbacks = [
-            *callbacks,
-            LearningRateLogger(),
-            history_log,
-            tf.keras.callbacks.TensorBoard(str(writable), histogram_freq=0, write_graph=False,
-                                           profile_batch=(2, 4) if config.profile else 0),
-            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "best.h5"), monitor="val_iou", mode="max",
-                                               save_best_only=True, save_weights_only=True,
-                                               initial_value_threshold=best_so_far),
-            tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.h5"), save_weights_only=True),
-            hparams_callback(writable, hparams, logdir.name),
-        ]
-        if config.image_every > 0 and chief:
-            keras_callbacks.append(ImagePanels(validation, bands, writable / "images", config.image_every,
-                                               config.image_tiles))
-        if config.early_stopping > 0:
-            keras_callbacks.append(ResumableEarlyStopping(history_log, monitor="val_iou", mode="max",
-                                                          patience=config.early_stopping))
-        test_curves = TestCurves(test, writable / "test", writable / "test_history.json") if test is not None else None
-        if test_curves is not None:
-            keras_callbacks.append(test_curves)
-        # Last, so that an epoch counts as done for a resume only once everything above is written.
-        keras_callbacks.append(tf.keras.callbacks.BackupAndRestore(str(logdir / "backup")))
-        # The epoch stream is one iterator over all epochs with exactly `steps` batches each; without
-        # exact counts a finite dataset is re-iterated each epoch, and --steps-per-epoch repeats it.
-        model.fit(train, validation_data=validation, epochs=config.epochs,
-                  steps_per_epoch=config.steps_per_epoch or (steps if exact else None), callbacks=keras_callbacks,
-                  verbose=2)
+        test_curves = None
+        if split.test is not None and config.test_curves:
+            test_curves = TestCurves(config.records, manifest, split.test.scenes, bands, writable / "test",
+                                     writable / "test_history.json", global_batch, enabled=chief)
+        trained = checkpoints / TRAINED_NAME
+        done = mode == "resume" and trained.exists()
+        if not done:
+            # Epochs after the backup's are trained again: a kill between an epoch's log and its
+            # backup must not leave that epoch's values (or its best checkpoint) behind.
+            for log in (history_log, test_curves.log if test_curves else None):
+                if log is not None:
+                    log.truncate(first_epoch)
+            prune_checkpoints(checkpoints, best_epoch(history_log.epochs), after=first_epoch)
+            trained.unlink(missing_ok=True)
+            keras_callbacks = [
+                *callbacks,
+                LearningRateLogger(),
+                history_log,
+                tf.keras.callbacks.TensorBoard(str(writable), histogram_freq=0, write_graph=False,
+                                               profile_batch=(2, 4) if config.profile else 0),
+                BestCheckpoint(checkpoints, history_log),
+                tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.h5"), save_weights_only=True),
+                hparams_callback(writable, hparams, logdir.name),
+            ]
+            if config.image_every > 0 and chief:
+                keras_callbacks.append(ImagePanels(validation, bands, writable / "images", config.image_every,
+                                                   config.image_tiles))
+            if config.early_stopping > 0:
+                keras_callbacks.append(ResumableEarlyStopping(history_log, monitor="val_iou", mode="max",
+                                                              patience=config.early_stopping))
+            if test_curves is not None:
+                keras_callbacks.append(test_curves)
+            keras_callbacks.append(TrainingDone(trained, history_log))
+            # Then the backup: an epoch counts as done for a resume only once everything above is
+            # written; last, the best-epoch files that no resume can need any more are removed.
+            keras_callbacks.append(tf.keras.callbacks.BackupAndRestore(str(logdir / "backup")))
+            keras_callbacks.append(CheckpointCleanup(checkpoints, history_log))
+            # The epoch stream is one iterator over all epochs with exactly `steps` batches each; without
+            # exact counts a finite dataset is re-iterated each epoch, and --steps-per-epoch repeats it.
+            model.fit(train, validation_data=validation, epochs=config.epochs,
+                      steps_per_epoch=config.steps_per_epoch or (steps if exact else None), callbacks=keras_callbacks,
+                      verbose=2)
 
         history = history_log.history()
         if test_curves is not None:
             history.update({f"test_{key}": values for key, values in test_curves.history().items()})
-        best_index = int(np.argmax(history["val_iou"])) if history.get("val_iou") else len(history_log.epochs) - 1
-        metrics = {k[4:]: float(v[best_index]) for k, v in history.items() if k.startswith("val_")}
-        result = FitResult(str(logdir), len(history_log.epochs), best_index + 1, metrics,
-                           resumed_from=history_log.first_epoch or 0,
-                           seconds=time.perf_counter() - started, history=history, split=split.describe())
+        best = best_epoch(history_log.epochs) or len(history_log.epochs)
+        metrics = {k[4:]: float(v[best - 1]) for k, v in history.items() if k.startswith("val_")}
+        result = FitResult(str(logdir), len(history_log.epochs), best, metrics,
+                           resumed_from=first_epoch, seconds=time.perf_counter() - started, history=history,
+                           split=split.describe(manifest))
         if chief:
             # The saved model is rebuilt outside the strategy and given the best epoch's weights.
             final = build_segmenter(config, bands, tile_size, mean, std)
-            final.load_weights(str(checkpoints / ("best.h5" if (checkpoints / "best.h5").exists() else "last.h5")))
+            best_file = BestCheckpoint.path(checkpoints, best)
+            final.load_weights(str(best_file if best_file.exists() else checkpoints / "last.h5"))
             save_run(final, config, manifest, split, mean, std, result, global_batch, replicas)
+            trained.unlink(missing_ok=True)
         else:
             shutil.rmtree(writable, ignore_errors=True)  # a non-chief worker's scratch copies
         return result
     finally:
         if config.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def set_determinism(on: bool) -> None:
+    """Deterministic TensorFlow ops on or off for this process (TF_DETERMINISTIC_OPS=1 also turns them on)."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as framework_config
+
+    if on or os.environ.get("TF_DETERMINISTIC_OPS", "").lower() in ("1", "true"):
+        tf.config.experimental.enable_op_determinism()
+    else:
+        framework_config.disable_op_determinism()
 
 
 def resume_epoch(backup: Path) -> int:
@@ -414,6 +456,7 @@ def tempfile_dir(logdir: Path) -> str:
 def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result: FitResult,
              global_batch: int, replicas: int) -> None:
     """model.keras, saved_model/ and run.json: everything prediction needs."""
+    from rts_tf.evaluate import SCORER
     from rts_tf.inference import manifest_recipe
 
     logdir = Path(config.logdir)
@@ -440,8 +483,8 @@ def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result:
         "bands": manifest["bands"],
         "normalisation": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
         "label_values": manifest["label_values"],
-        "threshold": result.metrics.get("best_threshold", 0.5),
-        "threshold_source": "best threshold of the validation data at the best epoch",
+        **dict(zip(("threshold", "threshold_source"), validation_threshold(result.metrics))),
+        "test_scorer": SCORER,
         "records": str(Path(config.records).resolve()),
         # How the bands were made: predict and evaluate rebuild scenes with exactly this recipe.
         "recipe": manifest_recipe(manifest, split.train_regions),  # with the sensors trained on
@@ -460,6 +503,20 @@ def save_run(model, config: FitConfig, manifest: dict, split, mean, std, result:
     }
     write_json(logdir / RUN_NAME, run)
     shutil.rmtree(logdir / "backup", ignore_errors=True)  # BackupAndRestore leaves an empty folder
+
+
+def validation_threshold(metrics: dict) -> tuple[float, str]:
+    """The threshold a run keeps and where it comes from: the best of the validation sweep at the
+    best epoch, unless the sweep was flat (every threshold gave the same IoU, for example 0 on
+    validation data the model finds nothing in): then 0.5, said so, and a warning."""
+    import warnings
+
+    spread = metrics.get("iou_spread")
+    if spread is not None and spread <= 0.0:
+        warnings.warn(f"the validation threshold sweep was flat (IoU {metrics.get('best_iou', 0.0):.3f} at every "
+                      "threshold): the run keeps 0.5, not a threshold selected on validation", stacklevel=2)
+        return 0.5, f"0.5: the validation sweep was flat (IoU {metrics.get('best_iou', 0.0):.3f} at every threshold)"
+    return float(metrics.get("best_threshold", 0.5)), "best threshold of the validation data at the best epoch"
 
 
 def load_config_file(path: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def test_tiny_crossval_table_and_resume(world_records, tmp_path):
         assert float(row["threshold"]) == run["threshold"]
         assert float(row["paper_max_iou"]) == max(run["history"]["test_iou"])
         assert float(row["validation_iou"]) == run["metrics"]["iou"] and run["split"]["method"] == "blocks"
-        scored = json.loads((Path(row["run"]) / "metrics.json").read_text())["regions"][row["region"]]
+        scored = json.loads((Path(row["run"]) / "crossval" / "metrics.json").read_text())["regions"][row["region"]]
         assert float(row["iou"]) == scored["iou"] and float(row["f1"]) == scored["f1"]
     table = (tmp_path / "cv" / "crossval.md").read_text()
     assert "| held-out region | unet resnet18 |" in table and "| Alpha |" in table and "| mean |" in table

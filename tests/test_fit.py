@@ -135,7 +135,9 @@ def test_fit_with_two_local_workers(demo_records, tmp_path):
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     logdir = tmp_path / "multiworker"
-    arguments = fit_arguments(demo_records, logdir, "--epochs", "1", "--image-every", "0")
+    # The default --image-every: the chief's image panels and test curves call the model itself,
+    # never a collective op (`predict`, `evaluate`) that the other worker would not join.
+    arguments = fit_arguments(demo_records, logdir, "--epochs", "1")
     workers = [subprocess.Popen([sys.executable, "-m", "rts_tf", *arguments], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster,
@@ -146,6 +148,7 @@ def test_fit_with_two_local_workers(demo_records, tmp_path):
         assert worker.returncode == 0, stderr[-3000:]
     run = json.loads((logdir / "run.json").read_text())
     assert run["replicas"] == 2 and run["epochs_run"] == 1
+    assert len(run["history"]["test_iou"]) == 1 and any((logdir / "images").iterdir())
 
 
 def test_bad_fit_input(demo_records, tmp_path):

@@ -246,7 +246,7 @@ def test_metrics_and_loss_under_mirrored_strategy_on_two_logical_cpus():
             model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs))
             model.compile(optimizer="adam", loss=get_loss("focal"), metrics=segmentation_metrics())
         history = model.fit(images, labels, batch_size=4, epochs=1, verbose=0).history
-        assert sorted(history) == ["best_iou", "best_threshold", "f1", "iou", "loss", "precision", "recall"]
+        assert sorted(history) == ["best_iou", "best_threshold", "f1", "iou", "iou_spread", "loss", "precision", "recall"]
         assert np.isfinite(history["loss"][0])
         result = model.evaluate(images, labels, batch_size=4, return_dict=True, verbose=0)
         probability = model.predict(images, verbose=0)

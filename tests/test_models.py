@@ -94,7 +94,7 @@ def test_unet_plus_plus_with_heads_fits_a_step_with_the_focal_loss_and_the_metri
 
     history = model.fit(images, labels, batch_size=2, epochs=1, verbose=0).history
 
-    assert sorted(history) == ["best_iou", "best_threshold", "f1", "iou", "loss", "precision", "recall"]
+    assert sorted(history) == ["best_iou", "best_threshold", "f1", "iou", "iou_spread", "loss", "precision", "recall"]
     assert all(np.isfinite(values[0]) for values in history.values())
 
 

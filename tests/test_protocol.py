@@ -70,7 +70,8 @@ def test_the_best_epoch_is_chosen_on_validation_never_on_the_test_region(demo_re
     run = json.loads((logdir / "run.json").read_text())
     assert run["best_epoch"] == 1 == int(np.argmax(run["history"]["val_iou"])) + 1
     # The held-out region has its own curves, scored after every epoch, and chose nothing.
-    assert len(run["history"]["test_iou"]) == 3 and len(run["history"]["test_loss"]) == 3
+    assert len(run["history"]["test_iou"]) == 3 and len(run["history"]["test_best_iou"]) == 3
+    assert all(best >= at_half for best, at_half in zip(run["history"]["test_best_iou"], run["history"]["test_iou"]))
     assert run["split"]["test"]["scenes"] and run["split"]["test_region"] == "Horton"
     horton = {s["scene_id"] for s in json.loads((demo_records / "manifest.json").read_text())["scenes"]
               if s["region"] == "Horton"}
