@@ -10,7 +10,7 @@ DEMO ?= demo
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(PY) -m pip install --quiet -e '.[test,ray,fetch]'
 	touch $(STAMP)
 
 install: $(STAMP)
