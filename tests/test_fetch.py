@@ -16,14 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import shapely
+from click.testing import CliRunner
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
+from rasterio.warp import transform_geom
+from shapely.geometry import mapping, shape
 
 pystac = pytest.importorskip("pystac")
 pytest.importorskip("pystac_client")
 pytest.importorskip("stac_fastapi.static")
 
+from helpers import write_polygons, write_raster  # noqa: E402
 from stac_servers import file_server, garbage_server, stac_server  # noqa: E402
+
+from rts_tf.cli import main  # noqa: E402
 
 from rts_tf.errors import InputError  # noqa: E402
 from rts_tf.fetch.dem import fetch_dem  # noqa: E402
@@ -62,11 +69,9 @@ def lonlat_box(bounds, crs):
 
 
 def write_aoi(path: Path, bounds, crs: str) -> Path:
-    import shapely
     from pyogrio.raw import write
 
     geometry = shapely.box(*bounds)
-
     write(str(path), geometry=np.array([shapely.to_wkb(geometry)], dtype=object), field_data=[np.array(["aoi"])],
           fields=["name"], crs=crs, geometry_type="Polygon", driver="GPKG")
     return path
@@ -126,13 +131,12 @@ def dem_values(x, y):
 
 
 def dem_origin() -> tuple[float, float]:
-    """The upper-left corner of the first DEM tile (a multiple of 32 m*DEM_SIZE, like PGC's tile grid)
-    so that the AOI crosses the boundary between the two tiles."""
+    """The upper-left corner of the first DEM tile: the boundary between the two tiles (on a multiple of the
+    tile size, like PGC's tile grid) crosses the S2 AOI, whose centre is half a tile below the top."""
     xs, ys = warp_transform(UTM, "EPSG:3413", [(AOI_UTM[0] + AOI_UTM[2]) / 2], [(AOI_UTM[1] + AOI_UTM[3]) / 2])
     step = DEM_RES * DEM_SIZE
     boundary = np.round(xs[0] / step) * step
-    top = np.ceil(ys[0] / step) * step + step / 2
-    return boundary - step, float(np.round(top / DEM_RES) * DEM_RES)
+    return boundary - step, float(np.round((ys[0] + step / 2) / DEM_RES) * DEM_RES)
 
 
 def dem_item(files_url: str, files: Path, col: int, collection: str) -> dict:
@@ -407,6 +411,11 @@ def test_one_line_errors(servers, aoi, tmp_path):
                   collection=servers["dem_collection"])
     with pytest.raises(InputError, match="--dates 2022-07-01: expected START/END"):
         fetch_sentinel2(tmp_path / "s", aoi, "2022-07-01", stac_url=servers["stac"])
+    # The command line: one line, no traceback, exit status 1.
+    result = CliRunner().invoke(main, ["fetch", "sentinel2", "--aoi", str(aoi), "--dates", "2021-07-01/2021-07-31",
+                                       "--stac", servers["stac"], "--collection", "s2-clouds", "--out",
+                                       str(tmp_path / "s")])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
     assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
 
 
@@ -447,3 +456,38 @@ def test_killed_fetch_resumes_to_identical_outputs(servers, aoi, tmp_path):
     assert resumed.keys() == clean.keys() and len(clean) == 6 * 6 + 1
     assert {k: v for k, v in resumed.items() if k != "fetch.json"} == {k: v for k, v in clean.items()
                                                                         if k != "fetch.json"}
+
+
+def test_build_records_reads_fetched_sentinel2_and_fetched_dem(servers, aoi, tmp_path):
+    """Two commands from an AOI file to inputs: fetch sentinel2, fetch dem --scenes, then build-records."""
+    runner = CliRunner()
+    s2, dem = tmp_path / "s2", tmp_path / "dem"
+    result = runner.invoke(main, ["fetch", "sentinel2", "--aoi", str(aoi), "--dates", "2022-07-01/2022-07-31",
+                                  "--stac", servers["stac"], "--collection", "s2-clouds", "--out", str(s2)])
+    assert result.exit_code == 0, result.output
+    assert "2 scene(s) in" in result.output  # the best of tile 07WEU and the one of 07WEV
+    result = runner.invoke(main, ["fetch", "dem", "--scenes", str(s2), "--resolution", "32", "--stac",
+                                  servers["stac"], "--collection", servers["dem_collection"], "--out", str(dem)])
+    assert result.exit_code == 0, result.output
+    # TCVIS over the area (EPSG:4326, 30 m-ish) and one slump polygon in the middle of the area.
+    left, bottom, right, top = lonlat_box((AOI_UTM[0] - 300, AOI_UTM[1] - 300, AOI_UTM[2] + 300, AOI_UTM[3] + 300),
+                                          UTM)
+    write_raster(tmp_path / "tcvis.tif", np.full((3, 60, 60), 120, dtype=np.uint8), "EPSG:4326",
+                 from_origin(left, top, (right - left) / 60, (top - bottom) / 60))
+    middle = ((AOI_UTM[0] + AOI_UTM[2]) / 2, (AOI_UTM[1] + AOI_UTM[3]) / 2)
+    slump = shapely.box(middle[0] - 100, middle[1] - 100, middle[0] + 100, middle[1] + 100)
+    write_polygons(tmp_path / "labels.gpkg", [shape(transform_geom(UTM, "EPSG:4326", mapping(slump)))],
+                   {"region": ["Herschel"], "site": ["herschel_1"]}, crs="EPSG:4326")
+    records = tmp_path / "records"
+    result = runner.invoke(main, ["build-records", "--scenes", str(s2), "--dem", str(dem / "dem.vrt"),
+                                  "--tcvis", str(tmp_path / "tcvis.tif"), "--labels", str(tmp_path / "labels.gpkg"),
+                                  "--default-region", "Herschel", "--out", str(records), "--tile-size", "32",
+                                  "--overlap", "0"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((records / "manifest.json").read_text())
+    scenes = {s["scene_id"]: s for s in manifest["scenes"]}
+    assert sorted(scenes) == ["S2A_T07WEV_20220712_0_L2A", "S2B_T07WEU_20220715_0_L2A"]
+    scene = scenes["S2B_T07WEU_20220715_0_L2A"]
+    assert (scene["width"], scene["height"], scene["region"]) == (120, 80, "Herschel")
+    assert scene["reflectance"]["offset"] == [-0.1] * 4
+    assert scene["tiles"] > 0
