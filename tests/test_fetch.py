@@ -491,3 +491,27 @@ def test_build_records_reads_fetched_sentinel2_and_fetched_dem(servers, aoi, tmp
     assert (scene["width"], scene["height"], scene["region"]) == (120, 80, "Herschel")
     assert scene["reflectance"]["offset"] == [-0.1] * 4
     assert scene["tiles"] > 0
+
+
+def test_sentinel2_dry_run_reads_no_pixels(servers, aoi, tmp_path):
+    log = servers["files_app"].log
+    before = len(log)
+    result = CliRunner().invoke(main, ["fetch", "sentinel2", "--aoi", str(aoi), "--dates", "2022-07-01/2022-08-31",
+                                       "--stac", servers["stac"], "--collection", "s2-clouds", "--dry-run",
+                                       "--out", str(tmp_path / "s2")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "s2").exists()
+    lines = result.output.strip().splitlines()
+    assert len([line for line in lines if "cloud over area ?" in line]) == 4  # C is filtered on eo:cloud_cover
+    assert lines[-1].startswith("would read the SCL windows of 4 candidate(s)")
+    # Only headers were read: the COGs' first bytes (GDAL's 16 kB first range), no pixel windows.
+    assert all(entry[2].startswith("bytes=0-") for entry in log[before:] if entry[0] == "GET")
+
+
+def test_missing_fetch_extra_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pystac_client", None)  # as if the fetch extra were not installed
+    result = CliRunner().invoke(main, ["fetch", "dem", "--aoi", str(tmp_path / "aoi.gpkg"), "--out",
+                                       str(tmp_path / "dem")])
+    assert result.exit_code == 1
+    assert result.output == ("Error: rts-tf fetch needs the optional packages of the 'fetch' extra: "
+                             "pip install 'rts-tf[fetch]'\n")
