@@ -88,11 +88,11 @@ def sensor_options(command):
     return command
 
 
-def progress_bar(description: str):
+def progress_bar(description: str, unit: str = "tile"):
     """A tqdm bar driven by progress(done, total) callbacks; returns (callback, close)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit="tile", dynamic_ncols=True, disable=None, file=sys.stderr)
+    bar = tqdm(desc=description, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
@@ -527,7 +527,7 @@ def fetch_dem_command(aoi, scenes, out, resolution, buffer, stac_url, collection
     (catalogue, collection, release, tile ids and source URLs).
     """
     module = _fetch_module("dem")
-    update, close = progress_bar("tiles")
+    update, close = progress_bar("ArcticDEM tiles")
     try:
         result = module.fetch_dem(out, aoi=aoi, scenes=list(scenes), resolution=int(resolution), buffer=buffer,
                                   stac_url=stac_url, collection=collection, workers=workers, dry_run=dry_run,
@@ -567,7 +567,7 @@ def fetch_sentinel2_command(aoi, dates, out, max_cloud, max_tile_cloud, per_peri
     "Fetching inputs"); each scene's item.json carries the scale and offset build-records applies.
     """
     module = _fetch_module("sentinel2")
-    update, close = progress_bar("scenes")
+    update, close = progress_bar("scenes", unit="scene")
     try:
         result = module.fetch_sentinel2(out, aoi, dates, stac_url=stac_url, collection=collection,
                                         max_cloud=max_cloud, max_tile_cloud=max_tile_cloud, per_period=per_period,

@@ -18,22 +18,32 @@ class CountingApp:
 
     def __init__(self, app):
         self.app, self.log, self.delay = app, [], 0.0
+        self.fail_once, self.failed = False, set()  # answer the first GET or POST of each path 503 (retries)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.delay:
             await asyncio.sleep(self.delay)
-        sent = 0
+        byte_range = dict(scope["headers"]).get(b"range", b"").decode()
+        if self.fail_once and scope["method"] != "HEAD" and scope["path"] not in self.failed:
+            self.failed.add(scope["path"])
+            await send({"type": "http.response.start", "status": 503, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            self.log.append((scope["method"], scope["path"], byte_range, 0, 503))
+            return
+        sent, status = 0, None
 
         async def counting_send(message):
-            nonlocal sent
+            nonlocal sent, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             if message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
 
         await self.app(scope, receive, counting_send)
-        self.log.append((scope["method"], scope["path"], dict(scope["headers"]).get(b"range", b"").decode(), sent))
+        self.log.append((scope["method"], scope["path"], byte_range, sent, status))
 
     def bytes_for(self, prefix: str = "") -> int:
         return sum(entry[3] for entry in self.log if entry[1].startswith(prefix))

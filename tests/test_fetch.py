@@ -139,7 +139,7 @@ def dem_origin() -> tuple[float, float]:
     return boundary - step, float(np.round((ys[0] + step / 2) / DEM_RES) * DEM_RES)
 
 
-def dem_item(files_url: str, files: Path, col: int, collection: str) -> dict:
+def dem_item(files_url: str, files: Path, col: int, collection: str, query: str = "") -> dict:
     """An item shaped like PGC's ArcticDEM mosaic items (assets dem and datamask), COGs under files/."""
     x_origin, y_origin = dem_origin()
     left = x_origin + col * DEM_RES * DEM_SIZE
@@ -164,9 +164,9 @@ def dem_item(files_url: str, files: Path, col: int, collection: str) -> dict:
             "properties": {"datetime": "2015-07-01T00:00:00Z", "gsd": DEM_RES, "proj:code": "EPSG:3413",
                            "proj:shape": [DEM_SIZE, DEM_SIZE], "proj:transform": list(transform)[:6],
                            "pgc:release_version": "4.1", "pgc:tile": tile_id.rsplit("_", 2)[0]},
-            "assets": {"dem": {**asset, "href": f"{files_url}/files/{folder}/{tile_id}_dem.tif", "roles": ["data"],
+            "assets": {"dem": {**asset, "href": f"{files_url}/files/{folder}/{tile_id}_dem.tif{query}", "roles": ["data"],
                                "unit": "meter", "nodata": -9999, "data_type": "float32"},
-                       "datamask": {**asset, "href": f"{files_url}/files/{folder}/{tile_id}_datamask.tif",
+                       "datamask": {**asset, "href": f"{files_url}/files/{folder}/{tile_id}_datamask.tif{query}",
                                     "roles": ["metadata", "data-mask"], "nodata": 0, "data_type": "uint8"}},
             "links": []}
 
@@ -235,6 +235,13 @@ def servers(tmp_path_factory):
     catalog.add_child(collection("s2-reflectance", cases, [-180, -90, 180, 90]))
     catalog.add_child(collection("s2-clouds", clouds, [-180, -90, 180, 90]))
     catalog.add_child(collection(dem_collection, dems, [-180, 50, 180, 90]))
+    # The same tiles under other URLs (GDAL caches what it read by URL, per process).
+    catalog.add_child(collection("arcticdem-retry", [dem_item(url, files, col, "arcticdem-retry", "?retry")
+                                                     for col in (0, 1)], [-180, 50, 180, 90]))
+    # A catalogue whose COGs' server is down (port 9: nothing listens).
+    catalog.add_child(collection("s2-unreachable", [
+        s2_item("http://127.0.0.1:9", root / "unserved", "S2B_T07WEU_20220716_0_L2A", "2022-07-16T20:40:19Z",
+                scl_clear(), dn, "05.09")], [-180, -90, 180, 90]))
     catalog.normalize_hrefs(str(root / "catalog"))
     catalog.save(pystac.CatalogType.SELF_CONTAINED)
     api_server, api_app = stac_server(root / "catalog" / "catalog.json")
@@ -331,18 +338,17 @@ def test_cloud_selection_best_scene_per_tile_and_month_by_scl_over_the_area(serv
                         collection="s2-clouds", max_cloud=0.1)
 
 
-def test_dem_window_across_two_tiles_matches_the_source(servers, tmp_path):
-    from rts_tf.rasters import RasterSource
-
+def dem_aoi() -> tuple[float, float, float, float]:
+    """An area (EPSG:3413) across the boundary of the two DEM tiles."""
     x_origin, y_origin = dem_origin()
     boundary = x_origin + DEM_RES * DEM_SIZE
-    aoi_3413 = (boundary - 700, y_origin - 2200, boundary + 500, y_origin - 1000)
-    aoi = write_aoi(tmp_path / "aoi.gpkg", aoi_3413, "EPSG:3413")
-    out = tmp_path / "dem"
-    result = fetch_dem(out, aoi=aoi, resolution=32, buffer=200, stac_url=servers["stac"],
-                       collection=servers["dem_collection"], workers=2)
-    assert [t.item_id for t in result.tiles] == ["47_13_32m_v4.1", "47_14_32m_v4.1"]
-    with rasterio.open(out / "dem.vrt") as vrt:
+    return boundary - 700, y_origin - 2200, boundary + 500, y_origin - 1000
+
+
+def check_dem(path: Path, aoi_3413) -> None:
+    """The fetched DEM covers the AOI plus 200 m and equals the source pixel for pixel."""
+    _, y_origin = dem_origin()
+    with rasterio.open(path) as vrt:
         assert vrt.crs == rasterio.crs.CRS.from_epsg(3413) and vrt.res == (32.0, 32.0)
         left, bottom, right, top = vrt.bounds
         # The AOI plus 200 m, grown to whole 32 m pixels of the mosaic grid.
@@ -355,6 +361,18 @@ def test_dem_window_across_two_tiles_matches_the_source(servers, tmp_path):
     expected = dem_values(x, y)
     expected[(source_rows >= 40) & (source_rows <= 42)] = -9999.0  # datamask 0 and the DEM's nodata
     np.testing.assert_array_equal(values, expected)
+
+
+def test_dem_window_across_two_tiles_matches_the_source(servers, tmp_path):
+    from rts_tf.rasters import RasterSource
+
+    aoi_3413 = dem_aoi()
+    aoi = write_aoi(tmp_path / "aoi.gpkg", aoi_3413, "EPSG:3413")
+    out = tmp_path / "dem"
+    result = fetch_dem(out, aoi=aoi, resolution=32, buffer=200, stac_url=servers["stac"],
+                       collection=servers["dem_collection"], workers=2)
+    assert [t.item_id for t in result.tiles] == ["47_13_32m_v4.1", "47_14_32m_v4.1"]
+    check_dem(out / "dem.vrt", aoi_3413)
     info = json.loads((out / "fetch.json").read_text())
     assert info["release"] == ["v4.1"] and info["collection"] == "arcticdem-mosaics-v4.1-32m"
     assert [t["dem_url"] for t in info["tiles"]] == [
@@ -404,6 +422,10 @@ def test_one_line_errors(servers, aoi, tmp_path):
     # An unknown collection names the ones there are.
     with pytest.raises(InputError, match="no collection 'sentinel-2-c1-l2a' .*s2-clouds"):
         fetch_sentinel2(tmp_path / "s", aoi, "2022-07-01/2022-07-31", stac_url=servers["stac"])
+    # The catalogue answers, the COGs' server does not.
+    with pytest.raises(InputError, match=r"127.0.0.1:9/.*SCL.tif: cannot read Sentinel-2 SCL: connection refused"):
+        fetch_sentinel2(tmp_path / "s", aoi, "2022-07-01/2022-07-31", stac_url=servers["stac"],
+                        collection="s2-unreachable")
     # An AOI outside ArcticDEM (south of the collection's extent).
     south = write_aoi(tmp_path / "south.gpkg", (10.0, 45.0, 10.1, 45.1), "EPSG:4326")
     with pytest.raises(InputError, match="outside ArcticDEM's coverage"):
@@ -515,3 +537,25 @@ def test_missing_fetch_extra_is_one_line(monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert result.output == ("Error: rts-tf fetch needs the optional packages of the 'fetch' extra: "
                              "pip install 'rts-tf[fetch]'\n")
+
+
+def test_http_errors_are_retried_with_backoff(servers, tmp_path):
+    """Every path's first GET answers 503, on the STAC API and on the file server: the STAC client
+    (urllib3 Retry) and GDAL (GDAL_HTTP_MAX_RETRY) retry, and the DEM is complete and exact."""
+    apps = servers["files_app"], servers["api_app"]
+    starts = [len(app.log) for app in apps]
+    for app in apps:
+        app.fail_once, app.failed = True, set()
+    try:
+        aoi = write_aoi(tmp_path / "aoi.gpkg", dem_aoi(), "EPSG:3413")
+        fetch_dem(tmp_path / "dem", aoi=aoi, resolution=32, stac_url=servers["stac"], collection="arcticdem-retry",
+                  workers=4)
+    finally:
+        for app in apps:
+            app.fail_once = False
+    check_dem(tmp_path / "dem" / "dem.vrt", dem_aoi())
+    files_log, api_log = (app.log[start:] for app, start in zip(apps, starts))
+    tifs = {entry[1] for entry in files_log if entry[1].endswith(".tif")}
+    assert len(tifs) == 4  # dem and datamask of two tiles, each refused once, then read
+    assert sorted(entry[1] for entry in files_log if entry[4] == 503) == sorted(tifs)
+    assert {entry[1] for entry in api_log if entry[4] == 503} == {entry[1] for entry in api_log if entry[4] == 200}
