@@ -332,6 +332,13 @@ def test_cloud_selection_best_scene_per_tile_and_month_by_scl_over_the_area(serv
         "S2A_T07WEU_20220810_0_L2A", "S2A_T07WEV_20220712_0_L2A", "S2B_T07WEU_20220715_0_L2A", "fetch.json"]
     assert sorted(p.name for p in (out / "S2B_T07WEU_20220715_0_L2A").iterdir()) == [
         "B02.tif", "B03.tif", "B04.tif", "B08.tif", "SCL.tif", "item.json"]
+    # Over the whole range (not per month) the same two tiles' best are complete; August's is left over.
+    again = fetch_sentinel2(out, aoi, "2022-07-01/2022-08-31", stac_url=servers["stac"], collection="s2-clouds",
+                            max_cloud=50)
+    assert [(c.item.id, c.skipped) for c in again.chosen] == [("S2B_T07WEU_20220715_0_L2A", True),
+                                                               ("S2A_T07WEV_20220712_0_L2A", True)]
+    assert again.warnings == [f"{out / 'S2A_T07WEU_20220810_0_L2A'}: a scene of an earlier fetch that this one did "
+                              "not choose; remove it unless you want it in the records"]
     # A stricter --max-cloud than any scene: one line naming the best.
     with pytest.raises(InputError, match=r"at most 0.1% cloud over the area \(the best has 0.2%\)"):
         fetch_sentinel2(tmp_path / "none", aoi, "2022-07-01/2022-07-31", stac_url=servers["stac"],

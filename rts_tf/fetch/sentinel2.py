@@ -213,6 +213,9 @@ def fetch_sentinel2(out: str | os.PathLike, aoi: str | os.PathLike, dates: str, 
             for c in sorted(usable, key=lambda c: (c.cloud, c.tile_cloud if c.tile_cloud is not None else 100,
                                                    c.item.id))[:per_period]:
                 c.chosen = True
+        for c in candidates:
+            if not c.chosen:
+                c.scl_pixels = None  # only the chosen scenes' SCL windows are written
         chosen = result.chosen
         if not chosen:
             best = min((c.cloud for c in candidates if c.cloud is not None), default=1.0)
@@ -224,6 +227,11 @@ def fetch_sentinel2(out: str | os.PathLike, aoi: str | os.PathLike, dates: str, 
         stac.run_jobs([c for c in chosen if not c.skipped], lambda c: _fetch_scene(c, out, result.warnings),
                       workers, "scene", progress)
         stac.clean_partial(out, [c.item.id for c in chosen])
+    chosen_ids = {c.item.id for c in chosen}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and (p / "item.json").exists()):
+        if folder.name not in chosen_ids:  # build-records --scenes OUT would read it too
+            result.warnings.append(f"{folder}: a scene of an earlier fetch that this one did not choose; "
+                                   "remove it unless you want it in the records")
     for c in chosen:
         if c.skipped and not c.reflectance:
             c.reflectance = {"from": "an earlier run (see its item.json)"}
