@@ -22,8 +22,7 @@ from rts_tf.records import attempt_id
 
 WGS84 = CRS.from_epsg(4326)
 # HTTP retries with backoff. STAC requests: urllib3's Retry (connection errors, 429 and 5xx, exponential
-# backoff 0.5, 1, 2, 4 s). COG reads: GDAL's own retry of 429/5xx answers (GDAL_HTTP_RETRY_DELAY doubles
-# between attempts since GDAL 3.x).
+# backoff 0.5, 1, 2, 4 s). COG reads: GDAL's own retry of 429 and 5xx answers, from a 1 s delay.
 HTTP_RETRIES = 4
 HTTP_BACKOFF = 0.5
 HTTP_TIMEOUT = 60
