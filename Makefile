@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-all install clean-demo
+.PHONY: demo test test-all install clean-demo demo-fetch
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(PY) -m pip install --quiet -e '.[test,ray,fetch]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,3 +42,22 @@ test-all: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO) records/demo
+
+# Real data from open catalogues (needs the network; see README "Fetching inputs"). AOI: a polygon
+# file; LABELS: slump polygons over it; TCVIS: a TCVIS raster (published through Earth Engine only).
+AOI ?= aoi.gpkg
+DATES ?= 2022-07-01/2022-08-31
+FETCH ?= fetched
+LABELS ?= labels.gpkg
+TCVIS ?= tcvis.tif
+REGION ?= MyArea
+
+demo-fetch: $(STAMP)
+	$(VENV)/bin/rts-tf fetch sentinel2 --aoi $(AOI) --dates $(DATES) --out $(FETCH)/sentinel2
+	$(VENV)/bin/rts-tf fetch dem --scenes $(FETCH)/sentinel2 --resolution 10 --out $(FETCH)/dem
+	$(VENV)/bin/rts-tf build-records --scenes $(FETCH)/sentinel2 --dem $(FETCH)/dem/dem.vrt --tcvis $(TCVIS) \
+		--labels $(LABELS) --default-region $(REGION) --tile-size 128 --out $(FETCH)/records
+	$(VENV)/bin/rts-tf fit --records $(FETCH)/records --arch unet --encoder resnet18 --epochs 20 --batch-size 8 \
+		--logdir $(FETCH)/run
+	$(VENV)/bin/rts-tf predict --run $(FETCH)/run --scene $(FETCH)/sentinel2 --dem $(FETCH)/dem/dem.vrt \
+		--tcvis $(TCVIS) --out $(FETCH)/predictions

@@ -88,11 +88,11 @@ def sensor_options(command):
     return command
 
 
-def progress_bar(description: str):
+def progress_bar(description: str, unit: str = "tile"):
     """A tqdm bar driven by progress(done, total) callbacks; returns (callback, close)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit="tile", dynamic_ncols=True, disable=None, file=sys.stderr)
+    bar = tqdm(desc=description, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
@@ -498,3 +498,102 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
         click.echo(line)
     if summary.failed:
         raise InputError(summary.failure_message())
+
+
+# --- fetch: ArcticDEM and Sentinel-2 from open STAC catalogues -----------------------------------------
+
+from rts_tf.fetch import DEM_BUFFER, EARTH_SEARCH, PGC_STAC, SENTINEL2_COLLECTION  # noqa: E402  (no heavy imports)
+
+def _fetch_module(name: str):
+    """rts_tf.fetch.<name>, or a one-line error naming the extra when its packages are missing."""
+    try:
+        import pystac_client  # noqa: F401
+    except ImportError:
+        from rts_tf.fetch import FETCH_EXTRA_HINT
+
+        raise InputError(FETCH_EXTRA_HINT) from None
+    return importlib.import_module(f"rts_tf.fetch.{name}")
+
+
+@main.group("fetch", cls=Commands)
+def fetch_group() -> None:
+    """Download inputs by area from open STAC catalogues (no account needed): ArcticDEM and Sentinel-2 L2A.
+
+    Reads only the windows of the Cloud-Optimised GeoTIFFs that cover the area. Re-running skips
+    what is complete; --dry-run lists what would be read and its size.
+    """
+
+
+@fetch_group.command("dem")
+@click.option("--aoi", type=click.Path(), default=None, help="Area of interest: a vector file (any CRS).")
+@click.option("--scenes", multiple=True, type=click.Path(),
+              help="Instead of --aoi: the footprints of the scenes in these folders (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: tiles/*.tif, datamask/*.tif, dem.vrt, fetch.json.")
+@click.option("--resolution", type=click.Choice(["2", "10", "32"]), default="2", show_default=True,
+              help="ArcticDEM mosaic resolution, metres.")
+@click.option("--buffer", type=float, default=DEM_BUFFER, show_default=True,
+              help="Metres added around the area (at least the 100 m relative-elevation radius).")
+@click.option("--stac", "stac_url", default=PGC_STAC, show_default=True,
+              help="STAC API URL (the Polar Geospatial Center's).")
+@click.option("--collection", default=None,
+              help="Collection (default: arcticdem-mosaics-v4.1-<resolution>m).")
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True, help="Parallel downloads.")
+@click.option("--dry-run", is_flag=True, default=False, help="List the tiles and windows and their size; read nothing.")
+def fetch_dem_command(aoi, scenes, out, resolution, buffer, stac_url, collection, workers, dry_run) -> None:
+    """ArcticDEM mosaic (EPSG:3413) over an area, for build-records --dem OUT/dem.vrt.
+
+    Writes the window of each mosaic tile covering the area plus --buffer as OUT/tiles/<tile>_dem.tif
+    (pixels whose datamask is 0 set to nodata -9999), OUT/dem.vrt over them, and OUT/fetch.json
+    (catalogue, collection, release, tile ids and source URLs).
+    """
+    module = _fetch_module("dem")
+    update, close = progress_bar("ArcticDEM tiles")
+    try:
+        result = module.fetch_dem(out, aoi=aoi, scenes=list(scenes), resolution=int(resolution), buffer=buffer,
+                                  stac_url=stac_url, collection=collection, workers=workers, dry_run=dry_run,
+                                  progress=update)
+    finally:
+        close()
+    for line in result.lines():
+        click.echo(line)
+
+
+@fetch_group.command("sentinel2")
+@click.option("--aoi", required=True, type=click.Path(), help="Area of interest: a vector file (any CRS).")
+@click.option("--dates", required=True, help="START/END, e.g. 2022-07-01/2022-08-31.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: one folder per scene (B02, B03, B04, B08, SCL .tif and item.json), fetch.json.")
+@click.option("--max-cloud", type=float, default=20.0, show_default=True,
+              help="Most cloud over the area, percent of its pixels (by the scene's SCL).")
+@click.option("--max-tile-cloud", type=float, default=90.0, show_default=True,
+              help="Skip scenes whose catalogue cloud cover (eo:cloud_cover, whole tile) is higher, unread.")
+@click.option("--per-period", type=click.IntRange(1), default=1, show_default=True,
+              help="Scenes kept per MGRS tile and period (the least cloudy over the area).")
+@click.option("--period", type=click.Choice(["all", "year", "month"]), default="all", show_default=True,
+              help="all: the whole --dates range; year or month: --per-period scenes for each.")
+@click.option("--stac", "stac_url", default=EARTH_SEARCH, show_default=True,
+              help="STAC API URL (Element 84's Earth Search).")
+@click.option("--collection", default=SENTINEL2_COLLECTION, show_default=True,
+              help="Sentinel-2 L2A collection (collection 1: reprocessed, consistent offsets).")
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True, help="Parallel downloads.")
+@click.option("--dry-run", is_flag=True, default=False,
+              help="List the candidate scenes, the windows and their size; read no pixels.")
+def fetch_sentinel2_command(aoi, dates, out, max_cloud, max_tile_cloud, per_period, period, stac_url, collection,
+                            workers, dry_run) -> None:
+    """Sentinel-2 L2A scenes over an area, least cloudy first, for build-records --scenes OUT.
+
+    Reflectance is right whatever the catalogue declares: the processing baseline (04.00 on: DN
+    offset -1000), the item's raster:bands offset and the pixels themselves are compared (README,
+    "Fetching inputs"); each scene's item.json carries the scale and offset build-records applies.
+    """
+    module = _fetch_module("sentinel2")
+    update, close = progress_bar("scenes", unit="scene")
+    try:
+        result = module.fetch_sentinel2(out, aoi, dates, stac_url=stac_url, collection=collection,
+                                        max_cloud=max_cloud, max_tile_cloud=max_tile_cloud, per_period=per_period,
+                                        period=period, workers=workers, dry_run=dry_run, progress=update)
+    finally:
+        close()
+    for line in result.lines():
+        click.echo(line)
