@@ -88,11 +88,11 @@ def sensor_options(command):
     return command
 
 
-def progress_bar(description: str):
+def progress_bar(description: str, unit: str = "tile"):
     """A tqdm bar driven by progress(done, total) callbacks; returns (callback, close)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit="tile", dynamic_ncols=True, disable=None, file=sys.stderr)
+    bar = tqdm(desc=description, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
@@ -477,3 +477,51 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
         click.echo(line)
     if summary.failed:
         raise InputError(summary.failure_message())
+
+
+@main.command("track")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--date-field", default=None, metavar="NAME",
+              help="Field holding each polygon's date (YYYY-MM-DD or YYYYMMDD) [default: image_date, else date]; "
+                   "without one, a date in the file name, else in the scene_id.")
+@click.option("--site-field", default=None, metavar="NAME",
+              help="Field naming each polygon's site [default: site, else region, else one site for all].")
+@click.option("--layer", default=None, help="Layer of multi-layer files [default: detections, rts, or the only one].")
+@click.option("--tolerance", type=float, default=None,
+              help="Metres within which objects of two dates link, for co-registration error between sensors "
+                   "[default: two pixels of the coarsest input; 6 m when unknown].")
+@click.option("--max-gap-years", type=float, default=2.5, show_default=True,
+              help="A slump missed on some dates (clouds, no image) keeps its track when seen again within this "
+                   "time; after a longer gap it is a new slump on a stabilised scar.")
+@click.option("--pixel-size", type=float, default=None,
+              help="Pixel size of the change maps in metres [default: the coarsest input's; 3 m when unknown].")
+@click.option("--no-change-maps", "change_maps", is_flag=True, default=True, flag_value=False,
+              help="Do not write the change maps.")
+@click.option("--no-plots", "plots", is_flag=True, default=True, flag_value=False, help="Do not write the PNG plots.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace the results of an earlier run in --out.")
+def track_command(inputs, out, date_field, site_field, layer, tolerance, max_gap_years, pixel_size, change_maps, plots,
+                  overwrite) -> None:
+    """Link slump polygons of several dates into slump histories: lineage, growth rates, change maps.
+
+    INPUT: polygon files (GeoPackage, Shapefile, GeoJSON, GeoParquet; any CRS) or `predict` output
+    folders, of several dates and sites, in any order. Objects of consecutive dates that overlap
+    (within --tolerance) are one slump; merges, splits, new slumps and stabilised ones are named
+    as in the ARTS inventory (MergedRTS, SplitRTS, StabilizedRTS). Areas in EPSG:6931 (EASE-Grid
+    2.0 North, equal-area). Writes OUT/tracks.gpkg (layers observations, tracks, relations) and
+    the same as GeoParquet, OUT/summary.csv, OUT/change.tif (first date each pixel was in a slump,
+    YYYYMMDD; one per site when there are several) and PNG plots.
+    """
+    from rts_tf.track import track
+
+    update, close = progress_bar("track", unit="step")
+    try:
+        summary = track(list(inputs), out, date_field=date_field, site_field=site_field, layer=layer,
+                        tolerance=tolerance, max_gap_years=max_gap_years, pixel_size=pixel_size,
+                        change_maps=change_maps, plots=plots, overwrite=overwrite, progress=update)
+    finally:
+        close()
+    for warning in summary.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    for line in summary.lines():
+        click.echo(line)
