@@ -127,7 +127,11 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same files.")
 @click.option("--scene-size", type=click.IntRange(64, 4096), default=None,
               help="Scene width/height in pixels (about 640 by default).")
-def demo_data(out: str, seed: int, scene_size: int | None) -> None:
+@click.option("--time-series", is_flag=True, default=False,
+              help="Also write OUT/timeseries: one site (Peel) imaged on four dates, with slumps that grow, merge, "
+                   "appear, stop and hide under a cloud, for `rts-tf track` (always at full scene size; its "
+                   "folders are apart from the training data's).")
+def demo_data(out: str, seed: int, scene_size: int | None, time_series: bool) -> None:
     """Write a small synthetic dataset in the real formats to OUT.
 
     Six regions named after the paper's, PlanetScope-like scenes with UDM2 masks, an ArcticDEM-like
@@ -139,6 +143,12 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
     summary = make_demo_data(out, seed=seed, scene_size=scene_size)
     click.echo(f"demo data: {out} ({len(summary['scenes'])} scenes in {len(summary['regions'])} regions, "
                f"{summary['slumps']} labelled slumps, {summary['bytes'] / 1e6:.1f} MB)")
+    if time_series:
+        from rts_tf.demo import make_time_series_data
+
+        series = make_time_series_data(os.path.join(out, "timeseries"), seed=seed)
+        click.echo(f"time series: {os.path.join(out, 'timeseries')} ({len(series['scenes'])} dates of one site, "
+                   f"{series['labels']} labelled slumps, {series['bytes'] / 1e6:.1f} MB)")
 
 
 @main.command("build-records")

@@ -964,9 +964,14 @@ def make_time_series_data(out: str | os.PathLike, seed: int = 0, scene_size: int
         dated.slumps = [Slump((_scaled_lobe(lobes[name], (58.0 if radius == "cloud" else radius) * world.scale),),
                               depth=4.0 * world.scale + 2.0, vertices=64) for name, radius in visible.items()]
         worlds.append(dated)
-        scene_rng = np.random.default_rng([seed, 1000, index + 1])
-        sr, udm = _render_scene(dated, plan, calm, dict(look, haze=look["haze"] * scene_rng.uniform(0.8, 1.2)),
-                                scene_rng, False)
+        inside = rasterize([shapely.union_all([slump.geometry() for slump in dated.slumps])],
+                           out_shape=(plan.height, plan.width), transform=plan.transform, dtype=np.uint8) > 0
+        for attempt in range(20):  # random clouds of a scene stay off the slumps: only the designed one hides one
+            scene_rng = np.random.default_rng([seed, 1000, index + 1, attempt])
+            sr, udm = _render_scene(dated, plan, calm, dict(look, haze=look["haze"] * scene_rng.uniform(0.8, 1.2)),
+                                    scene_rng, False)
+            if not (udm[5].astype(bool) | udm[2].astype(bool))[inside].any():
+                break
         hidden = [name for name, radius in visible.items() if radius == "cloud"]
         for name in hidden:  # a cloud (and its shadow) over the slump: not visible, marked in UDM2
             rows, columns = np.mgrid[0:plan.height, 0:plan.width]

@@ -321,40 +321,35 @@ class Lineage:
     overlaps: np.ndarray  # (P, 2) earlier object -> later object, all pairs within the tolerance
 
 
-def group_objects(geometries: np.ndarray, days: np.ndarray) -> np.ndarray:
+def group_objects(geometries: np.ndarray, days: np.ndarray, near: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Object index of each polygon: polygons of one date that overlap are one object (a slump
-    mapped in two overlapping scenes of the same day)."""
+    mapped in two overlapping scenes of the same day). `near`: pairs of polygons near each other."""
     import shapely
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    tree = shapely.STRtree(geometries)
-    left, right = tree.query(geometries, predicate="intersects")
-    same = (days[left] == days[right]) & (left != right)
+    left, right = near
+    same = (days[left] == days[right]) & (left < right)
+    left, right = left[same], right[same]
+    overlapping = shapely.intersects(geometries[left], geometries[right])
     count = len(geometries)
-    graph = coo_matrix((np.ones(int(same.sum())), (left[same], right[same])), shape=(count, count))
+    graph = coo_matrix((np.ones(int(overlapping.sum())), (left[overlapping], right[overlapping])),
+                       shape=(count, count))
     return connected_components(graph, directed=False)[1]
 
 
-def link(geometries: np.ndarray, dates: np.ndarray, tolerance: float, max_gap_days: float) -> tuple[np.ndarray, ...]:
-    """Predecessor -> successor pairs between objects of different dates of one site.
+def link(earlier: np.ndarray, later: np.ndarray, dates: np.ndarray, max_gap_days: float) -> np.ndarray:
+    """Predecessor -> successor pairs among candidate pairs of objects (earlier, later: objects
+    of an earlier and a later date that lie within the tolerance) of one site.
 
-    An earlier object p links to a later object o when they lie within `tolerance` metres and p
-    has no successor at a date between theirs, and o's date is the next date of the site after
-    p's or at most `max_gap_days` later (a slump missed in one image keeps its track). One spatial
-    index query finds all candidate pairs; dates are then walked in order, each vectorised.
-    Returns (edges, overlaps): the links, and every earlier -> later pair within the tolerance.
+    An earlier object p links to a later object o when p has no successor at a date between
+    theirs, and o's date is the next date of the site after p's or at most `max_gap_days` later
+    (a slump missed in one image keeps its track). Dates are walked in order, each vectorised.
     """
-    import shapely
-
     unique_days, date_index = np.unique(dates.astype("datetime64[D]").astype(np.int64), return_inverse=True)
-    tree = shapely.STRtree(geometries)
-    later, earlier = tree.query(geometries, predicate="dwithin", distance=max(float(tolerance), 0.0))
-    keep = date_index[earlier] < date_index[later]
-    earlier, later = earlier[keep], later[keep]
     order = np.lexsort((earlier, later, date_index[later]))
     earlier, later = earlier[order], later[order]
-    first_successor = np.full(len(geometries), -1, dtype=np.int64)  # date index of an object's first successor
+    first_successor = np.full(len(dates), -1, dtype=np.int64)  # date index of an object's first successor
     linked = np.zeros(len(earlier), dtype=bool)
     bounds = np.searchsorted(date_index[later], np.arange(len(unique_days) + 1))
     for index in range(1, len(unique_days)):
@@ -364,15 +359,20 @@ def link(geometries: np.ndarray, dates: np.ndarray, tolerance: float, max_gap_da
         allowed = (first_successor[p] < 0) & ((date_index[p] == index - 1) | (gap <= max_gap_days))
         linked[start:stop] = allowed
         first_successor[p[allowed]] = index
-    return np.column_stack([earlier[linked], later[linked]]), np.column_stack([earlier, later])
+    return np.column_stack([earlier[linked], later[linked]])
 
 
 def build_lineage(geometries: np.ndarray, dates: np.ndarray, tolerance: float, max_gap_days: float) -> Lineage:
-    """Objects of one site's polygons, their links and the new slumps on old scars."""
+    """Objects of one site's polygons, their links and the new slumps on old scars.
+
+    One spatial-index query (polygons within the tolerance of each other) serves grouping,
+    linking and scars, so the work grows with the number of polygons and their neighbours."""
     import shapely
 
     days = dates.astype("datetime64[D]").astype(np.int64)
-    members = group_objects(geometries, days)
+    tree = shapely.STRtree(geometries)
+    near = tree.query(geometries, predicate="dwithin", distance=max(float(tolerance), 0.0))
+    members = group_objects(geometries, days, near)
     count = int(members.max()) + 1
     object_days = np.zeros(count, dtype=np.int64)
     object_days[members] = days
@@ -381,7 +381,10 @@ def build_lineage(geometries: np.ndarray, dates: np.ndarray, tolerance: float, m
     splits = np.flatnonzero(np.diff(members[order])) + 1
     for index, group in zip(range(count), np.split(order, splits)):
         outlines[index] = geometries[group[0]] if len(group) == 1 else shapely.union_all(geometries[group])
-    edges, overlaps = link(outlines, object_days.astype("datetime64[D]"), tolerance, max_gap_days)
+    later, earlier = members[near[0]], members[near[1]]
+    keep = object_days[earlier] < object_days[later]
+    overlaps = np.unique(np.column_stack([earlier[keep], later[keep]]), axis=0)
+    edges = link(overlaps[:, 0], overlaps[:, 1], object_days.astype("datetime64[D]"), max_gap_days)
     has_predecessor = np.zeros(count, dtype=bool)
     has_predecessor[edges[:, 1]] = True
     # A slump without predecessor that lies on an earlier object's ground (one whose history
@@ -408,7 +411,7 @@ class SiteTracks:
     object_track: np.ndarray
     tracks: list[dict]
     relations: list[dict]
-    new_area: np.ndarray  # per object: area not within any earlier object of the site (m2)
+    new_area: np.ndarray  # per object: area outside its predecessors and the previous date's slumps (m2)
 
 
 def tracks_of_site(lineage: Lineage, site: str, first_track_id: int) -> SiteTracks:
@@ -488,17 +491,22 @@ def tracks_of_site(lineage: Lineage, site: str, first_track_id: int) -> SiteTrac
                      "area_max_m2": float(areas[objects].max()),
                      "growth_m2_per_year": least_squares_slope(days[objects].astype(float), areas[objects]),
                      "status": status, "origin": origin, "fate": fate, "geometry": geometry})
+    # New area: outside the object's predecessors (so a slump missed on one date does not count
+    # twice) and outside the slumps of the site's previous date that it meets.
+    previous_date = np.searchsorted(site_days, days) - 1
+    pairs = lineage.overlaps
+    beside = pairs[previous_date[pairs[:, 1]] >= 0]
+    beside = beside[days[beside[:, 0]] == site_days[previous_date[beside[:, 1]]]]
+    pairs = np.unique(np.concatenate([edges, beside]).reshape(-1, 2), axis=0)
+    pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]  # grouped by the later object
     new_area = areas.copy()
-    overlaps = lineage.overlaps
-    if len(overlaps):
-        touched = np.unique(overlaps[:, 1])
-        sorted_pairs = overlaps[np.argsort(overlaps[:, 1], kind="stable")]
-        starts = np.searchsorted(sorted_pairs[:, 1], touched, side="left")
-        stops = np.searchsorted(sorted_pairs[:, 1], touched, side="right")
-        for target, start, stop in zip(touched, starts, stops):
-            earlier = lineage.geometries[sorted_pairs[start:stop, 0]]
-            cover = earlier[0] if len(earlier) == 1 else shapely.union_all(earlier)
-            new_area[target] = shapely.area(shapely.difference(lineage.geometries[target], cover))
+    if len(pairs):
+        targets, starts, counts = np.unique(pairs[:, 1], return_index=True, return_counts=True)
+        covers = lineage.geometries[pairs[starts, 0]].copy()
+        for target_index in np.flatnonzero(counts > 1):  # a merge, or neighbours: rare
+            start = starts[target_index]
+            covers[target_index] = shapely.union_all(lineage.geometries[pairs[start:start + counts[target_index], 0]])
+        new_area[targets] = shapely.area(shapely.difference(lineage.geometries[targets], covers))
     return SiteTracks(object_track, rows, relation_rows, new_area)
 
 
@@ -615,7 +623,7 @@ def write_plots(out: Path, summary_rows: list[dict], tracks, observations) -> li
     import matplotlib.pyplot as plt
 
     written = []
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(9, 4), dpi=120)
     sites = sorted({row["site"] for row in summary_rows})
     for site in sites:
         rows = [row for row in summary_rows if row["site"] == site]
@@ -626,7 +634,7 @@ def write_plots(out: Path, summary_rows: list[dict], tracks, observations) -> li
     axes.set_title(f"Slump area per site ({EQUAL_AREA_CRS}, equal-area)")
     axes.grid(alpha=0.3)
     if len(sites) <= 12:
-        axes.legend(title="site", fontsize="small")
+        axes.legend(title="site", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.autofmt_xdate()
     figure.tight_layout()
     path = out / "area_by_site.png"
@@ -634,20 +642,21 @@ def write_plots(out: Path, summary_rows: list[dict], tracks, observations) -> li
     plt.close(figure)
     written.append(path)
 
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(9, 4), dpi=120)
     growing = tracks[tracks["n_observations"] >= 2].sort_values("growth_m2_per_year", ascending=False).head(10)
     dated = observations.groupby(["track_id", "date"])["object_area_m2"].first().reset_index()
     for _, track in growing.iterrows():
         rows = dated[dated["track_id"] == track["track_id"]].sort_values("date")
         axes.plot(rows["date"].map(np.datetime64).to_numpy(), rows["object_area_m2"].to_numpy() / 1e4, marker="o",
                   label=f"{track['track_id']} ({track['site']}, {track['status']}): "
-                        f"{track['growth_m2_per_year'] / 1e4:+.2f} ha/yr")
+                        f"{track['growth_m2_per_year']:+,.0f} m²/yr")
     axes.set_xlabel("date")
     axes.set_ylabel("slump area (ha)")
     axes.set_title("The ten fastest-growing slumps (least-squares growth)")
     axes.grid(alpha=0.3)
     if len(growing):
-        axes.legend(title="track (site, status): growth", fontsize="x-small")
+        axes.legend(title="track (site, status): growth", fontsize="x-small", title_fontsize="small",
+                    loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         axes.text(0.5, 0.5, "no slump seen on two dates", ha="center", va="center", transform=axes.transAxes)
     figure.autofmt_xdate()

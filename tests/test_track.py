@@ -309,7 +309,7 @@ def test_plots_show_the_sites_and_fastest_slumps(tmp_path):
 
     for name in ("area_by_site.png", "fastest_growing.png"):
         with Image.open(tmp_path / "out" / name) as image:
-            assert image.size == (840, 480)
+            assert image.size == (1080, 480)
             colours = np.asarray(image.convert("RGB")).reshape(-1, 3)
             # Lines in matplotlib's default colour cycle, not an empty frame.
             assert (np.abs(colours.astype(int) - [31, 119, 180]).sum(axis=1) < 30).sum() > 200
