@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from pyproj import Geod
 
 from rts_tf.cli import main
-from rts_tf.demo import make_time_series_data
 from rts_tf.errors import InputError
 from rts_tf.track import DAYS_PER_YEAR, EQUAL_AREA_CRS, date_in_name, parse_date, track
 from rts_tf.vectorize import Polygons, write_polygons
@@ -174,9 +173,13 @@ def test_mixed_crs_and_areas_of_geographic_input(tmp_path):
              write(tmp_path / "b.shp", [{"date": "2020-07-01", "geometry": square(0, 0, 12_000)}], crs="EPSG:3413"),
              write(tmp_path / "c.geojson", [{"date": "2021-07-01", "geometry": square(0, 0, 14_000)}],
                    crs="EPSG:4326")]
+    frame = geopandas.GeoDataFrame({"date": ["2022-07-01"]}, geometry=[square(0, 0, 16_000)], crs=EQUAL_AREA_CRS)
+    frame.to_crs("EPSG:3413").to_parquet(tmp_path / "d.parquet")  # GeoParquet
+    files.append(str(tmp_path / "d.parquet"))
     track(files, tmp_path / "out")
     observations, tracks, _ = layers(tmp_path / "out")
-    assert len(tracks) == 1 and tracks["n_observations"].iloc[0] == 3
+    assert len(tracks) == 1 and tracks["n_observations"].iloc[0] == 4
+    assert tracks["area_last_m2"].iloc[0] == pytest.approx(16_000, rel=1e-6)
     # The EPSG:4326 polygon's area against the geodesic area on the WGS 84 ellipsoid, by hand.
     lonlat = geopandas.read_file(files[2]).geometry.iloc[0]
     geodesic = abs(Geod(ellps="WGS84").geometry_area_perimeter(lonlat)[0])
@@ -229,30 +232,6 @@ def test_change_map_holds_first_dates(tmp_path):
         # Rows from the top: y 60..30 is first a slump in 2021, y 30..0 in 2019 (x < 30) or 2020.
         assert (values[:10] == 20210701).all()
         assert (values[10:, :10] == 20190701).all() and (values[10:, 10:] == 20200701).all()
-
-
-def test_time_series_demo_truth(tmp_path):
-    data = make_time_series_data(tmp_path / "series", seed=0)  # full size: the demo's geometry
-    truth = data["truth"]
-    # Scenes of four dates in their own folder, none among the training demo's.
-    assert sorted(p.name for p in (tmp_path / "series" / "scenes").iterdir()) == sorted(truth["scenes"])
-    summary = track([tmp_path / "series" / "labels.gpkg"], tmp_path / "out")
-    observations, tracks, relations = layers(tmp_path / "out")
-    status = dict(zip(tracks["track_id"], tracks["status"]))
-    found = {name: status[track_of(observations, slump=name)] for name in truth["slumps"]}
-    assert found == {name: slump["status"] for name, slump in truth["slumps"].items()}
-    assert summary.statuses == {"active": 2, "new": 1, "merged": 3, "split": 0, "stabilised": 1}
-    assert sorted(relations["kind"]) == ["MergedRTS", "MergedRTS"]
-    # Growth against the truth's UTM areas: equal within the UTM zone's scale error (< 0.2%).
-    for name, slump in truth["slumps"].items():
-        dates = np.array(list(slump["area_m2"]), dtype="datetime64[D]").astype(float)
-        areas = np.array(list(slump["area_m2"].values()))
-        if len(areas) < 2:
-            continue
-        years = (dates - dates.mean()) / DAYS_PER_YEAR
-        expected = np.dot(years, areas - areas.mean()) / np.dot(years, years)
-        row = tracks[tracks["track_id"] == track_of(observations, slump=name)].iloc[0]
-        assert row["growth_m2_per_year"] == pytest.approx(expected, rel=2e-3, abs=1e-3)
 
 
 def run_cli(*args):
@@ -313,3 +292,60 @@ def test_plots_show_the_sites_and_fastest_slumps(tmp_path):
             colours = np.asarray(image.convert("RGB")).reshape(-1, 3)
             # Lines in matplotlib's default colour cycle, not an empty frame.
             assert (np.abs(colours.astype(int) - [31, 119, 180]).sum(axis=1) < 30).sum() > 200
+
+
+def test_tolerance_bridges_a_co_registration_shift(tmp_path):
+    # The second sensor's outline lies 4 m east of the first's: linked within 6 m, not within 2 m.
+    files = [write(tmp_path / "planet_20190701.gpkg", [{"geometry": shapely.box(X0, Y0, X0 + 50, Y0 + 50)}]),
+             write(tmp_path / "s2_20200701.gpkg", [{"geometry": shapely.box(X0 + 54, Y0, X0 + 110, Y0 + 50)}])]
+    assert track(files, tmp_path / "wide", tolerance=6.0).tracks == 1
+    assert track(files, tmp_path / "narrow", tolerance=2.0).tracks == 2
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """`rts-tf demo-data --time-series` (tiny training scenes; the time series is always full size)."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    result = CliRunner().invoke(main, ["demo-data", str(out), "--scene-size", "64", "--time-series"])
+    assert result.exit_code == 0, result.output
+    assert "time series:" in result.output and "4 dates of one site" in result.output
+    return out
+
+
+def test_demo_data_command_writes_the_time_series(demo_data, tmp_path):
+    labels = geopandas.read_file(demo_data / "timeseries" / "labels.gpkg")
+    assert sorted(labels["image_date"].unique()) == ["2019-07-21", "2020-07-18", "2021-07-24", "2022-07-19"]
+    assert set(labels["site"]) == {"peel_1"}
+    # The training demo's labels and scenes do not hold the time series.
+    training = geopandas.read_file(demo_data / "labels.gpkg")
+    assert not set(training["image_id"]) & set(labels["image_id"])
+    assert not set(p.name for p in (demo_data / "scenes").iterdir()) & set(labels["image_id"])
+    result = CliRunner().invoke(main, ["track", str(demo_data / "timeseries" / "labels.gpkg"), "--out",
+                                       str(tmp_path / "tracks"), "--no-change-maps", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "7 tracks (2 active, 1 new, 3 merged, 0 split, 1 stabilised)" in result.output
+    assert not (tmp_path / "tracks" / "change.tif").exists() and (tmp_path / "tracks" / "tracks.gpkg").exists()
+
+
+def test_time_series_demo_truth(demo_data, tmp_path):
+    series = demo_data / "timeseries"
+    truth = json.loads((series / "truth.json").read_text())
+    # Scenes of four dates in their own folder, none among the training demo's.
+    assert sorted(p.name for p in (series / "scenes").iterdir()) == sorted(truth["scenes"])
+    summary = track([series / "labels.gpkg"], tmp_path / "out")
+    observations, tracks, relations = layers(tmp_path / "out")
+    status = dict(zip(tracks["track_id"], tracks["status"]))
+    found = {name: status[track_of(observations, slump=name)] for name in truth["slumps"]}
+    assert found == {name: slump["status"] for name, slump in truth["slumps"].items()}
+    assert summary.statuses == {"active": 2, "new": 1, "merged": 3, "split": 0, "stabilised": 1}
+    assert sorted(relations["kind"]) == ["MergedRTS", "MergedRTS"]
+    # Growth against the truth's UTM areas: equal within the UTM zone's scale error (< 0.2%).
+    for name, slump in truth["slumps"].items():
+        dates = np.array(list(slump["area_m2"]), dtype="datetime64[D]").astype(float)
+        areas = np.array(list(slump["area_m2"].values()))
+        if len(areas) < 2:
+            continue
+        years = (dates - dates.mean()) / DAYS_PER_YEAR
+        expected = np.dot(years, areas - areas.mean()) / np.dot(years, years)
+        row = tracks[tracks["track_id"] == track_of(observations, slump=name)].iloc[0]
+        assert row["growth_m2_per_year"] == pytest.approx(expected, rel=2e-3, abs=1e-3)
