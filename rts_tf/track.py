@@ -161,13 +161,23 @@ def read_file(path: Path, layer: str | None):
 
 
 def polygonal(geometries: np.ndarray) -> np.ndarray:
-    """Repaired geometries reduced to their polygonal parts (None where none is left)."""
+    """Geometries repaired where invalid and reduced to their polygonal parts (None where none is left)."""
     import shapely
 
     from rts_tf.labels import _polygonal
 
-    repaired = shapely.make_valid(geometries)
-    return np.array([_polygonal(g) for g in repaired], dtype=object)
+    geometries = np.asarray(geometries, dtype=object).copy()
+    present = ~shapely.is_missing(geometries)
+    invalid = present & ~shapely.is_valid(geometries)
+    geometries[invalid] = shapely.make_valid(geometries[invalid])
+    # Only what is not already a (multi)polygon needs looking into (collections of a repair, lines, points).
+    other = present & ~np.isin(shapely.get_type_id(geometries), (3, 6))
+    geometries[other] = [_polygonal(g) for g in geometries[other]]
+    geometries[~present] = None
+    empty = np.array([g is not None for g in geometries], dtype=bool)
+    empty[empty] = shapely.is_empty(geometries[empty].astype(object))
+    geometries[empty] = None
+    return geometries
 
 
 def dates_of(frame, path: Path, date_field: str | None) -> tuple[np.ndarray, str]:
@@ -411,7 +421,39 @@ class SiteTracks:
     object_track: np.ndarray
     tracks: list[dict]
     relations: list[dict]
-    new_area: np.ndarray  # per object: area outside its predecessors and the previous date's slumps (m2)
+    new_area: np.ndarray  # per object: ground outside its track's earlier outlines (m2); see track_outlines
+
+
+def track_outlines(geometries: np.ndarray, areas: np.ndarray, groups: list[np.ndarray],
+                   edges: np.ndarray) -> tuple[list, np.ndarray]:
+    """Each track's outline (the union of its objects, `groups` in date order) and each object's
+    new area: ground outside its track's earlier outlines and, for the first object of a merger or
+    a part of a split, outside its predecessors.
+
+    The unions are folded date by date over all tracks at once, and the new area of the k-th object
+    is the growth of its track's running union, so no difference is computed but for mergers and splits.
+    """
+    import shapely
+
+    ranks = np.concatenate([np.arange(len(group)) for group in groups])
+    members = np.concatenate(groups)
+    track_of = np.repeat(np.arange(len(groups)), [len(group) for group in groups])
+    outlines = geometries[[group[0] for group in groups]].copy()
+    covered = areas[[group[0] for group in groups]].copy()
+    new_area = areas.copy()
+    for rank in range(1, int(ranks.max()) + 1 if len(ranks) else 1):
+        step = ranks == rank
+        tracks, objects = track_of[step], members[step]
+        outlines[tracks] = shapely.union(outlines[tracks], geometries[objects])
+        grown = shapely.area(outlines[tracks])
+        new_area[objects] = np.maximum(grown - covered[tracks], 0.0)
+        covered[tracks] = grown
+    firsts = np.array([group[0] for group in groups])
+    inherited = firsts[np.isin(firsts, edges[:, 1])]
+    for target in inherited:  # mergers and parts of splits: rare
+        cover = shapely.union_all(geometries[edges[edges[:, 1] == target, 0]])
+        new_area[target] = shapely.area(shapely.difference(geometries[target], cover))
+    return list(outlines), new_area
 
 
 def tracks_of_site(lineage: Lineage, site: str, first_track_id: int) -> SiteTracks:
@@ -460,8 +502,10 @@ def tracks_of_site(lineage: Lineage, site: str, first_track_id: int) -> SiteTrac
                                   "date_to": str(lineage.dates[b]), "kind": kind, "site": site})
     order = np.lexsort((days, object_track))
     splits = np.flatnonzero(np.diff(object_track[order])) + 1
+    groups = np.split(order, splits)
+    outlines, new_area = track_outlines(lineage.geometries, areas, groups, edges)
     rows = []
-    for objects in np.split(order, splits):
+    for objects, geometry in zip(groups, outlines):
         track_id = int(object_track[objects[0]])
         first, last = objects[0], objects[-1]
         if successors[last] >= 2:
@@ -484,29 +528,12 @@ def tracks_of_site(lineage: Lineage, site: str, first_track_id: int) -> SiteTrac
             origin = "existing"
         status = fate if fate != "active" else {"existing": "active", "new": "new", "new_on_scar": "new",
                                                  "merged": "merged", "split": "split"}[origin]
-        geometry = lineage.geometries[first] if len(objects) == 1 else shapely.union_all(lineage.geometries[objects])
         rows.append({"track_id": track_id, "site": site, "first_date": str(lineage.dates[first]),
                      "last_date": str(lineage.dates[last]), "n_observations": len(objects),
                      "area_first_m2": float(areas[first]), "area_last_m2": float(areas[last]),
                      "area_max_m2": float(areas[objects].max()),
                      "growth_m2_per_year": least_squares_slope(days[objects].astype(float), areas[objects]),
                      "status": status, "origin": origin, "fate": fate, "geometry": geometry})
-    # New area: outside the object's predecessors (so a slump missed on one date does not count
-    # twice) and outside the slumps of the site's previous date that it meets.
-    previous_date = np.searchsorted(site_days, days) - 1
-    pairs = lineage.overlaps
-    beside = pairs[previous_date[pairs[:, 1]] >= 0]
-    beside = beside[days[beside[:, 0]] == site_days[previous_date[beside[:, 1]]]]
-    pairs = np.unique(np.concatenate([edges, beside]).reshape(-1, 2), axis=0)
-    pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]  # grouped by the later object
-    new_area = areas.copy()
-    if len(pairs):
-        targets, starts, counts = np.unique(pairs[:, 1], return_index=True, return_counts=True)
-        covers = lineage.geometries[pairs[starts, 0]].copy()
-        for target_index in np.flatnonzero(counts > 1):  # a merge, or neighbours: rare
-            start = starts[target_index]
-            covers[target_index] = shapely.union_all(lineage.geometries[pairs[start:start + counts[target_index], 0]])
-        new_area[targets] = shapely.area(shapely.difference(lineage.geometries[targets], covers))
     return SiteTracks(object_track, rows, relation_rows, new_area)
 
 
