@@ -947,7 +947,8 @@ def make_time_series_data(out: str | os.PathLike, seed: int = 0, scene_size: int
         shift = Affine.translation(dx * PIXEL_SIZE, dy * PIXEL_SIZE)
         seconds = int(((10.5 + rng.uniform(-1, 1) - spec.lon / 15.0) % 24.0) * 3600)
         satellite = SATELLITES[int(rng.integers(len(SATELLITES)))]
-        scene_id = f"{date.replace('-', '')}_{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}_{satellite}"
+        clock = f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+        scene_id = f"{date.replace('-', '')}_{clock}_{satellite}"
         plans.append(ScenePlan(scene_id, date, base.width, base.height, shift * base.transform,
                                shapely.affinity.translate(base.footprint, dx * PIXEL_SIZE, dy * PIXEL_SIZE)))
     world = _build_world(spec, rng, centre, plans, scene_size)

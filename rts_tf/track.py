@@ -498,8 +498,9 @@ def tracks_of_site(lineage: Lineage, site: str, first_track_id: int) -> SiteTrac
         key = (kind, object_track[a], object_track[b])
         if key not in seen:
             seen.add(key)
-            relation_rows.append({"track_from": int(key[1]), "track_to": int(key[2]), "date_from": str(lineage.dates[a]),
-                                  "date_to": str(lineage.dates[b]), "kind": kind, "site": site})
+            relation_rows.append({"track_from": int(key[1]), "track_to": int(key[2]),
+                                  "date_from": str(lineage.dates[a]), "date_to": str(lineage.dates[b]),
+                                  "kind": kind, "site": site})
     order = np.lexsort((days, object_track))
     splits = np.flatnonzero(np.diff(object_track[order])) + 1
     groups = np.split(order, splits)
@@ -711,9 +712,10 @@ def track(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, date_fiel
     Writes OUT/tracks.gpkg (layers observations, tracks, relations) and the same tables as
     GeoParquet/Parquet, OUT/summary.csv (per site and date), a change map per site (first date
     each pixel was in a slump) and two PNG plots. Areas and distances are in EPSG:6931.
-    progress(done, total) is called as files are read and sites linked. tolerance: metres within which objects of two dates link (default: two pixels of the
+    tolerance: metres within which objects of two dates link (default: two pixels of the
     coarsest input, as known from predict's rasters or a sensor field, else 6 m). A slump missed
-    for at most max_gap_years keeps its track. See README "Slump dynamics".
+    for at most max_gap_years keeps its track. progress(done, total) is called as files are read
+    and sites linked. See README "Slump dynamics".
     """
     import geopandas
     import pandas as pd

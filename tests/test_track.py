@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from pyproj import Geod
 
 from rts_tf.cli import main
-from rts_tf.errors import InputError
 from rts_tf.track import DAYS_PER_YEAR, EQUAL_AREA_CRS, date_in_name, parse_date, track
 from rts_tf.vectorize import Polygons, write_polygons
 
