@@ -348,3 +348,21 @@ def test_time_series_demo_truth(demo_data, tmp_path):
         expected = np.dot(years, areas - areas.mean()) / np.dot(years, years)
         row = tracks[tracks["track_id"] == track_of(observations, slump=name)].iloc[0]
         assert row["growth_m2_per_year"] == pytest.approx(expected, rel=2e-3, abs=1e-3)
+
+
+def test_sites_are_tracked_apart_with_a_change_map_each(tmp_path):
+    # Two sites with a slump at the same place (as if two regions shared coordinates): never linked.
+    rows = [{"site": site, "image_date": date, "geometry": square(0, 0, area)}
+            for site in ("banks_1", "peel 2") for date, area in (("2019-07-01", 900), ("2020-07-01", 1_600))]
+    summary = track([write(tmp_path / "two_sites.gpkg", rows)], tmp_path / "out", pixel_size=10.0)
+    observations, tracks, _ = layers(tmp_path / "out")
+    assert sorted(tracks["site"]) == ["banks_1", "peel 2"] and list(tracks["n_observations"]) == [2, 2]
+    assert summary.sites["banks_1"]["dates"] == ["2019-07-01", "2020-07-01"]
+    table = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert table[["site", "count", "total_area_m2", "new_area_m2"]].values.tolist() == [
+        ["banks_1", 1, 900.0, 900.0], ["banks_1", 1, 1600.0, 700.0],
+        ["peel 2", 1, 900.0, 900.0], ["peel 2", 1, 1600.0, 700.0]]
+    for name in ("change_banks_1.tif", "change_peel_2.tif"):
+        with rasterio.open(tmp_path / "out" / name) as dataset:
+            assert dataset.res == (10.0, 10.0) and dataset.tags()["SITE"] in ("banks_1", "peel 2")
+            assert set(np.unique(dataset.read(1))) <= {0, 20190701, 20200701}
