@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-all install clean-demo demo-fetch
+.PHONY: demo test test-all install clean-demo demo-fetch demo-track
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,3 +61,17 @@ demo-fetch: $(STAMP)
 		--logdir $(FETCH)/run
 	$(VENV)/bin/rts-tf predict --run $(FETCH)/run --scene $(FETCH)/sentinel2 --dem $(FETCH)/dem/dem.vrt \
 		--tcvis $(TCVIS) --out $(FETCH)/predictions
+
+# Slump dynamics on the demo's time series (issue 20): predict its four dates with a trained run
+# (RUN, by default the demo's) and link the detections with `rts-tf track`; also tracks the truth
+# labels, whose statuses are known (demo/timeseries/tracks_truth).
+RUN ?= $(DEMO)/tensorboard/run_$(HOLDOUT)
+SERIES := $(DEMO)/data/timeseries
+
+demo-track: $(STAMP)
+	test -f $(SERIES)/labels.gpkg || $(VENV)/bin/rts-tf demo-data $(DEMO)/data --seed 0 --time-series
+	$(VENV)/bin/rts-tf predict --run $(RUN) --scene $(SERIES)/scenes --dem $(SERIES)/auxiliary/dem \
+		--tcvis $(SERIES)/auxiliary/tcvis --sites $(SERIES)/sites.geojson --out $(DEMO)/timeseries/predictions --overwrite
+	$(VENV)/bin/rts-tf track $(DEMO)/timeseries/predictions --out $(DEMO)/timeseries/tracks --overwrite
+	$(VENV)/bin/rts-tf track $(SERIES)/labels.gpkg --out $(DEMO)/timeseries/tracks_truth --overwrite
+	@echo "Slump histories: $(DEMO)/timeseries/tracks (tracks.gpkg, change.tif, summary.csv, *.png open in QGIS)"

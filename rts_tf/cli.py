@@ -127,7 +127,11 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same files.")
 @click.option("--scene-size", type=click.IntRange(64, 4096), default=None,
               help="Scene width/height in pixels (about 640 by default).")
-def demo_data(out: str, seed: int, scene_size: int | None) -> None:
+@click.option("--time-series", is_flag=True, default=False,
+              help="Also write OUT/timeseries: one site (Peel) imaged on four dates, with slumps that grow, merge, "
+                   "appear, stop and hide under a cloud, for `rts-tf track` (always at full scene size; its "
+                   "folders are apart from the training data's).")
+def demo_data(out: str, seed: int, scene_size: int | None, time_series: bool) -> None:
     """Write a small synthetic dataset in the real formats to OUT.
 
     Six regions named after the paper's, PlanetScope-like scenes with UDM2 masks, an ArcticDEM-like
@@ -139,6 +143,12 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
     summary = make_demo_data(out, seed=seed, scene_size=scene_size)
     click.echo(f"demo data: {out} ({len(summary['scenes'])} scenes in {len(summary['regions'])} regions, "
                f"{summary['slumps']} labelled slumps, {summary['bytes'] / 1e6:.1f} MB)")
+    if time_series:
+        from rts_tf.demo import make_time_series_data
+
+        series = make_time_series_data(os.path.join(out, "timeseries"), seed=seed)
+        click.echo(f"time series: {os.path.join(out, 'timeseries')} ({len(series['scenes'])} dates of one site, "
+                   f"{series['labels']} labelled slumps, {series['bytes'] / 1e6:.1f} MB)")
 
 
 @main.command("build-records")
@@ -596,4 +606,52 @@ def fetch_sentinel2_command(aoi, dates, out, max_cloud, max_tile_cloud, per_peri
     finally:
         close()
     for line in result.lines():
+        click.echo(line)
+
+
+@main.command("track")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--date-field", default=None, metavar="NAME",
+              help="Field holding each polygon's date (YYYY-MM-DD or YYYYMMDD) [default: image_date, else date]; "
+                   "without one, a date in the file name, else in the scene_id.")
+@click.option("--site-field", default=None, metavar="NAME",
+              help="Field naming each polygon's site [default: site, else region, else one site for all].")
+@click.option("--layer", default=None, help="Layer of multi-layer files [default: detections, rts, or the only one].")
+@click.option("--tolerance", type=float, default=None,
+              help="Metres within which objects of two dates link, for co-registration error between sensors "
+                   "[default: two pixels of the coarsest input; 6 m when unknown].")
+@click.option("--max-gap-years", type=float, default=2.5, show_default=True,
+              help="A slump missed on some dates (clouds, no image) keeps its track when seen again within this "
+                   "time; after a longer gap it is a new slump on a stabilised scar.")
+@click.option("--pixel-size", type=float, default=None,
+              help="Pixel size of the change maps in metres [default: the coarsest input's; 3 m when unknown].")
+@click.option("--no-change-maps", "change_maps", is_flag=True, default=True, flag_value=False,
+              help="Do not write the change maps.")
+@click.option("--no-plots", "plots", is_flag=True, default=True, flag_value=False, help="Do not write the PNG plots.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace the results of an earlier run in --out.")
+def track_command(inputs, out, date_field, site_field, layer, tolerance, max_gap_years, pixel_size, change_maps, plots,
+                  overwrite) -> None:
+    """Link slump polygons of several dates into slump histories: lineage, growth rates, change maps.
+
+    INPUT: polygon files (GeoPackage, Shapefile, GeoJSON, GeoParquet; any CRS) or `predict` output
+    folders, of several dates and sites, in any order. Objects of consecutive dates that overlap
+    (within --tolerance) are one slump; merges, splits, new slumps and stabilised ones are named
+    as in the ARTS inventory (MergedRTS, SplitRTS, StabilizedRTS). Areas in EPSG:6931 (EASE-Grid
+    2.0 North, equal-area). Writes OUT/tracks.gpkg (layers observations, tracks, relations) and
+    the same as GeoParquet, OUT/summary.csv, OUT/change.tif (first date each pixel was in a slump,
+    YYYYMMDD; one per site when there are several) and PNG plots.
+    """
+    from rts_tf.track import track
+
+    update, close = progress_bar("track", unit="step")
+    try:
+        summary = track(list(inputs), out, date_field=date_field, site_field=site_field, layer=layer,
+                        tolerance=tolerance, max_gap_years=max_gap_years, pixel_size=pixel_size,
+                        change_maps=change_maps, plots=plots, overwrite=overwrite, progress=update)
+    finally:
+        close()
+    for warning in summary.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    for line in summary.lines():
         click.echo(line)

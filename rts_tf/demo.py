@@ -850,3 +850,174 @@ def make_demo_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None
         "labels": len(labels),
         "bytes": sum(path.stat().st_size for path in written),
     }
+
+
+# ---------------------------------------------------------------- time series (rts-tf track)
+
+TIME_SERIES_REGION = RegionSpec("Peel", -135.3, 67.25, 32608, 1, 2019)  # Peel Plateau: fast-growing mega slumps
+TIME_SERIES_SITE = "peel_1"
+TIME_SERIES_DATES = ("2019-07-21", "2020-07-18", "2021-07-24", "2022-07-19")
+# Each slump's radius in metres (at full scene size) on each date: None where it is not visible
+# (not yet formed, or stabilised and revegetated); "cloud" where a cloud hides it that day.
+TIME_SERIES_HISTORIES = {
+    "grows": (45.0, 55.0, 65.0, 75.0),
+    "merge_west": (38.0, 44.0, 53.0, 58.0),  # two neighbours on one slope that grow into one
+    "merge_east": (38.0, 44.0, 53.0, 58.0),
+    "appears": (None, 30.0, 40.0, 48.0),
+    "stops": (50.0, 50.0, None, None),
+    "clouded": (40.0, 46.0, "cloud", 58.0),
+}
+# What `rts-tf track` should find on the truth polygons (one track per history; the merged pair ends
+# in a third track that starts where they meet).
+TIME_SERIES_STATUSES = {"grows": "active", "merge_west": "merged", "merge_east": "merged",
+                        "merge_west+merge_east": "merged", "appears": "new", "stops": "stabilised",
+                        "clouded": "active"}
+
+
+def _scaled_lobe(lobe: Lobe, radius: float) -> Lobe:
+    return Lobe(lobe.x, lobe.y, radius, lobe.orientation, lobe.amplitudes, lobe.phases, lobe.bowl, lobe.tongue)
+
+
+def _place_time_series(world: World, rng, area: shapely.Polygon) -> dict[str, Lobe]:
+    """Lobes (at their largest size) of the designed slumps on slopes inside `area`; the merging
+    pair side by side across one slope, at a distance where they touch between dates 2 and 3."""
+    placed: dict[str, Lobe] = {}
+    largest = {name: max(r for r in radii if isinstance(r, float)) * world.scale
+               for name, radii in TIME_SERIES_HISTORIES.items()}
+    candidates = _random_points(rng, area, 2000)
+    slopes, downslope = world.slope(candidates[:, 0], candidates[:, 1])
+    order = np.argsort(-slopes)
+    names = [name for name in TIME_SERIES_HISTORIES if name != "merge_east"]
+    for relax in (False, True):  # plain tundra around each slump first; else anywhere clear of the others
+        for (x, y), orientation in zip(candidates[order], downslope[order]):
+            name = next((n for n in names if n not in placed), None)
+            if name is None:
+                break
+            lobe = _random_lobe(rng, x, y, largest[name], orientation, 0.04, bowl=0.12, tongue=0.0)
+            lobes = [lobe]
+            if name == "merge_west":
+                # Across the slope, at the distance where the two boundaries meet at radius 48 (x scale).
+                side = orientation + math.pi / 2
+                probe = _scaled_lobe(lobe, 48.0 * world.scale)
+                reach = float(probe.boundary_radius(np.array([math.pi / 2]))[0])
+                twin = Lobe(0.0, 0.0, 48.0 * world.scale, orientation, lobe.amplitudes, lobe.phases, lobe.bowl, 0.0)
+                reach += float(twin.boundary_radius(np.array([-math.pi / 2]))[0])
+                east = Lobe(x + reach * math.cos(side), y + reach * math.sin(side), lobe.radius, orientation,
+                            lobe.amplitudes, lobe.phases, lobe.bowl, 0.0)
+                lobes.append(east)
+            ring = np.concatenate([candidate.ring(32) for candidate in lobes])
+            if not all(shapely.contains_xy(area, ring[:, 0], ring[:, 1])):
+                continue
+            clear = all(np.hypot(ring[:, 0] - other.x, ring[:, 1] - other.y).min() > other.extent + 40.0 * world.scale
+                        for other in placed.values())
+            if not clear or not (relax or world.fits(lobes, 1.2)):
+                continue
+            placed[name] = lobe
+            if name == "merge_west":
+                placed["merge_east"] = lobes[1]
+    missing = [name for name in TIME_SERIES_HISTORIES if name not in placed]
+    if missing:
+        raise ValueError(f"no room for the time series' slumps {', '.join(missing)}; use a larger scene_size")
+    return placed
+
+
+def make_time_series_data(out: str | os.PathLike, seed: int = 0, scene_size: int | None = None) -> dict:
+    """Write a time series for `rts-tf track` under `out`: one site (Peel, EPSG:32608) imaged by
+    PlanetScope on four dates (TIME_SERIES_DATES), with slumps that grow, merge, appear, stop and
+    hide under a cloud (TIME_SERIES_HISTORIES); its own DEM, TCVIS, sites and per-date truth labels.
+
+    out/scenes/<scene_id>/..., out/auxiliary/{dem,tcvis}/Peel_*.tif, out/labels.gpkg (fields of the
+    demo's labels plus `slump`, the designed history), out/sites.geojson and out/truth.json (each
+    history's UTM area per date and the status `track` should give it). Kept apart from the
+    training data's folders so that it never enters the demo's records.
+    """
+    scene_size = DEFAULT_SCENE_SIZE if scene_size is None else int(scene_size)
+    if scene_size < 128:
+        raise ValueError(f"scene_size must be at least 128 pixels for the time series, got {scene_size}")
+    out = Path(out)
+    spec = TIME_SERIES_REGION
+    rng = np.random.default_rng([seed, 1000])
+    utm = f"EPSG:{spec.epsg}"
+    centre = tuple(float(value[0]) for value in transform_points("EPSG:4326", utm, [spec.lon], [spec.lat]))
+    base = _plan_scenes(spec, rng, centre, scene_size)[0]
+    plans = []
+    for index, date in enumerate(TIME_SERIES_DATES):
+        # The same ground each year, shifted by a few pixels as repeat PlanetScope frames are.
+        dx, dy = (int(value) for value in rng.integers(-6, 7, 2))
+        shift = Affine.translation(dx * PIXEL_SIZE, dy * PIXEL_SIZE)
+        seconds = int(((10.5 + rng.uniform(-1, 1) - spec.lon / 15.0) % 24.0) * 3600)
+        satellite = SATELLITES[int(rng.integers(len(SATELLITES)))]
+        clock = f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+        scene_id = f"{date.replace('-', '')}_{clock}_{satellite}"
+        plans.append(ScenePlan(scene_id, date, base.width, base.height, shift * base.transform,
+                               shapely.affinity.translate(base.footprint, dx * PIXEL_SIZE, dy * PIXEL_SIZE)))
+    world = _build_world(spec, rng, centre, plans, scene_size)
+    world.slumps = []
+    common = shapely.intersection_all([plan.footprint for plan in plans]).buffer(-25.0 * world.scale)
+    lobes = _place_time_series(world, rng, common)
+    look = {"gain": rng.uniform(0.9, 1.1), "haze": rng.uniform(0.0, 0.5), "soil": rng.uniform(0.9, 1.1, 4)}
+    calm = RegionSpec(spec.name, spec.lon, spec.lat, spec.epsg, 1, spec.year)
+    written, labels, truth, worlds = [], [], {name: {} for name in TIME_SERIES_STATUSES}, []
+    for index, plan in enumerate(plans):
+        visible = {name: radii[index] for name, radii in TIME_SERIES_HISTORIES.items() if radii[index] is not None}
+        dated = World.__new__(World)
+        dated.__dict__.update(world.__dict__)
+        dated.slumps = [Slump((_scaled_lobe(lobes[name], (58.0 if radius == "cloud" else radius) * world.scale),),
+                              depth=4.0 * world.scale + 2.0, vertices=64) for name, radius in visible.items()]
+        worlds.append(dated)
+        inside = rasterize([shapely.union_all([slump.geometry() for slump in dated.slumps])],
+                           out_shape=(plan.height, plan.width), transform=plan.transform, dtype=np.uint8) > 0
+        for attempt in range(20):  # random clouds of a scene stay off the slumps: only the designed one hides one
+            scene_rng = np.random.default_rng([seed, 1000, index + 1, attempt])
+            sr, udm = _render_scene(dated, plan, calm, dict(look, haze=look["haze"] * scene_rng.uniform(0.8, 1.2)),
+                                    scene_rng, False)
+            if not (udm[5].astype(bool) | udm[2].astype(bool))[inside].any():
+                break
+        hidden = [name for name, radius in visible.items() if radius == "cloud"]
+        for name in hidden:  # a cloud (and its shadow) over the slump: not visible, marked in UDM2
+            rows, columns = np.mgrid[0:plan.height, 0:plan.width]
+            lobe = lobes[name]
+            row, column = (plan.transform.f - lobe.y) / PIXEL_SIZE, (lobe.x - plan.transform.c) / PIXEL_SIZE
+            reach = 2.2 * lobe.extent / PIXEL_SIZE
+            opacity = _smoothstep(1.6 - np.hypot(rows - row, columns - column) / reach)
+            cloud = (opacity > 0.3) & (sr[0] > 0)
+            blended = sr * (1.0 - opacity) + CLOUD[:, None, None] * opacity
+            sr = np.where(sr > 0, np.clip(np.round(blended), 1, 65535), 0).astype(np.uint16)
+            udm[5] |= cloud.astype(np.uint8)
+            udm[3] &= (~cloud).astype(np.uint8)
+            udm[0] &= (~cloud).astype(np.uint8)
+        folder = out / "scenes" / plan.scene_id
+        written += [folder / f"{plan.scene_id}_3B_AnalyticMS_SR.tif", folder / f"{plan.scene_id}_3B_udm2.tif"]
+        _write_raster(written[-2], sr, utm, plan.transform, SR_BANDS, nodata=0, predictor=2)
+        _write_raster(written[-1], udm, utm, plan.transform, UDM2_BANDS)
+        shown = {name: slump for (name, radius), slump in zip(visible.items(), dated.slumps) if radius != "cloud"}
+        if "merge_west" in shown and shown["merge_west"].geometry().intersects(shown["merge_east"].geometry()):
+            shown["merge_west+merge_east"] = None  # grown into one: one label for both
+        for name in shown:
+            if name in ("merge_west", "merge_east") and "merge_west+merge_east" in shown:
+                continue
+            if name == "merge_west+merge_east":
+                geometry = shapely.union_all([shown["merge_west"].geometry(), shown["merge_east"].geometry()])
+            else:
+                geometry = shown[name].geometry()
+            truth[name][plan.date] = round(float(geometry.area), 3)
+            moved = shapely.geometry.shape(transform_geom(utm, "EPSG:4326", shapely.geometry.mapping(geometry)))
+            moved = moved if moved.geom_type == "MultiPolygon" else shapely.MultiPolygon([moved])
+            labels.append((moved, (plan.scene_id, plan.date, spec.name, TIME_SERIES_SITE, "RTS", name)))
+    last = worlds[-1]
+    written += [out / "auxiliary" / kind / f"{spec.name}_{kind}.tif" for kind in ("dem", "tcvis")]
+    _write_dem(last, spec, plans, np.random.default_rng([seed, 1000, 0]), written[-2])
+    _write_tcvis(last, spec, plans, np.random.default_rng([seed, 1000, 99]), written[-1])
+    boxes = np.array([transform_bounds(utm, "EPSG:4326", *plan.bounds, densify_pts=21) for plan in plans])
+    envelope = shapely.box(*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
+    written += [out / "labels.gpkg", out / "sites.geojson", out / "truth.json"]
+    _write_vectors(written[-3], "GPKG", *zip(*labels), LABEL_FIELDS + ("slump",), "MultiPolygon")
+    _write_vectors(written[-2], "GeoJSON", [envelope.buffer(0.005, join_style="mitre")],
+                   [(TIME_SERIES_SITE, spec.name)], ("site", "region"), "Polygon")
+    expected = {"crs": utm, "site": TIME_SERIES_SITE, "dates": list(TIME_SERIES_DATES),
+                "scenes": [plan.scene_id for plan in plans],
+                "slumps": {name: {"area_m2": areas, "status": TIME_SERIES_STATUSES[name]}
+                           for name, areas in truth.items()}}
+    written[-1].write_text(json.dumps(expected, indent=1) + "\n")
+    return {"scenes": [plan.scene_id for plan in plans], "labels": len(labels), "truth": expected,
+            "bytes": sum(path.stat().st_size for path in written)}
