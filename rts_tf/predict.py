@@ -45,6 +45,7 @@ class SceneResult:
     km2: float
     slumps: int
     slump_area_m2: float
+    valid_km2: float = 0.0  # area of the scene's valid pixels
     complete_before: bool = False  # skipped: complete from an earlier command with the same settings
 
 
@@ -220,6 +221,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         results: dict[str, dict] = {}
         summary = PredictSummary(str(out_path), threshold=threshold, threshold_source=threshold_source,
                                  sensor_given=sensor.sensor is not None)
+        summary.warnings += run_warnings(loaded)
         for scene in scene_list:
             summary.sensors[scene.sensor] = summary.sensors.get(scene.sensor, 0) + 1
             mismatch = sensor_warning(scene, recipe_sensors(recipe))
@@ -240,6 +242,11 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         if scene_id in done_before or scene_id in results:
             result = done_before[scene_id] if scene_id in done_before else SceneResult(**results[scene_id])
             summary.scenes.append(result)
+            if result.valid_km2 and result.slump_area_m2 / 1e6 > MAX_SLUMP_SHARE * result.valid_km2:
+                summary.warnings.append(
+                    f"{scene_id}: {result.slump_area_m2 / 1e4:.1f} ha predicted as slumps, over half of the scene's "
+                    f"{result.valid_km2 * 100:.1f} ha of valid pixels: the model (or its threshold "
+                    f"{threshold:.2f}) does not fit this scene")
             merged.extend(read_polygons_file(result.polygons).to_crs(CRS.from_epsg(4326)))
     summary.merged = str(out_path / MERGED_NAME)
     try:
@@ -255,6 +262,17 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
                                                        "recipe": recipe, "runs": [str(r.path) for r in loaded],
                                                        "seconds": summary.seconds}, indent=1))
     return summary
+
+
+# A scene whose valid area is predicted more than half slump: a model that does not fit it, not slumps.
+MAX_SLUMP_SHARE = 0.5
+
+
+def run_warnings(runs: Sequence[Run]) -> list[str]:
+    """Warnings about runs that were selected on nothing: a best validation IoU of 0."""
+    return [f"{run.path}: its best validation IoU is 0 (the model found no slump in its validation data), so its "
+            "epoch and threshold were chosen on nothing; its maps are unlikely to mean much"
+            for run in runs if not (run.info.get("metrics") or {}).get("iou", 1.0)]
 
 
 def run_predictions(options: PredictOptions, todo: list[SceneTask], keys: list[str], loaded: list[Run],
@@ -303,7 +321,7 @@ def scene_fingerprint(task: SceneTask, options: PredictOptions, shared: str) -> 
                 "terrain": "dem" if options.dem else "precomputed"}
     inputs = {"scene": [file_state(path) for path in task.scene.files], "sensor": task.scene.reflectance(),
               "bands": [[str(path), band] for path, band in task.scene.bands], "shared": shared,
-              "region": task.region}
+              "region": task.region, "mask_ignore": sorted(int(value) for value in task.scene.mask_ignore)}
     return {"settings": settings, "inputs": inputs}
 
 
@@ -463,6 +481,7 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                 above[left] = (top + size - shared, image[size - shared:].copy(), valid[size - shared:].copy())
             return image, valid
 
+        valid_pixels = 0
         # One reader thread stacks the next group of windows while the model works on this one.
         with rasterio.open(staging["probability"], "w", dtype="float32", nodata=PROBABILITY_NODATA, **profile) as prob_out, \
                 rasterio.open(staging["mask"], "w", dtype="uint8", nodata=MASK_NODATA, **profile) as mask_out, \
@@ -495,6 +514,7 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                                    window=window)
                     mask_out.write(np.where(usable, probability >= threshold, MASK_NODATA).astype(np.uint8)[None],
                                    window=window)
+                    valid_pixels += int(np.count_nonzero(usable))
         # Both conversions at once: GDAL compresses without holding Python's lock.
         with ThreadPoolExecutor(len(names)) as converters:
             for done in [converters.submit(to_cog, staging[kind], names[kind],
@@ -506,9 +526,10 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                                region=[region] * count)
     polygon_path = folder / f"{scene.scene_id}_polygons.gpkg"
     write_polygons(polygons, polygon_path, temporary_id=attempt)
-    km2 = grid.width * grid.height * abs(grid.transform.a * grid.transform.e) / 1e6
-    return SceneResult(scene.scene_id, str(names["probability"]), str(names["mask"]), str(polygon_path), km2,
-                       count, float(sum(polygons.attributes["area_m2"]))), polygons
+    pixel_km2 = abs(grid.transform.a * grid.transform.e) / 1e6
+    return SceneResult(scene.scene_id, str(names["probability"]), str(names["mask"]), str(polygon_path),
+                       grid.width * grid.height * pixel_km2, count, float(sum(polygons.attributes["area_m2"])),
+                       valid_pixels * pixel_km2), polygons
 
 
 def to_cog(staging: Path, path: Path, dtype: str, attempt: str) -> None:

@@ -187,3 +187,26 @@ def test_crossval_over_seeds_gives_mean_sd_and_an_ensemble_and_reads_no_foreign_
     again = CliRunner().invoke(main, arguments)
     assert again.exit_code == 0 and "0 runs trained, 2 already complete" in again.output
     assert list(csv.DictReader((logdir / "crossval.csv").open())) == rows
+
+
+from test_predict import make_run, pixel_model, predict_arguments, scene_world  # noqa: E402,F401
+
+
+def test_predict_warns_about_a_run_selected_on_nothing_and_a_scene_mapped_as_slump(scene_world, tmp_path):
+    from rts_tf.bands import BANDS
+
+    run = make_run(tmp_path / "nothing", pixel_model(np.zeros(len(BANDS)), np.log(0.3 / 0.7)))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "metrics": {"iou": 0.0}}))
+    world = {**scene_world, "runs": {**scene_world["runs"], "nothing": run}}
+    quiet = CliRunner().invoke(main, predict_arguments(scene_world, tmp_path / "quiet", "constant"))
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+    # The constant model gives 0.3 everywhere: at threshold 0.2 every valid pixel is a slump.
+    result = CliRunner().invoke(main, predict_arguments(world, tmp_path / "out", "nothing",
+                                                        extra=["--threshold", "0.2"]))
+    assert result.exit_code == 0, result.output
+    assert "its best validation IoU is 0" in result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["scenes"][0]
+    # 90 x 100 px of 3 m with a 6-row nodata strip: 94 x 90 valid pixels.
+    assert summary["valid_km2"] == pytest.approx(94 * 90 * 9 / 1e6)
+    assert "over half of the scene's 7.6 ha of valid pixels" in result.output
