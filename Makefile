@@ -16,20 +16,25 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 HOLDOUT ?= Herschel
+SEEDS ?= 3
+CROSSVAL := $(DEMO)/tensorboard/crossval
+# The demo's runs (experiments/demo.yaml: unet, resnet18), one per seed; predict averages them.
+RUNS ?= $(foreach seed,$(shell seq 0 $$(($(SEEDS) - 1))),--run $(CROSSVAL)/unet_resnet18/$(HOLDOUT)/seed$(seed))
 
 demo: $(STAMP)
-	$(VENV)/bin/rts-tf demo-data $(DEMO)/data --seed 0
+	$(VENV)/bin/rts-tf demo-data $(DEMO)/data --seed 0 --time-series
 	$(VENV)/bin/rts-tf build-records --config experiments/demo-records.yaml --out records/demo
 	$(VENV)/bin/rts-tf inspect records/demo --previews $(DEMO)/previews --tensorboard $(DEMO)/tensorboard/records
-	$(VENV)/bin/rts-tf fit --config experiments/demo.yaml --records records/demo --holdout-region $(HOLDOUT) \
-		--logdir $(DEMO)/tensorboard/run_$(HOLDOUT)
-	$(VENV)/bin/rts-tf evaluate --run $(DEMO)/tensorboard/run_$(HOLDOUT) --records records/demo
-	$(VENV)/bin/rts-tf predict --run $(DEMO)/tensorboard/run_$(HOLDOUT) --overwrite \
+	$(VENV)/bin/rts-tf crossval --grid experiments/demo.yaml --records records/demo --regions $(HOLDOUT) \
+		--seeds $(SEEDS) --logdir $(CROSSVAL)
+	$(VENV)/bin/rts-tf predict $(RUNS) --overwrite \
 		--scene $$($(PY) -c "import json, pathlib; m = json.load(open('records/demo/manifest.json')); \
 		print(next(pathlib.Path(s['sources']['sr']).parent for s in m['scenes'] if s['region'] == '$(HOLDOUT)'))") \
 		--dem $(DEMO)/data/auxiliary/dem --tcvis $(DEMO)/data/auxiliary/tcvis --sites $(DEMO)/data/sites.geojson \
 		--out $(DEMO)/predictions
+	$(MAKE) --no-print-directory demo-track
 	@echo
+	@echo "Held-out scores over $(SEEDS) seeds (mean ± sd): $(CROSSVAL)/crossval.md"
 	@echo "TensorBoard (records previews, training curves, image panels, HParams):"
 	@echo "  $(VENV)/bin/tensorboard --logdir $(DEMO)/tensorboard"
 	@echo "Maps of the held-out region ($(HOLDOUT)): $(DEMO)/predictions (GeoTIFFs and rts_polygons.gpkg open in QGIS)"
@@ -63,14 +68,13 @@ demo-fetch: $(STAMP)
 		--tcvis $(TCVIS) --out $(FETCH)/predictions
 
 # Slump dynamics on the demo's time series (issue 20): predict its four dates with a trained run
-# (RUN, by default the demo's) and link the detections with `rts-tf track`; also tracks the truth
+# (RUNS, by default the demo's seeds as `--run DIR ...`) and link the detections with `rts-tf track`; also tracks the truth
 # labels, whose statuses are known (demo/timeseries/tracks_truth).
-RUN ?= $(DEMO)/tensorboard/run_$(HOLDOUT)
 SERIES := $(DEMO)/data/timeseries
 
 demo-track: $(STAMP)
 	test -f $(SERIES)/labels.gpkg || $(VENV)/bin/rts-tf demo-data $(DEMO)/data --seed 0 --time-series
-	$(VENV)/bin/rts-tf predict --run $(RUN) --scene $(SERIES)/scenes --dem $(SERIES)/auxiliary/dem \
+	$(VENV)/bin/rts-tf predict $(RUNS) --scene $(SERIES)/scenes --dem $(SERIES)/auxiliary/dem \
 		--tcvis $(SERIES)/auxiliary/tcvis --sites $(SERIES)/sites.geojson --out $(DEMO)/timeseries/predictions --overwrite
 	$(VENV)/bin/rts-tf track $(DEMO)/timeseries/predictions --out $(DEMO)/timeseries/tracks --overwrite
 	$(VENV)/bin/rts-tf track $(SERIES)/labels.gpkg --out $(DEMO)/timeseries/tracks_truth --overwrite

@@ -334,6 +334,10 @@ def split_integers(ctx, param, value):
               show_default=True, help="Validation tiles in the panels.")
 @click.option("--profile", is_flag=True, default=None, help="Profile batches 2-4 for TensorBoard's profiler.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Fixed steps per epoch (default: one pass).")
+@click.option("--bn-momentum", type=float, default=None,
+              help="Momentum of every BatchNormalization layer's moving statistics [default: the encoder's, 0.99]. "
+                   "Short runs (a few hundred steps) need less, e.g. 0.9: inference uses these statistics, and at "
+                   "0.99 they trail the weights by about a hundred steps.")
 @click.option("--deterministic/--no-deterministic", default=FIT.deterministic, show_default=True,
               help="Deterministic TensorFlow ops: the same seed on the same machine gives the same weights and "
                    "scores, bit for bit. --no-deterministic allows faster, unordered GPU kernels.")

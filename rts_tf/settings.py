@@ -107,6 +107,7 @@ class FitConfig:
     profile: bool = False
     steps_per_epoch: int | None = None
     deterministic: bool = True
+    bn_momentum: float | None = None  # the encoder's own (0.99) unless set
 
     @classmethod
     def keys(cls) -> set[str]:

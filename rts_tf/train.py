@@ -88,6 +88,8 @@ def check_config(config: FitConfig) -> None:
         raise InputError(f"--schedule-decay must be positive, got {config.schedule_decay}")
     if config.val_split not in VAL_SPLITS:
         raise InputError(f"unknown --val-split '{config.val_split}'; choose one of: {', '.join(VAL_SPLITS)}")
+    if config.bn_momentum is not None and not 0.0 <= config.bn_momentum < 1.0:
+        raise InputError(f"--bn-momentum must be at least 0 and below 1, got {config.bn_momentum}")
     if not 0.0 < config.val_fraction < 1.0:
         raise InputError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
 
@@ -145,6 +147,12 @@ def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, s
         network = build_model(config.arch, config.encoder, len(bands), tile_size, config.encoder_weights, **options)
     except ValueError as error:
         raise InputError(str(error)) from None
+    if config.bn_momentum is not None:
+        # Short runs: at 0.99 the moving statistics that inference uses trail the weights by about
+        # a hundred steps, and validation scores a model that does not exist.
+        for layer in network.submodules:
+            if isinstance(layer, tf.keras.layers.BatchNormalization):
+                layer.momentum = config.bn_momentum
     inputs = tf.keras.Input((tile_size, tile_size, len(bands)), name="image", dtype="float32")
     normalised = IgnoreAwareNormalization(mean, std, name="normalise")(inputs)
     return tf.keras.Model(inputs, network(normalised), name=f"rts_{config.arch}_{config.encoder}")
