@@ -53,8 +53,8 @@ def write_catalog(out: Path, scenes: Sequence, products, threshold: float, tags:
                   "quicklook": (scene.quicklook, pystac.MediaType.PNG, ["overview", "visual"],
                                 "True colour with the probability and polygons")}
         for key, (href, media_type, roles, title) in assets.items():
-            if href:
-                item.add_asset(key, pystac.Asset(str(Path(href).resolve()), title, media_type=media_type, roles=roles))
+            if href:  # relative to the item, which lies in the scene's folder
+                item.add_asset(key, pystac.Asset(f"./{Path(href).name}", title, media_type=media_type, roles=roles))
         items.append(item)
     collection = pystac.Collection(
         "rts-tf-prediction", "Retrogressive thaw slumps mapped by rts-tf: per-scene probability, masks and "
@@ -69,11 +69,11 @@ def write_catalog(out: Path, scenes: Sequence, products, threshold: float, tags:
     run_assets.update({Path(path).stem: (path, VRT, "Mosaic of the scenes' probability (GDAL VRT)")
                        for path in products.mosaics})
     for key, (href, media_type, title) in run_assets.items():
-        collection.add_asset(key, pystac.Asset(str(Path(href).resolve()), title, media_type=media_type,
-                                               roles=["data"]))
+        collection.add_asset(key, pystac.Asset(f"./{Path(href).name}", title, media_type=media_type, roles=["data"]))
     collection.add_items(items)
+    # Relative links everywhere: the folder can be moved or served as it is.
+    collection.catalog_type = pystac.CatalogType.SELF_CONTAINED
     collection.normalize_hrefs(str(Path(out).resolve()))
-    collection.make_all_asset_hrefs_relative()
     for item in items:
         write_json(Path(item.get_self_href()), item.to_dict(include_self_link=False, transform_hrefs=True))
     path = Path(collection.get_self_href())

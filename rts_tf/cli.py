@@ -449,16 +449,22 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
                    "other settings refused).")
 @click.option("--trust-model", is_flag=True, default=False,
               help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
+@click.option("--merge-period", type=click.Choice(["year", "all", "none"]), default="year", show_default=True,
+              help="Merge overlapping detections of all scenes and sensors into one polygon per calendar year, "
+                   "over all dates, or not at all (layer `merged` of OUT/rts_polygons.gpkg).")
 @sensor_options
 def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
                     rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, engine, workers, overwrite,
-                    trust_model, **sensor) -> None:
+                    trust_model, merge_period, **sensor) -> None:
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
     Uses the same scene stack as build-records, so bands, order and normalisation match training
     (a scene of another sensor than the model's records is predicted, with a warning).
-    Writes OUT/<scene_id>/<scene_id>_probability.tif, _mask.tif and _polygons.gpkg (area_m2, mean and
-    max probability, scene_id, image_date, region) and OUT/rts_polygons.gpkg (all scenes, EPSG:4326).
+    Writes per scene OUT/<scene_id>/<scene_id>_probability.tif and _mask.tif (with QGIS .qml styles),
+    _polygons.gpkg (layers rts: polygons with probability statistics, area and perimeter; extent: where
+    the model looked), _quicklook.png and <scene_id>.json (STAC item); for the run OUT/rts_polygons.gpkg
+    (EPSG:4326, layers detections, merged and extents, styled for QGIS), rts_detections.parquet and
+    rts_merged.parquet (GeoParquet), rts_probability.vrt (one mosaic per CRS) and collection.json (STAC).
     Re-running the command skips scenes that are complete (OUT/<scene_id>/<scene_id>_complete.json).
     """
     from rts_tf.predict import predict
@@ -470,7 +476,8 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
                           threshold=threshold, min_area=min_area, drop_touching=drop_touching, overwrite=overwrite,
                           engine=engine, workers=workers,
                           rel_elevation_radius=rel_elevation_radius, allow_feature_mismatch=allow_feature_mismatch,
-                          trust_model=trust_model, progress=update, sensor=SensorSettings(**sensor))
+                          trust_model=trust_model, progress=update, sensor=SensorSettings(**sensor),
+                          merge_period=merge_period)
     finally:
         close()
     for line in summary.lines():

@@ -275,6 +275,13 @@ def typed(key: str, values: list) -> np.ndarray:
     return column(key, values)
 
 
+def as_multipolygons(geometries: Sequence[shapely.Geometry]) -> np.ndarray:
+    """Every geometry as a MultiPolygon (one geometry type per layer, as GIS software expects)."""
+    return np.array([g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g]) if g.geom_type == "Polygon"
+                     else shapely.MultiPolygon([p for p in shapely.get_parts(g) if p.geom_type == "Polygon"])
+                     for g in geometries], dtype=object)
+
+
 def write_layers(path: Path, layers: dict[str, Polygons], timestamp: str) -> None:
     """A GeoPackage 1.2 with these layers (MultiPolygons) and their QGIS styles, atomically. GDAL's
     `last_change` timestamps are set to `timestamp`, so the same content gives the same bytes."""
@@ -283,10 +290,7 @@ def write_layers(path: Path, layers: dict[str, Polygons], timestamp: str) -> Non
     try:
         for number, (name, layer) in enumerate(layers.items()):
             keys = list(layer.attributes)
-            multi = [g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g]) if g.geom_type == "Polygon"
-                     else shapely.MultiPolygon([p for p in getattr(g, "geoms", []) if p.geom_type == "Polygon"])
-                     for g in layer.geometries]
-            pyogrio.raw.write(temporary, shapely.to_wkb(np.array(multi, dtype=object)),
+            pyogrio.raw.write(temporary, shapely.to_wkb(as_multipolygons(layer.geometries)),
                               [typed(key, layer.attributes[key]) for key in keys], keys, layer=name, driver="GPKG",
                               geometry_type="MultiPolygon", crs=layer.crs.to_wkt(),
                               dataset_options=GPKG_OPTIONS if number == 0 else None)
@@ -310,7 +314,7 @@ def write_parquet(layer: Polygons, path: Path) -> None:
             data[key] = [datetime.date.fromisoformat(value) if value else None for value in values]
         else:
             data[key] = typed(key, values)
-    frame = geopandas.GeoDataFrame(data, geometry=list(layer.geometries), crs=layer.crs.to_wkt())
+    frame = geopandas.GeoDataFrame(data, geometry=list(as_multipolygons(layer.geometries)), crs=layer.crs.to_wkt())
     temporary = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
     try:
         frame.to_parquet(temporary, index=False, schema_version="1.0.0", write_covering_bbox=False)
