@@ -484,3 +484,22 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
         click.echo(line)
     if summary.failed:
         raise InputError(summary.failure_message())
+
+
+@main.command("export")
+@click.option("--run", required=True, type=click.Path(), help="Run folder of `rts-tf fit` (run.json, model.keras).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "savedmodel"]), required=True,
+              help="onnx: model.onnx for onnxruntime and other ONNX runtimes (needs the `export` extra); "
+                   "savedmodel: a TensorFlow SavedModel (TF Serving, TFLite converter).")
+@click.option("--out", required=True, type=click.Path(), help="Package folder to create (must not exist).")
+@click.option("--trust-model", is_flag=True, default=False,
+              help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
+def export_command(run, fmt, out, trust_model) -> None:
+    """Export a trained run as a portable package: the inference model with its normalisation inside
+    (ONNX or SavedModel), model.keras, run.json and model.json, a model card (bands in order with units,
+    normalisation, pixel and tile size, sensors, training regions and scenes, scores, threshold, sha256).
+    `rts-tf predict --run OUT` accepts the package (an ONNX one runs under onnxruntime)."""
+    from rts_tf.export import export
+
+    for line in export(run, fmt, out, trust_model=trust_model).lines():
+        click.echo(line)

@@ -319,6 +319,8 @@ def shared_inputs(runs: Sequence[Run], sources: SceneSources) -> str:
     """A digest of the inputs every scene shares: the runs' files and the auxiliary rasters."""
     files = [file_state(run.path / "run.json") for run in runs]
     files += [file_state(run.path / str(run.info.get("model", "model.keras"))) for run in runs]
+    files += [file_state(run.path / str(run.info["export"].get("file"))) for run in runs  # an exported package
+              if isinstance(run.info.get("export"), dict)]
     files += [file_state(path) for source in sources.sources for path in source.paths]
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
