@@ -76,6 +76,5 @@ def write_catalog(out: Path, scenes: Sequence, products, threshold: float, tags:
     collection.normalize_hrefs(str(Path(out).resolve()))
     for item in items:
         write_json(Path(item.get_self_href()), item.to_dict(include_self_link=False, transform_hrefs=True))
-    path = Path(collection.get_self_href())
-    write_json(path, collection.to_dict(include_self_link=False, transform_hrefs=True))
-    return str(path)
+    write_json(Path(collection.get_self_href()), collection.to_dict(include_self_link=False, transform_hrefs=True))
+    return str(Path(out) / COLLECTION_NAME)
