@@ -105,11 +105,12 @@ def progress_bar(description: str):
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rts-tf")
 def main() -> None:
-    """rts-tf: map retrogressive thaw slumps (RTS) from PlanetScope imagery, a DEM and TCVIS
-    with Keras/TensorFlow (after Nitze et al. 2021, Remote Sensing 13:4294).
+    """rts-tf: map retrogressive thaw slumps (RTS) from PlanetScope (4- and 8-band), Sentinel-2 L2A
+    or any band-mapped imagery, a DEM and TCVIS with Keras/TensorFlow (after Nitze et al. 2021,
+    Remote Sensing 13:4294).
 
     Typical order: demo-data (or your own scenes) -> build-records -> inspect -> fit ->
-    evaluate / crossval -> predict.
+    evaluate / crossval -> predict; export makes a trained run portable (ONNX, SavedModel).
     """
     # TensorFlow's C++ start-up log lines are noise for a command-line user.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -130,9 +131,10 @@ def main() -> None:
 def demo_data(out: str, seed: int, scene_size: int | None) -> None:
     """Write a small synthetic dataset in the real formats to OUT.
 
-    Six regions named after the paper's, PlanetScope-like scenes with UDM2 masks, an ArcticDEM-like
-    DEM (EPSG:3413) and TCVIS (EPSG:4326) as per-region tiles, label polygons (labels.gpkg) and
-    site polygons (sites.geojson).
+    Seven regions (the paper's six and Yamal) of three sensors: PlanetScope 4-band scenes with UDM2
+    masks, and over Yamal an 8-band PlanetScope and a Sentinel-2 L2A scene of the same ground; an
+    ArcticDEM-like DEM (EPSG:3413) and TCVIS (EPSG:4326) as per-region tiles, label polygons
+    (labels.gpkg) and site polygons (sites.geojson).
     """
     from rts_tf.demo import make_demo_data
 

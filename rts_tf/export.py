@@ -79,15 +79,19 @@ def training_scenes(info: dict) -> dict[str, list[str]]:
     return {part: list((split.get(part) or {}).get("scenes", [])) for part in ("train", "validation", "test")}
 
 
-def pixel_sizes(info: dict, scenes: list[str]) -> list[float]:
-    """The pixel sizes (m) of the training scenes, from the records' manifest when it is still there."""
+def pixel_sizes(info: dict, scenes: list[str]) -> dict[str, list[float]]:
+    """The pixel sizes (m) of the training scenes by sensor, from the records' manifest when it is
+    still there (else empty)."""
     manifest = Path(str(info.get("records", ""))) / "manifest.json"
     try:
         found = json.loads(manifest.read_text())["scenes"]
     except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return sorted({round(abs(float(scene["transform"][0])), 6) for scene in found
-                   if not scenes or scene.get("scene_id") in scenes})
+        return {}
+    sizes: dict[str, set] = {}
+    for scene in found:
+        if not scenes or scene.get("scene_id") in scenes:
+            sizes.setdefault(scene.get("sensor", "planetscope"), set()).add(round(abs(float(scene["transform"][0])), 6))
+    return {sensor: sorted(values) for sensor, values in sorted(sizes.items())}
 
 
 def crossval_scores(run: Path) -> list[dict]:

@@ -64,6 +64,7 @@ class PredictSummary:
     sensor_given: bool = False  # chosen with --sensor, else detected from the files
     warnings: list[str] = field(default_factory=list)  # another sensor than the model's, no SCL, ...
     products: Products = field(default_factory=Products)
+    engine: str = "local (this process)"  # how the scenes were predicted (engine_description)
 
     def lines(self) -> list[str]:
         km2 = sum(s.km2 for s in self.scenes)
@@ -87,6 +88,7 @@ class PredictSummary:
                         + (", ".join(Path(path).name for path in products.parquet.values()) or "none"),
                         "probability mosaic (open in QGIS): " + (", ".join(products.mosaics) or "none"),
                         f"STAC catalog: {products.catalog or 'none'}",
+                        f"engine: {self.engine}",
                         "sensors: " + ", ".join(f"{name} {count}" for name, count in sorted(self.sensors.items()))
                         + f" ({'--sensor' if self.sensor_given else 'detected from the files'})",
                         *(f"warning: {warning}" for warning in self.warnings)]
@@ -237,6 +239,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         results: dict[str, dict] = {}
         summary = PredictSummary(str(out_path), threshold=threshold, threshold_source=threshold_source,
                                  sensor_given=sensor.sensor is not None)
+        summary.engine = engine_description(engine, workers, len(todo))
         for scene in scene_list:
             summary.sensors[scene.sensor] = summary.sensors.get(scene.sensor, 0) + 1
             mismatch = sensor_warning(scene, recipe_sensors(recipe))
@@ -274,6 +277,17 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
                                                        "merge_period": merge_period,
                                                        "seconds": summary.seconds}, indent=1))
     return summary
+
+
+def engine_description(engine: str, workers: int, scenes: int) -> str:
+    """How the scenes were predicted, for the summary: whether Ray was used, and where."""
+    if engine == "local":
+        return "local (this process)"
+    if not scenes:
+        return "ray, not started (every scene was complete)"
+    where = f"the cluster of RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") \
+        else "an embedded one-machine Ray"
+    return f"ray ({scenes} scenes in Ray actors on {where}; one actor per GPU, else per {workers} CPUs)"
 
 
 def cog_tags(runs: Sequence[Run], threshold: float, threshold_source: str) -> dict[str, str]:
@@ -549,7 +563,7 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
     polygons.attributes.update(scene_id=[scene.scene_id] * count, sensor=[scene.sensor] * count,
                                image_date=[scene.image_date] * count, region=[region] * count)
     polygon_path = folder / f"{scene.scene_id}_polygons.gpkg"
-    write_polygons(polygons, polygon_path, temporary_id=attempt, more_layers={"extent": extent})
+    write_polygons(polygons, polygon_path, temporary_id=attempt, more_layers={"extent": extent}, styles=True)
     write_raster_style(names["probability"], probability_style(threshold))
     write_raster_style(names["mask"], MASK_STYLE)
     look = folder / f"{scene.scene_id}_quicklook.png"

@@ -107,8 +107,11 @@ def quicklook(scene, probability_path: str | os.PathLike, polygons: Polygons, pa
                 points = [to_pixels * xy for xy in ring.coords]
                 draw.line(points, fill=(0, 255, 255), width=1)
     temporary = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:12]}.tmp.png")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # --- QGIS styles -------------------------------------------------------------------------------

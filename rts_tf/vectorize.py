@@ -183,10 +183,11 @@ def column(key: str, values: list) -> np.ndarray:
 
 
 def write_polygons(polygons: Polygons, path: str | os.PathLike, layer: str = "rts",
-                   temporary_id: str | None = None, more_layers: dict[str, Polygons] | None = None) -> None:
+                   temporary_id: str | None = None, more_layers: dict[str, Polygons] | None = None,
+                   styles: bool = False) -> None:
     """Write a GeoPackage of MultiPolygons atomically: under a temporary name of this attempt's own
     (`<stem>.<temporary_id>.tmp.gpkg`, a random id by default), then renamed. `more_layers` go
-    into the same file."""
+    into the same file; with styles, QGIS styles of the layers too (products.layer_styles_table)."""
     path = Path(path)
     temporary = path.with_name(f"{path.stem}.{temporary_id or uuid.uuid4().hex[:12]}.tmp{path.suffix}")
     try:
@@ -197,6 +198,10 @@ def write_polygons(polygons: Polygons, path: str | os.PathLike, layer: str = "rt
             pyogrio.raw.write(temporary, shapely.to_wkb(np.array(multi, dtype=object)), values, fields, layer=name,
                               driver="GPKG", geometry_type="MultiPolygon", crs=content.crs.to_wkt(),
                               dataset_options=GPKG_OPTIONS if name == layer else None)
+        if styles:
+            from rts_tf.products import layer_styles_table
+
+            layer_styles_table(temporary, [layer, *(more_layers or {})])
         os.replace(temporary, path)
     except BaseException:
         for leftover in temporary.parent.glob(temporary.name + "*"):  # with SQLite's -journal, -wal

@@ -58,6 +58,13 @@ def write_run(folder: Path, model: tf.keras.Model) -> Path:
                    "image_dtype": "float32", "sensors": ["planetscope"]},
         "best_epoch": 3, "metrics": {"iou": 0.41}}))
     (folder.parent / "crossval.csv").write_text(f"region,model,iou,run\nBeta,small conv,0.37,{folder}\n")
+    records = folder.parent / "records"  # the records' manifest gives the training scenes' pixel size
+    records.mkdir()
+    (records / "manifest.json").write_text(json.dumps({"scenes": [
+        {"scene_id": "20190801_200000_1001", "sensor": "planetscope", "transform": [3.0, 0, 560000, 0, -3.0, 7700000]},
+        {"scene_id": "20190805_201500_1002", "sensor": "sentinel2-l2a", "transform": [10.0, 0, 5e5, 0, -10.0, 7e6]}]}))
+    info = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**info, "records": str(records)}))
     return folder
 
 
@@ -100,6 +107,7 @@ def test_onnx_package_gives_keras_probabilities_and_a_model_card(run, tmp_path):
     assert card["training"]["scenes"]["train"] == ["20190801_200000_1001"]
     assert card["crossval"] == [{"region": "Beta", "model": "small conv", "iou": "0.37"}]
     assert card["sensors"] == ["planetscope"]
+    assert card["pixel_size_m"] == {"planetscope": [3.0]}  # of the training scenes only
 
 
 def test_saved_model_package_agrees_with_keras(run, tmp_path):
@@ -171,3 +179,23 @@ def test_bad_export_input(run, tmp_path):
     assert runner.invoke(main, ["export", "--run", str(run), "--format", "savedmodel", "--out", str(package)]).exit_code == 0
     fails(["--run", str(package), "--format", "onnx", "--out", str(tmp_path / "c")], "already an exported package")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_unet_resnet18_exports_to_onnx_with_keras_probabilities(tmp_path):
+    """The architecture `fit` builds (normalisation + segmentation-models encoder + UNet decoder)
+    through tf2onnx: about a minute on two cores."""
+    from rts_tf.settings import FitConfig
+    from rts_tf.train import build_segmenter
+
+    tf.keras.utils.set_random_seed(0)
+    model = build_segmenter(FitConfig(arch="unet", encoder="resnet18", decoder_filters=[16, 16, 8, 8, 8]),
+                            [band["name"] for band in BANDS], 32, MEAN, STD)
+    run = write_run(tmp_path / "unet" / "Beta", model)
+    out = tmp_path / "package"
+    result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from rts_tf.export import OnnxModel
+
+    np.testing.assert_allclose(OnnxModel(out / "model.onnx")(tiles()), model(tiles(), training=False).numpy(),
+                               atol=1e-4)

@@ -164,6 +164,9 @@ def test_geopackage_version_and_styles_open_without_warning(products_world):
         symbol = ElementTree.fromstring(qml.split("\n", 1)[1]).find("renderer-v2/symbols/symbol/layer")
         assert symbol.get("class") == "SimpleFill"
     assert pyogrio.read_info(path, layer="detections")["features"] == 3
+    with sqlite3.connect(products_world["out"] / A / f"{A}_polygons.gpkg") as database:  # a scene's own file
+        assert database.execute("pragma user_version").fetchone()[0] == 10200
+        assert {row[0] for row in database.execute("select f_table_name from layer_styles")} == {"rts", "extent"}
 
 
 def test_valid_extent_is_where_the_model_looked(products_world):
