@@ -275,6 +275,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
                                                        "threshold": threshold, "threshold_source": threshold_source,
                                                        "recipe": recipe, "runs": [str(r.path) for r in loaded],
                                                        "merge_period": merge_period,
+                                                       "products": vars(summary.products),
                                                        "seconds": summary.seconds}, indent=1))
     return summary
 
