@@ -184,7 +184,7 @@ def test_bad_export_input(run, tmp_path):
 @pytest.mark.slow
 def test_a_unet_resnet18_exports_to_onnx_with_keras_probabilities(tmp_path):
     """The architecture `fit` builds (normalisation + segmentation-models encoder + UNet decoder)
-    through tf2onnx: about a minute on two cores."""
+    through tf2onnx: about 30 s on two cores."""
     from rts_tf.settings import FitConfig
     from rts_tf.train import build_segmenter
 
