@@ -51,6 +51,8 @@ class OnnxModel:
         except ImportError:
             raise InputError(f"{path}: an ONNX package needs onnxruntime: pip install 'rts-tf[export]'") from None
         options = onnxruntime.SessionOptions()
+        # Ray gives an actor OMP_NUM_THREADS = its CPUs; onnxruntime would otherwise take every core.
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

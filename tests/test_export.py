@@ -157,6 +157,11 @@ def test_predict_accepts_an_onnx_package(run, scene_world, tmp_path):  # noqa: F
     valid = probabilities[0] != -1
     assert probabilities[0][valid].std() > 0.01
     np.testing.assert_allclose(probabilities[1], probabilities[0], atol=1e-4)
+    (package / "model.onnx").unlink()  # a package that lost its model: one line, nothing written
+    broken = CliRunner().invoke(main, predict_arguments(scene_world, tmp_path / "broken", "package"))
+    assert broken.exit_code != 0 and "Traceback" not in broken.output, broken.output
+    assert str(package / "run.json") in broken.output and "no ONNX file" in broken.output
+    assert not (tmp_path / "broken").exists()
 
 
 def test_bad_export_input(run, tmp_path):
