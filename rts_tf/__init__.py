@@ -47,7 +47,10 @@ class _AfterKerasImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.loader.exec_module(module)
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-        _register_keras_objects()
+        try:
+            _register_keras_objects()
+        except ImportError:  # an incomplete installation must not break Keras itself; rts-tf's own loader says why
+            pass
 
 
 if "keras" in sys.modules:
