@@ -152,8 +152,11 @@ def model_card(info: dict, run: Path, fmt: str, model_file: str, digest: str, ke
 def convert_onnx(model, tile_size: int, bands: int, path: Path) -> None:
     """The Keras model as ONNX (opset ONNX_OPSET, any batch size) through tf2onnx."""
     import tensorflow as tf
-    import tf2onnx
 
+    try:
+        import tf2onnx
+    except ImportError:
+        raise InputError("--format onnx needs tf2onnx and onnx: pip install 'rts-tf[export]'") from None
     signature = [tf.TensorSpec((None, tile_size, tile_size, bands), tf.float32, name="image")]
     tf2onnx.convert.from_keras(model, input_signature=signature, opset=ONNX_OPSET, output_path=str(path))
 
