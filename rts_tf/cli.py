@@ -105,11 +105,12 @@ def progress_bar(description: str, unit: str = "tile"):
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rts-tf")
 def main() -> None:
-    """rts-tf: map retrogressive thaw slumps (RTS) from PlanetScope imagery, a DEM and TCVIS
-    with Keras/TensorFlow (after Nitze et al. 2021, Remote Sensing 13:4294).
+    """rts-tf: map retrogressive thaw slumps (RTS) from PlanetScope (4- and 8-band), Sentinel-2 L2A
+    or any band-mapped imagery, a DEM and TCVIS with Keras/TensorFlow (after Nitze et al. 2021,
+    Remote Sensing 13:4294).
 
     Typical order: demo-data (or your own scenes) -> build-records -> inspect -> fit ->
-    evaluate / crossval -> predict.
+    evaluate / crossval -> predict; export makes a trained run portable (ONNX, SavedModel).
     """
     # TensorFlow's C++ start-up log lines are noise for a command-line user.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -134,9 +135,10 @@ def main() -> None:
 def demo_data(out: str, seed: int, scene_size: int | None, time_series: bool) -> None:
     """Write a small synthetic dataset in the real formats to OUT.
 
-    Six regions named after the paper's, PlanetScope-like scenes with UDM2 masks, an ArcticDEM-like
-    DEM (EPSG:3413) and TCVIS (EPSG:4326) as per-region tiles, label polygons (labels.gpkg) and
-    site polygons (sites.geojson).
+    Seven regions (the paper's six and Yamal) of three sensors: PlanetScope 4-band scenes with UDM2
+    masks, and over Yamal an 8-band PlanetScope and a Sentinel-2 L2A scene of the same ground; an
+    ArcticDEM-like DEM (EPSG:3413) and TCVIS (EPSG:4326) as per-region tiles, label polygons
+    (labels.gpkg) and site polygons (sites.geojson).
     """
     from rts_tf.demo import make_demo_data
 
@@ -484,16 +486,22 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
                    "other settings refused).")
 @click.option("--trust-model", is_flag=True, default=False,
               help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
+@click.option("--merge-period", type=click.Choice(["year", "all", "none"]), default="year", show_default=True,
+              help="Merge overlapping detections of all scenes and sensors into one polygon per calendar year, "
+                   "over all dates, or not at all (layer `merged` of OUT/rts_polygons.gpkg).")
 @sensor_options
 def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
                     rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, engine, workers, overwrite,
-                    trust_model, **sensor) -> None:
+                    trust_model, merge_period, **sensor) -> None:
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
     Uses the same scene stack as build-records, so bands, order and normalisation match training
     (a scene of another sensor than the model's records is predicted, with a warning).
-    Writes OUT/<scene_id>/<scene_id>_probability.tif, _mask.tif and _polygons.gpkg (area_m2, mean and
-    max probability, scene_id, image_date, region) and OUT/rts_polygons.gpkg (all scenes, EPSG:4326).
+    Writes per scene OUT/<scene_id>/<scene_id>_probability.tif and _mask.tif (with QGIS .qml styles),
+    _polygons.gpkg (layers rts: polygons with probability statistics, area and perimeter; extent: where
+    the model looked), _quicklook.png and <scene_id>.json (STAC item); for the run OUT/rts_polygons.gpkg
+    (EPSG:4326, layers detections, merged and extents, styled for QGIS), rts_detections.parquet and
+    rts_merged.parquet (GeoParquet), rts_probability.vrt (one mosaic per CRS) and collection.json (STAC).
     Re-running the command skips scenes that are complete (OUT/<scene_id>/<scene_id>_complete.json).
     """
     from rts_tf.predict import predict
@@ -505,7 +513,8 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
                           threshold=threshold, min_area=min_area, drop_touching=drop_touching, overwrite=overwrite,
                           engine=engine, workers=workers,
                           rel_elevation_radius=rel_elevation_radius, allow_feature_mismatch=allow_feature_mismatch,
-                          trust_model=trust_model, progress=update, sensor=SensorSettings(**sensor))
+                          trust_model=trust_model, progress=update, sensor=SensorSettings(**sensor),
+                          merge_period=merge_period)
     finally:
         close()
     for line in summary.lines():
@@ -658,4 +667,20 @@ def track_command(inputs, out, date_field, site_field, layer, tolerance, max_gap
     for warning in summary.warnings:
         click.echo(f"Warning: {warning}", err=True)
     for line in summary.lines():
+@main.command("export")
+@click.option("--run", required=True, type=click.Path(), help="Run folder of `rts-tf fit` (run.json, model.keras).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "savedmodel"]), required=True,
+              help="onnx: model.onnx for onnxruntime and other ONNX runtimes (needs the `export` extra); "
+                   "savedmodel: a TensorFlow SavedModel (TF Serving, TFLite converter).")
+@click.option("--out", required=True, type=click.Path(), help="Package folder to create (must not exist).")
+@click.option("--trust-model", is_flag=True, default=False,
+              help="Also load HDF5/SavedModel files and Lambda layers, which run code stored in the model file.")
+def export_command(run, fmt, out, trust_model) -> None:
+    """Export a trained run as a portable package: the inference model with its normalisation inside
+    (ONNX or SavedModel), model.keras, run.json and model.json, a model card (bands in order with units,
+    normalisation, pixel and tile size, sensors, training regions and scenes, scores, threshold, sha256).
+    `rts-tf predict --run OUT` accepts the package (an ONNX one runs under onnxruntime)."""
+    from rts_tf.export import export
+
+    for line in export(run, fmt, out, trust_model=trust_model).lines():
         click.echo(line)

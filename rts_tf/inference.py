@@ -34,7 +34,8 @@ class Run:
 
 
 def load_run(path: str | os.PathLike, trust_model: bool = False, with_model: bool = True) -> Run:
-    """Load run.json and model.keras from a run folder, with clear errors for incomplete runs.
+    """Load run.json and model.keras from a run folder, with clear errors for incomplete runs. A
+    package of `rts-tf export --format onnx` runs its ONNX model under onnxruntime.
 
     with_model=False checks the folder and reads run.json only (Run.model is None): for a driver
     whose models are loaded elsewhere (Ray actors), without importing TensorFlow.
@@ -65,9 +66,17 @@ def load_run(path: str | os.PathLike, trust_model: bool = False, with_model: boo
 
         warnings.warn(f"{model_file}: loading with --trust-model, which allows HDF5 and SavedModel files and Lambda "
                       "layers: they run the Python code stored in the model file", stacklevel=2)
+    exported = info.get("export") if isinstance(info.get("export"), dict) else {}
     try:
         model = None
-        if with_model:
+        if with_model and exported.get("format") == "onnx":  # a package of `rts-tf export`: run its ONNX model
+            from rts_tf.export import OnnxModel
+
+            onnx_file = path / str(exported.get("file", "model.onnx"))
+            if not onnx_file.resolve().is_relative_to(path.resolve()) or not onnx_file.is_file():
+                raise InputError(f"{run_file}: \"export\" names no ONNX file inside the package")
+            model = OnnxModel(onnx_file)
+        elif with_model:
             from rts_tf.models import load_model
 
             model = load_model(model_file, trust_model=trust_model)
@@ -144,6 +153,8 @@ def forward(model):
     """The model's inference call on a batch (NumPy in, NumPy out) as one traced graph, kept per
     model. Same results as `model.predict_on_batch`, bit for bit, without its per-call set-up
     (about 6 ms a call, and 15% of a UNet-resnet34 batch of 8 on CPU)."""
+    if not hasattr(model, "trainable_weights"):  # not Keras: an exported model, already NumPy in and out
+        return model
     call = _FORWARD.get(model)
     if call is None:
         import tensorflow as tf

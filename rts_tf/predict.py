@@ -1,4 +1,4 @@
-"""Prediction: a trained run over whole scenes -> probability and mask COGs -> polygons (GeoPackage)."""
+"""Prediction: a trained run over whole scenes -> probability and mask COGs -> polygons -> the run's products."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from rts_tf.engine import ENGINES, failures_message, local_jobs
@@ -27,11 +26,12 @@ from rts_tf.scene import SceneFiles, SceneSources, find_scenes, recipe_sensors, 
 from rts_tf.settings import SensorSettings
 from rts_tf.records import attempt_id, write_json, write_text
 from rts_tf.tiling import tile_offsets
-from rts_tf.vectorize import Polygons, polygons_from_rasters, read_polygons_file, write_polygons
+from rts_tf.products import MERGED_NAME, MOSAIC_STEM, PARQUET_NAMES, PERIODS, MASK_STYLE, Products, SceneProduct, \
+    extent_layer, probability_style, quicklook, run_products, valid_extent, write_raster_style
+from rts_tf.vectorize import Polygons, polygons_from_rasters, probability_statistics, write_polygons
 
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
-MERGED_NAME = "rts_polygons.gpkg"
 COMPLETE_SUFFIX = "_complete.json"  # OUT/<scene_id>/<scene_id>_complete.json: the scene's completion marker
 WINDOWS_PER_READ = 16  # windows stacked per read: bounds memory, keeps reads large enough to be cheap
 
@@ -47,6 +47,9 @@ class SceneResult:
     slump_area_m2: float
     valid_km2: float = 0.0  # area of the scene's valid pixels
     complete_before: bool = False  # skipped: complete from an earlier command with the same settings
+    quicklook: str = ""
+    sensor: str = ""
+    image_date: str = ""
 
 
 @dataclass
@@ -61,6 +64,8 @@ class PredictSummary:
     sensors: dict[str, int] = field(default_factory=dict)  # scenes per sensor profile
     sensor_given: bool = False  # chosen with --sensor, else detected from the files
     warnings: list[str] = field(default_factory=list)  # another sensor than the model's, no SCL, ...
+    products: Products = field(default_factory=Products)
+    engine: str = "local (this process)"  # how the scenes were predicted (engine_description)
 
     def lines(self) -> list[str]:
         km2 = sum(s.km2 for s in self.scenes)
@@ -68,14 +73,23 @@ class PredictSummary:
         area = sum(s.slump_area_m2 for s in self.scenes) / 1e4
         computed = [s for s in self.scenes if not s.complete_before]
         rate = sum(s.km2 for s in computed) / (self.seconds / 60) if self.seconds else 0.0
+        products = self.products
+        merged = (f"{products.merged} merged polygons (per {products.period}), " if products.period != "none"
+                  else "")
         lines = [f"{s.scene_id}: {s.slumps} slumps, {s.slump_area_m2 / 1e4:.2f} ha -> {s.probability}"
                  + (" (already complete)" if s.complete_before else "") for s in self.scenes]
         skipped = len(self.scenes) - len(computed)
         return lines + [f"threshold {self.threshold:.2f} ({self.threshold_source})",
                         f"predicted {len(self.scenes)} scenes"
                         + (f" ({len(computed)} now, {skipped} already complete)" if skipped else "")
-                        + f", {km2:.1f} km2 in {self.seconds:.0f} s ({rate:.1f} km2/min): {slumps} slumps, {area:.2f} ha",
-                        f"polygons of all scenes (EPSG:4326): {self.merged}",
+                        + f", {km2:.1f} km2 in {self.seconds:.0f} s"
+                        + (f" ({rate:.1f} km2/min)" if computed else "") + f": {slumps} slumps, {area:.2f} ha",
+                        f"polygons of all scenes (EPSG:4326): {self.merged}: {products.detections} detections, "
+                        f"{merged}valid extents; GeoParquet: "
+                        + (", ".join(Path(path).name for path in products.parquet.values()) or "none"),
+                        "probability mosaic (open in QGIS): " + (", ".join(products.mosaics) or "none"),
+                        f"STAC catalog: {products.catalog or 'none'}",
+                        f"engine: {self.engine}",
                         "sensors: " + ", ".join(f"{name} {count}" for name, count in sorted(self.sensors.items()))
                         + f" ({'--sensor' if self.sensor_given else 'detected from the files'})",
                         *(f"warning: {warning}" for warning in self.warnings)]
@@ -107,6 +121,7 @@ class PredictOptions:
     threshold: float
     min_area: float
     drop_touching: bool
+    tags: dict = field(default_factory=dict)  # GeoTIFF tags of the COGs: model, threshold, bands, version
 
 
 @dataclass
@@ -142,7 +157,7 @@ class ScenePredictor:
         with cleaned_up(out / scene.scene_id, attempt):
             result, _ = predict_scene(scene, self.runs, self.sources, out, options.overlap, options.batch_size,
                                       options.flips, options.threshold, options.min_area, options.drop_touching,
-                                      task.region, advance, attempt)
+                                      task.region, advance, attempt, options.tags)
         # The completion marker, written last: a scene without it is recomputed.
         write_json(complete_path(out, scene.scene_id), {"fingerprint": task.fingerprint, "result": vars(result)},
                    unique=True)
@@ -156,7 +171,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
             drop_touching: bool = False, overwrite: bool = False, rel_elevation_radius: float | None = None,
             allow_feature_mismatch: bool = False, trust_model: bool = False,
             progress: Callable[[int, int], None] | None = None, engine: str = "local",
-            workers: int = 1, sensor: SensorSettings = SensorSettings()) -> PredictSummary:
+            workers: int = 1, sensor: SensorSettings = SensorSettings(), merge_period: str = "year") -> PredictSummary:
     """Predict slumps over whole scenes with one run or the mean of several (an ensemble).
 
     The bands are made by the feature recipe the runs' records were built with (run.json); other
@@ -166,6 +181,8 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
     "ray" in Ray actors (one per GPU, or per `workers` CPUs). A scene whose input fails does not
     stop the others: the summary lists it in `failed`. `sensor` chooses the sensor profile that
     reads the scenes (default: detected); a scene of another sensor than the runs' records warns.
+    The run's products (products.run_products) merge overlapping detections per `merge_period`
+    ("year", "all" or "none").
     """
     started = time.perf_counter()
     if batch_size < 1:
@@ -174,6 +191,8 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
+    if merge_period not in PERIODS:
+        raise InputError(f"--merge-period must be one of {', '.join(PERIODS)}, got {merge_period}")
     scene_list = find_scenes(scenes, sensor)
     for scene in scene_list:
         scene_grid(scene)
@@ -193,7 +212,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
     options = PredictOptions([str(run.path) for run in loaded], str(out_path), list(tcvis), list(dem or []) or None,
                              list(rel_elevation or []) or None, list(slope or []) or None, recipe,
                              rel_elevation_radius, allow_feature_mismatch, trust_model, overlap, batch_size, flips,
-                             threshold, min_area, drop_touching)
+                             threshold, min_area, drop_touching, cog_tags(loaded, threshold, threshold_source))
     try:
         grids = {}
         for scene in scene_list:
@@ -222,6 +241,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         summary = PredictSummary(str(out_path), threshold=threshold, threshold_source=threshold_source,
                                  sensor_given=sensor.sensor is not None)
         summary.warnings += run_warnings(loaded)
+        summary.engine = engine_description(engine, workers, len(todo))
         for scene in scene_list:
             summary.sensors[scene.sensor] = summary.sensors.get(scene.sensor, 0) + 1
             mismatch = sensor_warning(scene, recipe_sensors(recipe))
@@ -235,8 +255,8 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
         remove_temporaries(out_path, [scene.scene_id for scene in scene_list])
     finally:
         sources.close()
-    # The merged file is made here from the scenes' polygon files, in the scenes' order.
-    merged = Polygons(CRS.from_epsg(4326))
+    # The run's products are made here from the scenes' own files, in the scenes' order.
+    products = []
     for scene in scene_list:
         scene_id = scene.scene_id
         if scene_id in done_before or scene_id in results:
@@ -247,10 +267,11 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
                     f"{scene_id}: {result.slump_area_m2 / 1e4:.1f} ha predicted as slumps, over half of the scene's "
                     f"{result.valid_km2 * 100:.1f} ha of valid pixels: the model (or its threshold "
                     f"{threshold:.2f}) does not fit this scene")
-            merged.extend(read_polygons_file(result.polygons).to_crs(CRS.from_epsg(4326)))
+            products.append(SceneProduct(scene_id, scene.sensor, scene.image_date, result.probability, result.mask,
+                                         result.polygons, result.quicklook))
     summary.merged = str(out_path / MERGED_NAME)
     try:
-        write_polygons(merged, summary.merged)
+        summary.products = run_products(out_path, products, merge_period, threshold, options.tags)
     except Exception as error:
         if disk_problem(error, summary.merged) is None:
             raise
@@ -260,6 +281,8 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
                                                        "failed": summary.failed,
                                                        "threshold": threshold, "threshold_source": threshold_source,
                                                        "recipe": recipe, "runs": [str(r.path) for r in loaded],
+                                                       "merge_period": merge_period,
+                                                       "products": vars(summary.products),
                                                        "seconds": summary.seconds}, indent=1))
     return summary
 
@@ -273,6 +296,27 @@ def run_warnings(runs: Sequence[Run]) -> list[str]:
     return [f"{run.path}: its best validation IoU is 0 (the model found no slump in its validation data), so its "
             "epoch and threshold were chosen on nothing; its maps are unlikely to mean much"
             for run in runs if not (run.info.get("metrics") or {}).get("iou", 1.0)]
+
+
+def engine_description(engine: str, workers: int, scenes: int) -> str:
+    """How the scenes were predicted, for the summary: whether Ray was used, and where."""
+    if engine == "local":
+        return "local (this process)"
+    if not scenes:
+        return "ray, not started (every scene was complete)"
+    where = f"the cluster of RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") \
+        else "an embedded one-machine Ray"
+    return f"ray ({scenes} scenes in Ray actors on {where}; one actor per GPU, else per {workers} CPUs)"
+
+
+def cog_tags(runs: Sequence[Run], threshold: float, threshold_source: str) -> dict[str, str]:
+    """GeoTIFF metadata of the COGs (and properties of the STAC items): which model, threshold and
+    bands made them, by which rts-tf."""
+    import rts_tf
+
+    models = [f"{run.info.get('arch', '?')}-{run.info.get('encoder', '?')} ({run.path.resolve()})" for run in runs]
+    return {"RTS_MODEL": "; ".join(models), "RTS_THRESHOLD": f"{threshold:g}", "RTS_THRESHOLD_SOURCE": threshold_source,
+            "RTS_BANDS": ",".join(runs[0].bands), "RTS_TF_VERSION": rts_tf.__version__}
 
 
 def run_predictions(options: PredictOptions, todo: list[SceneTask], keys: list[str], loaded: list[Run],
@@ -308,6 +352,8 @@ def shared_inputs(runs: Sequence[Run], sources: SceneSources) -> str:
     """A digest of the inputs every scene shares: the runs' files and the auxiliary rasters."""
     files = [file_state(run.path / "run.json") for run in runs]
     files += [file_state(run.path / str(run.info.get("model", "model.keras"))) for run in runs]
+    files += [file_state(run.path / str(run.info["export"].get("file"))) for run in runs  # an exported package
+              if isinstance(run.info.get("export"), dict)]
     files += [file_state(path) for source in sources.sources for path in source.paths]
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
@@ -377,16 +423,22 @@ def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, r
 def output_files(out: Path, scene_ids: list[str], temporary: bool | None = None) -> list[Path]:
     """The files predict writes for these scenes that exist, by name: results and completion markers
     (temporary=False), staging and temporary files of any attempt (True), or both (None)."""
-    results = [out / MERGED_NAME, out / "summary.json"]
-    patterns = ["rts_polygons.tmp.gpkg*", "rts_polygons.*.tmp.gpkg*", "summary.json.tmp", "summary.json.*.tmp"]
+    results = [out / MERGED_NAME, out / "summary.json", out / "collection.json",
+               *(out / name for name in PARQUET_NAMES.values()), *out.glob(f"{MOSAIC_STEM}*.vrt"),
+               *out.glob(f"{MOSAIC_STEM}*.qml")]
+    patterns = ["rts_polygons.tmp.gpkg*", "rts_polygons.*.tmp.gpkg*", "summary.json.tmp", "summary.json.*.tmp",
+                "rts_*.*.tmp.parquet", f"{MOSAIC_STEM}*.vrt.tmp", f"{MOSAIC_STEM}*.qml.tmp", "collection.json.tmp"]
     temporaries = [path for pattern in patterns for path in out.glob(pattern)]
     for scene_id in scene_ids:
         folder = out / scene_id
         results += [folder / f"{scene_id}_{kind}.tif" for kind in ("probability", "mask")]
         results += [folder / f"{scene_id}_polygons.gpkg", complete_path(out, scene_id)]
+        results += [folder / f"{scene_id}_{kind}.qml" for kind in ("probability", "mask")]
+        results += [folder / f"{scene_id}_quicklook.png", folder / f"{scene_id}.json"]  # the STAC item
         # `<name>.tmp.<ext>` of earlier versions, `<name>.<attempt>.tmp.<ext>` now
         patterns = [f"{scene_id}_probability*.tmp.tif", f"{scene_id}_mask*.tmp.tif", ".probability*.staging.tif",
-                    ".mask*.staging.tif", f"{scene_id}_polygons*.tmp.gpkg*", f"{scene_id}{COMPLETE_SUFFIX}.*.tmp"]
+                    ".mask*.staging.tif", f"{scene_id}_polygons*.tmp.gpkg*", f"{scene_id}{COMPLETE_SUFFIX}.*.tmp",
+                    f"{scene_id}_quicklook.*.tmp.png", f"{scene_id}_*.qml.tmp", f"{scene_id}.json.tmp"]
         if folder.is_dir():
             temporaries += [path for pattern in patterns for path in folder.glob(pattern)]
     results = [path for path in results if path.exists()]
@@ -440,9 +492,10 @@ def cleaned_up(folder: Path, attempt: str):
 def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources, out: Path,
                   overlap: int, batch_size: int, flips: bool, threshold: float, min_area: float, drop_touching: bool,
                   region: str, advance: Callable[[int], None],
-                  attempt: str | None = None) -> tuple[SceneResult, Polygons]:
+                  attempt: str | None = None, tags: dict | None = None) -> tuple[SceneResult, Polygons]:
     """Stream one scene through the model in groups of windows along each row of tiles; write COGs
-    and polygons."""
+    (with `tags`) and their QGIS styles, polygons with probability statistics and the valid extent,
+    and a quick-look PNG."""
     size = runs[0].tile_size
     folder = out / scene.scene_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -486,6 +539,9 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
         with rasterio.open(staging["probability"], "w", dtype="float32", nodata=PROBABILITY_NODATA, **profile) as prob_out, \
                 rasterio.open(staging["mask"], "w", dtype="uint8", nodata=MASK_NODATA, **profile) as mask_out, \
                 ThreadPoolExecutor(1) as reader:
+            for dataset, description in ((prob_out, "slump probability"), (mask_out, "slump mask")):
+                dataset.update_tags(**(tags or {}))  # the COG conversion copies them
+                dataset.set_band_description(1, description)
             upcoming = reader.submit(read, reads[0])
             # Windows wait here until a full batch is there, across rows of tiles: every call of
             # the model but the last gets `batch_size` windows.
@@ -521,15 +577,23 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                                            "float32" if kind == "probability" else "uint8", attempt) for kind in names]:
                 done.result()
         polygons = polygons_from_rasters(names["probability"], names["mask"], MASK_NODATA, min_area, drop_touching)
+        probability_statistics(polygons, names["probability"])
+        extent = extent_layer(valid_extent(names["probability"]), grid.crs, scene.scene_id, scene.sensor,
+                              scene.image_date)
     count = len(polygons)
-    polygons.attributes.update(scene_id=[scene.scene_id] * count, image_date=[scene.image_date] * count,
-                               region=[region] * count)
+    polygons.attributes.update(scene_id=[scene.scene_id] * count, sensor=[scene.sensor] * count,
+                               image_date=[scene.image_date] * count, region=[region] * count)
     polygon_path = folder / f"{scene.scene_id}_polygons.gpkg"
-    write_polygons(polygons, polygon_path, temporary_id=attempt)
+    write_polygons(polygons, polygon_path, temporary_id=attempt, more_layers={"extent": extent}, styles=True)
+    write_raster_style(names["probability"], probability_style(threshold))
+    write_raster_style(names["mask"], MASK_STYLE)
+    look = folder / f"{scene.scene_id}_quicklook.png"
+    quicklook(scene, names["probability"], polygons, look, threshold)
     pixel_km2 = abs(grid.transform.a * grid.transform.e) / 1e6
     return SceneResult(scene.scene_id, str(names["probability"]), str(names["mask"]), str(polygon_path),
                        grid.width * grid.height * pixel_km2, count, float(sum(polygons.attributes["area_m2"])),
-                       valid_pixels * pixel_km2), polygons
+                       valid_km2=valid_pixels * pixel_km2, quicklook=str(look), sensor=scene.sensor,
+                       image_date=scene.image_date), polygons
 
 
 def to_cog(staging: Path, path: Path, dtype: str, attempt: str) -> None:

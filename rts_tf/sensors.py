@@ -145,8 +145,8 @@ def check_settings(settings: SensorSettings) -> None:
                                           ("--mask", settings.mask), ("--mask-ignore", settings.mask_ignore))
              if value not in (None, (), [])]
     if given and settings.sensor != "generic":
-        raise InputError(f"{', '.join(given)} only apply to --sensor generic (the other sensors' bands, "
-                         "reflectance and masks are known)")
+        raise InputError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to --sensor generic "
+                         "(the other sensors' bands, reflectance and masks are known)")
     if settings.sensor == "generic":
         parse_band_map(settings.band_map)
         if settings.reflectance_scale is not None and not settings.reflectance_scale > 0:

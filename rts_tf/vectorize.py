@@ -131,31 +131,77 @@ def polygons_from_rasters(probability_path: str | os.PathLike, mask_path: str | 
     return result
 
 
-STRING_FIELDS = ("scene_id", "image_date", "region", "site")
+STRING_FIELDS = ("scene_id", "sensor", "region", "site")
 INTEGER_FIELDS = ("touches_nodata",)
+DATE_FIELDS = ("image_date",)  # 'YYYY-MM-DD' or '' in Polygons; a GeoPackage DATE field in the file
+# GeoPackage 1.2: every GDAL since 2.2 opens it without a version warning (1.4 warns before GDAL 3.3).
+GPKG_OPTIONS = {"VERSION": "1.2"}
+
+
+def probability_statistics(polygons: Polygons, probability_path: str | os.PathLike) -> None:
+    """Set min, max, mean, median and std of the probability of each polygon's pixels (those whose
+    centre lies inside it: exactly the component's pixels for polygons from polygons_from_rasters)
+    and its perimeter in metres, reading only each polygon's window of the raster."""
+    from rasterio.features import geometry_mask
+    from rasterio.windows import from_bounds
+
+    names = ("min_probability", "max_probability", "mean_probability", "median_probability", "std_probability")
+    values: dict[str, list] = {name: [] for name in names}
+    with rasterio.open(probability_path) as dataset:
+        for geometry in polygons.geometries:
+            # One pixel of margin around the bounds (they lie on pixel edges, give or take rounding).
+            near = from_bounds(*geometry.bounds, transform=dataset.transform)
+            window = Window(int(np.floor(near.col_off)) - 1, int(np.floor(near.row_off)) - 1,
+                            int(np.ceil(near.width)) + 3, int(np.ceil(near.height)) + 3).intersection(
+                Window(0, 0, dataset.width, dataset.height))
+            probability = dataset.read(1, window=window)
+            inside = ~geometry_mask([geometry], probability.shape, dataset.window_transform(window))
+            pixels = probability[inside & (probability != dataset.nodata)].astype(np.float64)
+            for name, function in zip(names, (np.min, np.max, np.mean, np.median, np.std)):
+                values[name].append(float(function(pixels)) if pixels.size else float("nan"))
+    polygons.attributes.update(values)
+    polygons.attributes["perimeter_m"] = [float(g.length) for g in polygons.geometries]
 
 
 def read_polygons_file(path: str | os.PathLike, layer: str = "rts") -> Polygons:
     """Polygons and their attribute columns back from a GeoPackage written by write_polygons."""
     meta, _, geometry, fields = pyogrio.raw.read(path, layer=layer)
     wkb = [g for g in geometry] if geometry is not None else []
+    columns = {name: list(np.where(np.isnat(values), "", np.datetime_as_string(values, unit="D")))
+               if np.issubdtype(values.dtype, np.datetime64) else list(values)
+               for name, values in zip(meta["fields"], fields)}
     return Polygons(CRS.from_user_input(meta["crs"]), list(shapely.from_wkb(np.array(wkb, dtype=object))) if wkb else [],
-                    {name: list(values) for name, values in zip(meta["fields"], fields)})
+                    columns)
+
+
+def column(key: str, values: list) -> np.ndarray:
+    """An attribute column as the GeoPackage stores it: dates as DATE, flags as integers, text, numbers."""
+    if key in DATE_FIELDS:
+        return np.array([value or "NaT" for value in values], dtype="datetime64[D]")
+    dtype = object if key in STRING_FIELDS else np.int64 if key in INTEGER_FIELDS else np.float64
+    return np.array(values, dtype=dtype)
 
 
 def write_polygons(polygons: Polygons, path: str | os.PathLike, layer: str = "rts",
-                   temporary_id: str | None = None) -> None:
+                   temporary_id: str | None = None, more_layers: dict[str, Polygons] | None = None,
+                   styles: bool = False) -> None:
     """Write a GeoPackage of MultiPolygons atomically: under a temporary name of this attempt's own
-    (`<stem>.<temporary_id>.tmp.gpkg`, a random id by default), then renamed."""
+    (`<stem>.<temporary_id>.tmp.gpkg`, a random id by default), then renamed. `more_layers` go
+    into the same file; with styles, QGIS styles of the layers too (products.layer_styles_table)."""
     path = Path(path)
     temporary = path.with_name(f"{path.stem}.{temporary_id or uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    fields = list(polygons.attributes)
-    dtypes = [object if key in STRING_FIELDS else np.int64 if key in INTEGER_FIELDS else np.float64 for key in fields]
-    values = [np.array(polygons.attributes[key], dtype=dtype) for key, dtype in zip(fields, dtypes)]
-    multi = [g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g]) for g in polygons.geometries]
     try:
-        pyogrio.raw.write(temporary, shapely.to_wkb(np.array(multi, dtype=object)), values, fields, layer=layer,
-                          driver="GPKG", geometry_type="MultiPolygon", crs=polygons.crs.to_wkt())
+        for name, content in {layer: polygons, **(more_layers or {})}.items():
+            fields = list(content.attributes)
+            values = [column(key, content.attributes[key]) for key in fields]
+            multi = [g if g.geom_type == "MultiPolygon" else shapely.MultiPolygon([g]) for g in content.geometries]
+            pyogrio.raw.write(temporary, shapely.to_wkb(np.array(multi, dtype=object)), values, fields, layer=name,
+                              driver="GPKG", geometry_type="MultiPolygon", crs=content.crs.to_wkt(),
+                              dataset_options=GPKG_OPTIONS if name == layer else None)
+        if styles:
+            from rts_tf.products import layer_styles_table
+
+            layer_styles_table(temporary, [layer, *(more_layers or {})])
         os.replace(temporary, path)
     except BaseException:
         for leftover in temporary.parent.glob(temporary.name + "*"):  # with SQLite's -journal, -wal

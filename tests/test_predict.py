@@ -128,9 +128,9 @@ def test_polygons_reopen_and_their_areas_match_the_mask(scene_world, tmp_path):
     columns = dict(zip(meta["fields"], fields))
     assert len(geometry) == 1 and columns["area_m2"][0] == pytest.approx(400 * 9.0)
     assert shapely.from_wkb(geometry[0]).area == pytest.approx(400 * 9.0)
-    assert columns["scene_id"][0] == SCENE and columns["image_date"][0] == "2021-07-20"
+    assert columns["scene_id"][0] == SCENE and columns["image_date"][0] == np.datetime64("2021-07-20")  # a DATE
     assert 0.5 < columns["mean_probability"][0] <= columns["max_probability"][0] <= 1.0
-    merged_meta, _, merged, _ = pyogrio.raw.read(out / "rts_polygons.gpkg")
+    merged_meta, _, merged, _ = pyogrio.raw.read(out / "rts_polygons.gpkg", layer="detections")
     assert "4326" in merged_meta["crs"] and len(merged) == 1
     lon, lat = shapely.from_wkb(merged[0]).centroid.coords[0]
     assert -140 < lon < -130 and 69 < lat < 70.5

@@ -105,6 +105,8 @@ def test_predict_on_ray_equals_local_pixel_for_pixel(tiny_run, demo_records, tmp
                                                    "--workers", "1"))
     assert on_ray.exit_code == 0, on_ray.output
     assert "predicted 3 scenes" in on_ray.output
+    assert "engine: ray (3 scenes in Ray actors on an embedded one-machine Ray" in on_ray.output
+    assert "engine: local (this process)" in local.output
     slumps = 0
     for scene in sorted(scenes.iterdir()):
         for kind in ("probability", "mask"):
@@ -116,6 +118,8 @@ def test_predict_on_ray_equals_local_pixel_for_pixel(tiny_run, demo_records, tmp
         assert polygons_of(tmp_path / "local" / scene.name / name) == polygons_of(tmp_path / "ray" / scene.name / name)
         slumps += len(polygons_of(tmp_path / "ray" / scene.name / name)[2])
         assert (tmp_path / "ray" / scene.name / f"{scene.name}_complete.json").exists()
+        look = f"{scene.name}_quicklook.png"
+        assert (tmp_path / "ray" / scene.name / look).read_bytes() == (tmp_path / "local" / scene.name / look).read_bytes()
     merged = polygons_of(tmp_path / "ray" / "rts_polygons.gpkg")
     assert merged == polygons_of(tmp_path / "local" / "rts_polygons.gpkg") and len(merged[2]) == slumps > 0
     assert not temporaries(tmp_path / "ray")

@@ -366,7 +366,7 @@ def test_bad_sensor_input(ground, sentinel2, tmp_path):
     assert_fails(run(build_arguments(ground, sr, out, "--sensor", "generic", "--band-map",
                                      "blue=1,green=2,red=3,nir=5")), sr, "band 5", "4 bands")
     assert_fails(run(build_arguments(ground, four, out, "--band-map", "blue=1,green=2,red=3,nir=4")),
-                 "--band-map", "--sensor generic")
+                 "--band-map only applies to --sensor generic")
     assert_fails(run(build_arguments(ground, sr, out, "--sensor", "generic", "--band-map", "blue=1,green=2,red=3")),
                  "--band-map", "nir")
     assert_fails(run(build_arguments(ground, four, out, "--sensor", "planetscope-8b")), sr, "8 bands", "found 4")
