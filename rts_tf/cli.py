@@ -667,6 +667,9 @@ def track_command(inputs, out, date_field, site_field, layer, tolerance, max_gap
     for warning in summary.warnings:
         click.echo(f"Warning: {warning}", err=True)
     for line in summary.lines():
+        click.echo(line)
+
+
 @main.command("export")
 @click.option("--run", required=True, type=click.Path(), help="Run folder of `rts-tf fit` (run.json, model.keras).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "savedmodel"]), required=True,
