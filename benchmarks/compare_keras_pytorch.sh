@@ -6,7 +6,8 @@
 #     band count where build_segmenter now takes band names), parsed step by step like the PyTorch side;
 #   * OUTPUT_STRIDE [16] is the Keras DeepLab encoders' output stride (smp's stock DeepLabV3 uses 8,
 #     its DeepLabV3Plus 16);
-#   * the PyTorch side runs smp_step.py from BENCH [../shared/bench/keras_vs_pytorch_step of the project].
+#   * the PyTorch side runs this folder's copy of smp_step.py, which also prints each step's CPU time, and
+#     the summary gives the ratio of CPU seconds per step too (the steadier figure on a shared machine).
 #
 # usage: compare_keras_pytorch.sh ARCH ENCODER ROUNDS   (from the project root)
 #   ARCH     unet | unetpp | deeplabv3 | deeplabv3plus   (the project's names)
@@ -33,7 +34,7 @@ BATCH=${BATCH:-8} SIZE=${SIZE:-256} WARMUP=${WARMUP:-1} STEPS=${STEPS:-3} LOSS=f
 VARIANT=${VARIANT:-matched} KERAS=project TORCH_OMP_WAIT_POLICY=${TORCH_OMP_WAIT_POLICY-PASSIVE}
 KERAS_PY=${KERAS_PY:-$PWD/.venv/bin/python} TORCH_PY=${TORCH_PY:-${TMPDIR:-/tmp}/torchvenv/bin/python}
 PROJECT=${PROJECT:-$PWD}
-HERE=${BENCH:-$PROJECT/../shared/bench/keras_vs_pytorch_step}
+HERE=$PROJECT/benchmarks
 LOGDIR=${LOGDIR:-${TMPDIR:-/tmp}/p3-$ARCH-$ENCODER-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$LOGDIR"
 
@@ -72,11 +73,12 @@ done
 import re, statistics, sys
 logdir, arch, rounds, keras_mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 step = re.compile(rf"^\s+{arch} step \d+/\d+\s+([\d.]+) s")
+cpu_step = re.compile(rf"^\s+{arch} step \d+/\d+\s+[\d.]+ s\s+cpu\s+([\d.]+) s")
 summary = re.compile(rf"^\s+{arch}\s+([\d.]+) s/step")
 
-def times(side, r):
+def times(side, r, pattern=step):
     lines = open(f"{logdir}/round{r}-{side}.log").read().splitlines()
-    return [float(m.group(1)) for m in map(step.match, lines) if m]
+    return [float(m.group(1)) for m in map(pattern.match, lines) if m]
 
 pooled = {"keras": [], "torch": []}
 print(f"{'round':>5}  {'Keras s/step':>13}  {'PyTorch s/step':>14}  {'Keras/PyTorch':>13}")
@@ -89,6 +91,10 @@ for r in range(1, rounds + 1):
         pooled[side] += values
         medians[side] = statistics.median(values)
     print(f"{r:>5}  {medians['keras']:13.3f}  {medians['torch']:14.3f}  {medians['keras'] / medians['torch']:13.2f}")
+cpu = {side: [v for r in range(1, rounds + 1) for v in times(side, r, cpu_step)] for side in pooled}
+if all(cpu.values()):
+    kc, tc = statistics.median(cpu["keras"]), statistics.median(cpu["torch"])
+    print(f"pooled median CPU time: Keras {kc:.3f} s/step, PyTorch {tc:.3f} s/step; Keras/PyTorch = {kc / tc:.2f}")
 k, t = statistics.median(pooled["keras"]), statistics.median(pooled["torch"])
 what = "steps"
 print(f"pooled median: Keras {k:.3f} s/step ({len(pooled['keras'])} {what}), "
