@@ -490,6 +490,8 @@ def test_deeplab_output_stride_8_dilates_stages_4_and_5_with_the_same_weights():
         tiny_model("deeplabv3", output_stride=32)
     with pytest.raises(ValueError, match="'unetpp' has no option output_stride"):
         tiny_model("unetpp", output_stride=16)
+    with pytest.raises(ValueError, match="'deeplabv3' has no option deep_supervision; its options are: .*output_stride"):
+        tiny_model("deeplabv3", deep_supervision=True)
 
 
 @pytest.mark.parametrize("output_stride", [16, 8])

@@ -80,8 +80,9 @@ def build_model(
         del options["heads_output"]  # one output channel is what every other architecture gives
     unknown = sorted(set(options) - set(accepted))
     if unknown:
+        listed = accepted + (["output_stride"] if arch in DILATED_ARCHITECTURES else [])
         raise ValueError(
-            f"architecture {arch!r} has no option {', '.join(unknown)}; its options are: {', '.join(accepted)}"
+            f"architecture {arch!r} has no option {', '.join(unknown)}; its options are: {', '.join(listed)}"
         )
     if int(num_bands) < 1:
         raise ValueError(f"num_bands must be at least 1, got {num_bands}")
