@@ -599,3 +599,16 @@ def test_fit_builds_deeplab_at_the_configured_output_stride_and_ignores_it_for_u
     with pytest.raises(InputError, match="output_stride of deeplabv3plus must be 16 or 8, got 4"):
         build_segmenter(FitConfig(arch="deeplabv3plus", encoder="resnet18", output_stride=4), list(BAND_NAMES),
                         TILE_SIZE, mean, std)
+
+
+def test_fit_command_line_takes_output_stride_16_or_8():
+    from click.testing import CliRunner
+
+    from rts_tf.cli import main
+
+    fit = main.get_command(None, "fit")
+    parsed = {value: fit.make_context("fit", ["--output-stride", value]).params["output_stride"] for value in ("16", "8")}
+    assert parsed == {"16": 16, "8": 8}
+    assert fit.make_context("fit", []).params["output_stride"] is None  # FitConfig's default (16) applies
+    result = CliRunner().invoke(main, ["fit", "--output-stride", "32", "--records", "r", "--logdir", "l"])
+    assert result.exit_code == 2 and "'32' is not one of '16', '8'" in result.output
