@@ -279,6 +279,10 @@ def split_integers(ctx, param, value):
                    "default: train from scratch.")
 @click.option("--decoder-filters", multiple=True, callback=split_integers, help="Decoder widths, e.g. 128,64,32,16,8.")
 @click.option("--deep-supervision", is_flag=True, default=None, help="UNet++: train each of the four heads with its own loss; predict with their mean.")
+@click.option("--output-stride", type=click.Choice(["16", "8"]), default=None, callback=lambda c, p, v: v and int(v),
+              help="DeepLabv3/v3+: downsampling of the encoder output, kept by dilating the last encoder stage(s) "
+                   "instead of striding (a DeepLabv3-resnet34 step at 8 takes about 3x its CPU time at 16); UNet and "
+                   "UNet++ ignore it. [default: 16]")
 @click.option("--epochs", type=int, default=FIT.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=FIT.batch_size, show_default=True,
               help="Tiles per replica (per GPU); the global batch is this times the number of replicas.")

@@ -76,6 +76,7 @@ class FitConfig:
     encoder_weights: str | None = None
     decoder_filters: list[int] | None = None
     deep_supervision: bool = False
+    output_stride: int = 16  # deeplabv3/deeplabv3plus only: 16 or 8 (dilated encoder); others ignore it
     epochs: int = 100
     batch_size: int = 8
     global_batch_size: int | None = None

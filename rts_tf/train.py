@@ -133,7 +133,7 @@ def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, s
     import tensorflow as tf
 
     from rts_tf.bands import rgb_indexes
-    from rts_tf.models import IgnoreAwareNormalization, build_model
+    from rts_tf.models import DILATED_ARCHITECTURES, IgnoreAwareNormalization, build_model
 
     options = {}
     if config.decoder_filters:
@@ -141,6 +141,8 @@ def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, s
     if config.deep_supervision:
         options["deep_supervision"] = True
         options["heads_output"] = heads
+    if config.arch in DILATED_ARCHITECTURES:  # the other architectures downsample 32 times: no output stride
+        options["output_stride"] = config.output_stride
     try:
         if config.encoder_weights:  # the pretrained R, G, B filters go to the bands of those names
             options["rgb_bands"] = rgb_indexes(bands)
