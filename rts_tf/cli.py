@@ -154,8 +154,8 @@ def demo_data(out: str, seed: int, scene_size: int | None) -> None:
 @click.option("--tcvis", multiple=True, type=click.Path(),
               help="TCVIS (3-band uint8): a file, a VRT or a folder of tiles (repeatable); needed when --bands "
                    "has TCVIS bands.")
-@click.option("--bands", "bands", default="all", show_default=True, callback=lambda *args: band_set(*args),
-              help="The records' band set: band names (blue, green, red, nir, ndvi, tcvis_brightness, "
+@click.option("--bands", "bands", default=None, callback=lambda *args: band_set(*args),
+              help="The records' band set (default: all, the paper's ten): band names (blue, green, red, nir, ndvi, tcvis_brightness, "
                    "tcvis_greenness, tcvis_wetness, relative_elevation, slope) and groups (optical = "
                    "blue,green,red,nir,ndvi; reflectance; tcvis; terrain; all) joined by ',' or '+', e.g. "
                    "optical+terrain. Only the sources of these bands are needed (no --tcvis for optical+terrain).")
@@ -215,7 +215,8 @@ def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, band
     settings = BuildSettings(tile_size=tile_size, overlap=overlap, max_ignored=max_ignored,
                              compression=compression, compression_level=compression_level,
                              rel_elevation_radius=rel_elevation_radius,
-                             all_touched=all_touched, dem_min_valid=dem_min_valid, bands=tuple(bands))
+                             all_touched=all_touched, dem_min_valid=dem_min_valid,
+                             bands=tuple(bands) if bands else BUILD.bands)
     update, close = progress_bar("tiles")
     try:
         summary = build_records(scenes=list(scenes), labels=labels, out=out, tcvis=list(tcvis), dem=list(dem),
