@@ -20,6 +20,7 @@ from rts_tf.records import decode_example, read_manifest
 from rts_tf.tiling import tile_offsets
 
 OPTICAL_TERRAIN = ["blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope"]
+RUN_BANDS = ["blue", "green", "red", "nir", "ndvi", "slope"]  # fit --bands optical,slope of those records
 TINY_FIT = ["--arch", "unet", "--encoder", "resnet18", "--decoder-filters", "8,8,8,8,8", "--epochs", "1",
             "--batch-size", "1", "--image-every", "0", "--no-test-curves"]
 
@@ -40,13 +41,15 @@ def tiles_of(records: Path) -> dict[tuple[str, int, int], dict]:
 
 @pytest.fixture(scope="module")
 def optical_terrain(world, tmp_path_factory):
-    """Records of optical+terrain bands built without --tcvis, and a one-epoch run on them."""
+    """Records of optical+terrain bands built without --tcvis, and a one-epoch run on a subset of
+    them (fit --bands optical,slope)."""
     root = tmp_path_factory.mktemp("bands")
     arguments = without(build_arguments(world, root / "records"), "--tcvis") + ["--bands", "optical+terrain"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
     run = root / "run"
-    result = CliRunner().invoke(main, ["fit", "--records", str(root / "records"), "--logdir", str(run), *TINY_FIT])
+    result = CliRunner().invoke(main, ["fit", "--records", str(root / "records"), "--logdir", str(run),
+                                       "--bands", "optical,slope", *TINY_FIT])
     assert result.exit_code == 0, result.output
     return {"records": root / "records", "run": run, "root": root}
 
@@ -88,15 +91,13 @@ def test_band_subset_from_records_to_predict(optical_terrain, world, tmp_path):
     scene grid equals the run's tiles of the records blended as evaluate blends them."""
     from rts_tf.evaluate import blend_records_scene
     from rts_tf.inference import load_run
-
-    run_info = json.loads((optical_terrain["run"] / "run.json").read_text())
-    assert [band["name"] for band in run_info["bands"]] == OPTICAL_TERRAIN
+    from rts_tf.records import select_bands
     out = tmp_path / "predicted"
     result = CliRunner().invoke(main, ["predict", "--run", str(optical_terrain["run"]), "--scene",
                                        str(world["scenes"] / SCENE_B), "--dem", str(world["dem"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
     records = optical_terrain["records"]
-    manifest = read_manifest(records)
+    manifest = select_bands(read_manifest(records), RUN_BANDS)
     scene = next(s for s in manifest["scenes"] if s["scene_id"] == SCENE_B)
     run = load_run(optical_terrain["run"])
     expected = np.concatenate([strip for _, strip, _ in blend_records_scene(str(records), manifest, scene, [run])])
@@ -132,12 +133,11 @@ def test_predict_asks_for_tcvis_only_when_the_run_needs_it(optical_terrain, worl
     assert result.output.strip() == ("Error: give --tcvis: the bands tcvis_brightness, tcvis_greenness, "
                                      "tcvis_wetness are made from it")
     assert not out.exists()
-    # A run without terrain bands needs no DEM either: the optical+terrain run does.
+    # A run without terrain bands would need no DEM either: the optical,slope run does.
     result = CliRunner().invoke(main, ["predict", "--run", str(optical_terrain["run"]), "--scene",
                                        str(world["scenes"]), "--out", str(out)])
     assert result.exit_code != 0
-    assert result.output.strip() == ("Error: give --dem (or --rel-elevation and --slope): the bands "
-                                     "relative_elevation, slope are made from it")
+    assert result.output.strip() == "Error: give --dem (or --rel-elevation and --slope): the band slope is made from it"
 
 
 def test_build_records_needs_a_source_only_for_its_bands(world, tmp_path):
@@ -152,29 +152,30 @@ def test_build_records_needs_a_source_only_for_its_bands(world, tmp_path):
     assert result.exit_code != 0 and "unknown band or group 'tcvi'" in result.output
 
 
-def test_fit_on_a_subset_of_the_records_bands(world_records, tmp_path):
-    """fit --bands optical on ten-band records: a 5-channel model, run.json lists the five bands and
-    their normalisation is the training regions' statistics of those bands."""
+def test_fit_on_a_subset_of_the_records_bands(optical_terrain, world_records):
+    """fit --bands optical,slope: a 6-channel model, run.json lists the six bands and their
+    normalisation is the training regions' statistics of those bands. evaluate reads only them,
+    from the seven-band records or the ten-band ones alike (same values, same scores)."""
     from rts_tf.models import load_model
 
-    run = tmp_path / "optical"
-    result = CliRunner().invoke(main, ["fit", "--records", str(world_records), "--logdir", str(run),
-                                       "--bands", "optical", *TINY_FIT])
-    assert result.exit_code == 0, result.output
+    run = optical_terrain["run"]
     info = json.loads((run / "run.json").read_text())
-    optical = ["blue", "green", "red", "nir", "ndvi"]
-    assert [band["name"] for band in info["bands"]] == optical
-    assert load_model(run / "model.keras").input_shape == (None, 32, 32, 5)
-    stats = read_manifest(world_records)["statistics"]["regions"]
+    assert [band["name"] for band in info["bands"]] == RUN_BANDS
+    assert load_model(run / "model.keras").input_shape == (None, 32, 32, 6)
+    stats = read_manifest(optical_terrain["records"])["statistics"]["regions"]
+    indexes = [OPTICAL_TERRAIN.index(name) for name in RUN_BANDS]
     count = sum(stats[region]["count"] for region in info["regions"]["train"])
-    mean = sum(np.array(stats[region]["sum"][:5]) for region in info["regions"]["train"]) / count
+    mean = sum(np.array(stats[region]["sum"])[indexes] for region in info["regions"]["train"]) / count
     np.testing.assert_allclose(info["normalisation"]["mean"], mean, rtol=1e-6)
-    # Evaluate reads only the run's bands of the ten-band records.
-    result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--records", str(world_records),
-                                       "--region", "all"])
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["overall"]["scenes"] == 2
+    scores = []
+    for records, out in ((optical_terrain["records"], "seven"), (world_records, "ten")):
+        result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--records", str(records), "--region", "all",
+                                           "--out", str(optical_terrain["root"] / out)])
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads((optical_terrain["root"] / out / "metrics.json").read_text())["overall"])
+    assert scores[0]["scenes"] == 2 and scores[0]["slump_pixels"] > 0
+    assert {key: scores[0][key] for key in ("iou", "f1", "best_iou", "slump_pixels")} == \
+        {key: scores[1][key] for key in ("iou", "f1", "best_iou", "slump_pixels")}
 
 
 def test_fit_refuses_bands_the_records_lack(optical_terrain, tmp_path):
@@ -185,20 +186,21 @@ def test_fit_refuses_bands_the_records_lack(optical_terrain, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # one tiny run and its scoring: over half a minute on two cores
 def test_crossval_band_ablation_table(world_records, tmp_path):
-    """--band-set makes each band set a column beside the model, its runs trained on those bands."""
+    """--band-set makes each band set a column beside the model, its runs trained on those bands
+    (one band set and one held-out region here, to keep it to one tiny run)."""
     logdir = tmp_path / "cv"
     result = CliRunner().invoke(main, ["crossval", "--records", str(world_records), "--arch", "unet", "--encoder",
                                        "resnet18", "--logdir", str(logdir), "--epochs", "1", "--batch-size", "1",
                                        "--decoder-filters", "8,8,8,8,8", "--image-every", "0", "--regions", "Alpha",
-                                       "--band-set", "optical", "--band-set", "ten=all"])
+                                       "--band-set", "opt=optical,slope"])
     assert result.exit_code == 0, result.output
     table = (logdir / "crossval.md").read_text()
-    assert "| held-out region | unet resnet18 [optical] | unet resnet18 [ten] | mean over columns |" in table
-    assert "optical = blue,green,red,nir,ndvi" in table
-    rows = [row for row in csv.DictReader((logdir / "crossval.csv").open()) if row["seed"] not in ("mean",)]
-    assert [(row["band_set"], row["bands"]) for row in rows] == [("optical", "blue,green,red,nir,ndvi"),
-                                                                ("ten", ",".join(BAND_NAMES))]
+    assert "| held-out region | unet resnet18 [opt] | mean over columns |" in table
+    assert "opt = blue,green,red,nir,ndvi,slope" in table
+    rows = [row for row in csv.DictReader((logdir / "crossval.csv").open()) if row["seed"] != "mean"]
+    assert [(row["region"], row["band_set"], row["bands"]) for row in rows] == [("Alpha", "opt", ",".join(RUN_BANDS))]
     for row in rows:
         run = json.loads((Path(row["run"]) / "run.json").read_text())
         assert ",".join(band["name"] for band in run["bands"]) == row["bands"]
