@@ -236,7 +236,8 @@ class SceneSources:
         for source in needed:
             if not given[source]:
                 need = [name for name in self.bands if SOURCES.get(name) == source]
-                raise InputError(f"give {SOURCE_OPTIONS[source]}: the bands {', '.join(need)} are made from it")
+                raise InputError(f"give {SOURCE_OPTIONS[source]}: the band{'s' if len(need) > 1 else ''} "
+                                 f"{', '.join(need)} {'are' if len(need) > 1 else 'is'} made from it")
         self.legacy_dtype = legacy_dtype
         self.rel_elevation_radius, self.dem_min_valid = rel_elevation_radius, dem_min_valid
         self.parts = image_parts_for(self.bands)
