@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import yaml
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.records import read_manifest, records_fingerprint, write_json, write_text
+from rts_tf.records import read_manifest, records_fingerprint, select_bands, write_json, write_text
 from rts_tf.settings import RUNTIME_OPTIONS, SCHEDULES, VAL_SPLITS, FitConfig
 
 RUN_NAME = "run.json"
@@ -283,7 +283,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     """
     started = time.perf_counter()
     check_config(config)
-    manifest = read_manifest(config.records)
+    config, manifest = choose_bands(config, read_manifest(config.records))
     from rts_tf.dataset import check_shards, make_dataset, normalisation, split_data
 
     if not any(scene["tiles"] for scene in manifest["scenes"]):
@@ -434,6 +434,23 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     finally:
         if config.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def choose_bands(config: FitConfig, manifest: dict) -> tuple[FitConfig, dict]:
+    """The configuration with its --bands resolved against the records (canonical names; None when
+    they are all the records' bands) and the manifest as the run reads it: only those bands (see
+    records.select_bands), so normalisation, the model's input and image panels follow them."""
+    if config.bands is None:
+        return config, manifest
+    from rts_tf.bands import parse_bands
+
+    available = [band["name"] for band in manifest["bands"]]
+    try:
+        bands = parse_bands(config.bands, available)
+    except ValueError as error:
+        raise InputError(f"--bands: {error}") from None
+    view = select_bands(manifest, bands, str(config.records))
+    return replace(config, bands=None if bands == available else bands), view
 
 
 def set_determinism(on: bool) -> None:
