@@ -153,6 +153,8 @@ def numpy_metrics(label: np.ndarray, probability: np.ndarray) -> dict[str, float
     values = scores(*count(p >= 0.5))
     sweep = np.array([count(p >= threshold) for threshold in SWEEP]).T
     values["best_iou"], values["best_threshold"] = best_of_sweep(*sweep)
+    ious = scores(*sweep)["iou"]
+    values["iou_spread"] = float(np.max(ious) - np.min(ious))
     return values
 
 
@@ -167,7 +169,7 @@ def test_metrics_on_a_random_batch_equal_numpy_and_read_only_channel_zero():
     for prediction in (probability, heads):
         metrics = segmentation_metrics()
         assert [metric.name for metric in metrics] == ["iou", "f1", "precision", "recall", "best_iou",
-                                                       "best_threshold"]
+                                                       "best_threshold", "iou_spread"]
         for metric in metrics:
             metric.update_state(label, prediction)
             assert float(metric.result()) == pytest.approx(expected[metric.name], rel=1e-6), metric.name
