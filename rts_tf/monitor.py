@@ -80,8 +80,9 @@ class TestCurves(tf.keras.callbacks.Callback):
     multi-worker run never join it)."""
 
     def __init__(self, records: str, manifest: dict, scenes, bands: list[str], logdir: Path, path: Path,
-                 batch_size: int, enabled: bool = True):
+                 batch_size: int, enabled: bool = True, inference: "LocalCopy | None" = None):
         super().__init__()
+        self.inference = inference
         self.records, self.manifest, self.scenes = str(records), manifest, list(scenes)
         self.bands, self.batch_size, self.enabled = bands, batch_size, enabled
         self.logdir = Path(logdir)
@@ -94,7 +95,8 @@ class TestCurves(tf.keras.callbacks.Callback):
         from rts_tf.evaluate import score_scenes
         from rts_tf.inference import Run
 
-        run = Run(self.logdir, self.model, self.manifest["tile_size"], self.manifest["overlap"], self.bands, 0.5)
+        model = self.inference(self.model) if self.inference else self.model
+        run = Run(self.logdir, model, self.manifest["tile_size"], self.manifest["overlap"], self.bands, 0.5)
         counts = score_scenes(self.records, self.manifest, self.scenes, [run], PAPER_THRESHOLD, objects=False,
                               batch_size=self.batch_size)
         metrics = counts.metrics()
@@ -114,6 +116,18 @@ class TestCurves(tf.keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.writer is not None:
             self.writer.close()
+
+
+class LocalCopy:
+    """A model built outside any strategy that takes the trained model's current weights when
+    called: the chief of a multi-worker run predicts with it alone, with no collective op."""
+
+    def __init__(self, copy: tf.keras.Model):
+        self.copy = copy
+
+    def __call__(self, model: tf.keras.Model) -> tf.keras.Model:
+        self.copy.set_weights(model.get_weights())
+        return self.copy
 
 
 # The fixed threshold of Nitze et al. (2021) for the paper-style per-epoch score.
@@ -207,8 +221,10 @@ class ImagePanels(tf.keras.callbacks.Callback):
     validation tiles: true colour and NIR false colour (those the run's bands allow, else its first
     band in grey), label, predicted probability and the error map."""
 
-    def __init__(self, validation: tf.data.Dataset, band_names: list[str], logdir: Path, every: int, tiles: int):
+    def __init__(self, validation: tf.data.Dataset, band_names: list[str], logdir: Path, every: int, tiles: int,
+                 inference: "LocalCopy | None" = None):
         super().__init__()
+        self.inference = inference
         self.band_names, self.every = band_names, every
         self.logdir = Path(logdir)
         images, labels = [], []
@@ -237,7 +253,8 @@ class ImagePanels(tf.keras.callbacks.Callback):
         # run, and only the chief writes panels.
         from rts_tf.inference import forward
 
-        probabilities = forward(self.model)(self.images)[..., 0]
+        model = self.inference(self.model) if self.inference else self.model
+        probabilities = forward(model)(self.images)[..., 0]
         with self.writer.as_default():
             for index, (image, label, probability) in enumerate(zip(self.images, self.labels, probabilities)):
                 valid = label != IGNORE

@@ -367,13 +367,20 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
         hparams = {"arch": config.arch, "encoder": config.encoder, "holdout_region": config.holdout_region or "",
                    "learning_rate": config.learning_rate, "loss": config.loss, "batch_size": global_batch}
         from rts_tf.monitor import BestCheckpoint, CheckpointCleanup, EpochLog, ImagePanels, LearningRateLogger, \
-            ResumableEarlyStopping, TestCurves, TrainingDone, best_epoch, hparams_callback, prune_checkpoints
+            LocalCopy, ResumableEarlyStopping, TestCurves, TrainingDone, best_epoch, hparams_callback, \
+            prune_checkpoints
 
         history_log = EpochLog(writable / "history.json")
+        # The chief's own inference (test curves, image panels) on a copy of the model made outside
+        # a multi-worker strategy: a call of the distributed model runs collective ops that the
+        # other workers never join. Elsewhere the model itself is called.
+        inference = LocalCopy(build_segmenter(config, bands, tile_size, mean, std, heads=True)) \
+            if os.environ.get("TF_CONFIG") and chief else None
         test_curves = None
         if split.test is not None and config.test_curves:
             test_curves = TestCurves(config.records, manifest, split.test.scenes, bands, writable / "test",
-                                     writable / "test_history.json", global_batch, enabled=chief)
+                                     writable / "test_history.json", global_batch, enabled=chief,
+                                     inference=inference)
         trained = checkpoints / TRAINED_NAME
         done = mode == "resume" and trained.exists()
         if not done:
@@ -396,7 +403,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
             ]
             if config.image_every > 0 and chief:
                 keras_callbacks.append(ImagePanels(validation, bands, writable / "images", config.image_every,
-                                                   config.image_tiles))
+                                                   config.image_tiles, inference=inference))
             if config.early_stopping > 0:
                 keras_callbacks.append(ResumableEarlyStopping(history_log, monitor="val_iou", mode="max",
                                                               patience=config.early_stopping))
