@@ -231,6 +231,7 @@ def ray_session(workers: int):
 # After a killed driver (kill -9, an out-of-memory kill) an embedded Ray's agents and workers live on
 # for minutes: a small process of its own (the reaper) ends them when the driver ends, however.
 REAPER_GRACE_SECONDS = 3.0
+REAPER_DONE = b"done"  # what the driver writes to the reaper after shutting Ray down itself
 
 
 def start_reaper(folder: str):
@@ -244,7 +245,8 @@ def start_reaper(folder: str):
                                                                               os.environ.get("PYTHONPATH")]))}
     try:
         return subprocess.Popen([sys.executable, "-c", "import sys; from rts_tf.engine import reap_session; "
-                                 "reap_session(sys.argv[1])", folder], stdin=subprocess.PIPE,
+                                 "reap_session(sys.argv[1], int(sys.argv[2]))", folder, str(os.getpid())],
+                                stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment,
                                 start_new_session=True)  # Ctrl-C in a terminal reaches the driver, not it
     except OSError:
@@ -252,33 +254,36 @@ def start_reaper(folder: str):
 
 
 def stop_reaper(reaper) -> None:
-    """Tell the reaper that the driver shut Ray down itself (it then finds nothing left to end)."""
+    """Tell the reaper that the driver shut Ray down itself: it ends without touching anything."""
     if reaper is None:
         return
     with contextlib.suppress(OSError, ValueError):
+        reaper.stdin.write(REAPER_DONE)
         reaper.stdin.close()
     with contextlib.suppress(Exception):
         reaper.wait(timeout=2 * REAPER_GRACE_SECONDS + 5)
 
 
-def reap_session(folder: str) -> None:
+def reap_session(folder: str, driver: int) -> None:
     """The reaper's work: wait for the driver's end, then SIGTERM (and after a grace time SIGKILL)
-    every process with a file open in the session folder (Ray's agents, workers, raylet), and
-    remove the folder."""
+    every other process with a file open in the session folder (Ray's agents, workers, raylet),
+    and remove the folder. Nothing when the driver said it shut Ray down itself."""
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.stdin.buffer.read()  # returns once the driver's end of the pipe is closed: it ended or is done
+    # Returns once the driver's end of the pipe is closed: it ended (killed), or it is done.
+    if sys.stdin.buffer.read() == REAPER_DONE:
+        return
     for kind in (signal.SIGTERM, signal.SIGKILL):
-        left = session_processes(folder)
+        left = [pid for pid in session_processes(folder) if pid != driver]  # never the driver itself
         for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, kind)
         deadline = time.monotonic() + REAPER_GRACE_SECONDS
         while left and time.monotonic() < deadline:
             time.sleep(0.1)
-            left = session_processes(folder)
+            left = [pid for pid in session_processes(folder) if pid != driver]
         if not left:
             break
     shutil.rmtree(folder, ignore_errors=True)
