@@ -20,6 +20,9 @@ from typing import Callable, Iterator
 
 from rts_tf.errors import InputError
 
+# flock's errors on file systems that do not lock (some Lustre and old NFS mounts).
+UNLOCKABLE = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
 
 def lock_holder(descriptor: int) -> str:
     """'process PID (command line)' holding a flock on the file of `descriptor`, as far as this
@@ -64,10 +67,11 @@ def folder_lock(folder: str | os.PathLike, option: str = "--out") -> Iterator[Pa
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise InputError(f"{folder}: {option} is in use by {lock_holder(descriptor)}; wait for it to end "
+                                 "or choose another folder (nothing was changed)") from None
+            if error.errno not in UNLOCKABLE:  # a file system without locks: run unlocked, as before
                 raise
-            raise InputError(f"{folder}: {option} is in use by {lock_holder(descriptor)}; wait for it to end or "
-                             "choose another folder (nothing was changed)") from None
         try:
             yield folder
         finally:
