@@ -49,23 +49,26 @@ clean-demo:
 	rm -rf $(DEMO) records/demo
 
 # Real data from open catalogues (needs the network; see README "Fetching inputs"). AOI: a polygon
-# file; LABELS: slump polygons over it; TCVIS: a TCVIS raster (published through Earth Engine only).
+# file; LABELS: slump polygons over it. TCVIS is published through Earth Engine only: the records leave it
+# out (BANDS=optical+terrain) unless TCVIS=file BANDS=all are given.
 AOI ?= aoi.gpkg
 DATES ?= 2022-07-01/2022-08-31
 FETCH ?= fetched
 LABELS ?= labels.gpkg
-TCVIS ?= tcvis.tif
+TCVIS ?=
+BANDS ?= optical+terrain
 REGION ?= MyArea
 
 demo-fetch: $(STAMP)
 	$(VENV)/bin/rts-tf fetch sentinel2 --aoi $(AOI) --dates $(DATES) --out $(FETCH)/sentinel2
 	$(VENV)/bin/rts-tf fetch dem --scenes $(FETCH)/sentinel2 --resolution 10 --out $(FETCH)/dem
-	$(VENV)/bin/rts-tf build-records --scenes $(FETCH)/sentinel2 --dem $(FETCH)/dem/dem.vrt --tcvis $(TCVIS) \
+	$(VENV)/bin/rts-tf build-records --scenes $(FETCH)/sentinel2 --dem $(FETCH)/dem/dem.vrt --bands $(BANDS) \
+		$(if $(TCVIS),--tcvis $(TCVIS)) \
 		--labels $(LABELS) --default-region $(REGION) --tile-size 128 --out $(FETCH)/records
 	$(VENV)/bin/rts-tf fit --records $(FETCH)/records --arch unet --encoder resnet18 --epochs 20 --batch-size 8 \
 		--logdir $(FETCH)/run
 	$(VENV)/bin/rts-tf predict --run $(FETCH)/run --scene $(FETCH)/sentinel2 --dem $(FETCH)/dem/dem.vrt \
-		--tcvis $(TCVIS) --out $(FETCH)/predictions
+		$(if $(TCVIS),--tcvis $(TCVIS)) --out $(FETCH)/predictions
 
 # Slump dynamics on the demo's time series (issue 20): predict its four dates with a trained run
 # (RUNS, by default the demo's seeds as `--run DIR ...`) and link the detections with `rts-tf track`; also tracks the truth

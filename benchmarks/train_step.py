@@ -2,6 +2,7 @@
 
 Run by hand:  .venv/bin/python benchmarks/train_step.py [--size 256] [--batch 8] [--warmup 1] [--steps 3]
                   [--encoder resnet34] [--arch unet unetpp deeplabv3 deeplabv3plus] [--train-on-batch]
+                  [--output-stride 16|8]
 
 Each architecture is built as `rts-tf fit` builds it (normalisation layer + network, weights from
 seed 0), compiled with AdamW(1e-3) and the focal loss, and stepped on one random batch (N(0,1)
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--arch", nargs="*", default=["unet", "unetpp", "deeplabv3", "deeplabv3plus"])
     parser.add_argument("--train-on-batch", action="store_true", help="time model.train_on_batch (see above)")
+    parser.add_argument("--output-stride", type=int, default=16, choices=[16, 8], help="DeepLab encoders' output stride")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -63,7 +65,7 @@ def main() -> None:
           f"[tensorflow {tf.__version__}, oneDNN {'on' if onednn_enabled() else 'off'}, {how}, "
           f"{args.warmup} warm-up + {args.steps} timed steps]", flush=True)
     for arch in args.arch:
-        config = FitConfig(arch=arch, encoder=args.encoder)
+        config = FitConfig(arch=arch, encoder=args.encoder, output_stride=args.output_stride)
         tf.keras.utils.set_random_seed(0)
         model = build_segmenter(config, BAND_NAMES, args.size, np.zeros(10), np.ones(10))
         model.compile(optimizer=tf.keras.optimizers.AdamW(1e-3), loss=focal)

@@ -18,7 +18,7 @@ import rasterio
 import shapely
 
 import rts_tf
-from rts_tf.bands import BANDS
+from rts_tf.bands import UNITS, describe_bands
 from rts_tf.engine import ENGINES, failures_message, local_jobs, outcome, quiet_worker, run_job, stop_workers
 from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
@@ -44,7 +44,7 @@ class SceneJob:
     region: str
     site: str
     polygons: list  # shapely polygons in the scene CRS
-    tcvis: list[str]
+    tcvis: list[str] | None  # None: the band set has no TCVIS band
     dem: list[str] | None
     rel_elevation: list[str] | None
     slope: list[str] | None
@@ -90,6 +90,7 @@ class BuildSummary:
     sensors: dict[str, int] = field(default_factory=dict)  # scenes per sensor profile
     sensor_given: bool = False  # chosen with --sensor, else detected from the files
     scene_warnings: list[str] = field(default_factory=list)  # e.g. a Sentinel-2 scene without SCL
+    bands: list[str] = field(default_factory=list)  # the records' band set
 
     def lines(self) -> list[str]:
         rate = self.tiles_built / self.seconds if self.seconds > 0 else 0.0
@@ -99,6 +100,7 @@ class BuildSummary:
             f"records: {self.out}",
             f"scenes: {self.scenes} ({self.scenes_built} built, {self.scenes_skipped} already complete)",
             f"sensors: {sensors} ({'--sensor' if self.sensor_given else 'detected from the files'})",
+            f"bands: {describe_bands(self.bands)} ({', '.join(self.bands)})",
             f"tiles: {self.tiles} ({self.slump_tiles} with slumps; by region: {regions})",
             f"ignored pixels: {100 * self.ignored_share:.1f}%",
             f"written: {self.bytes_written / 1e6:.1f} MB in {self.seconds:.1f} s "
@@ -161,7 +163,7 @@ def folder_name(region: str) -> str:
 
 
 @locks_folder("out", "--out")
-def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[str],
+def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[str] | None,
                   dem: Sequence[str] | None = None, rel_elevation: Sequence[str] | None = None,
                   slope: Sequence[str] | None = None, sites: str | None = None,
                   settings: BuildSettings = BuildSettings(), workers: int = 1, overwrite: bool = False,
@@ -175,6 +177,8 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     is one of label_values are slumps (every polygon without label_field). A scene in no site
     polygon whose labels carry no region gets default_region; without it the build fails. `sensor`
     chooses the sensor profile that reads the scenes (rts_tf.sensors; default: detected per scene).
+    The records hold the bands of `settings.bands`; TCVIS and terrain inputs are needed (and read)
+    only when the set has bands made from them.
     engine "local" builds scenes in `workers` processes, "ray" in Ray tasks (rts_tf.engine). A
     scene whose input fails does not stop the others: the build ends with an InputError naming
     the failed scenes (and writes no manifest); the finished scenes are kept for a re-run. Labels
@@ -231,7 +235,8 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     summary = BuildSummary(out=str(out_path), scenes=len(jobs), scenes_built=len(todo),
                            scenes_skipped=len(jobs) - len(todo), seconds=time.perf_counter() - started,
                            labels=label_report, sensor_given=sensor.sensor is not None,
-                           scene_warnings=[*rebuilt, *(warning for job in jobs for warning in job.scene.warnings)])
+                           scene_warnings=[*rebuilt, *(warning for job in jobs for warning in job.scene.warnings)],
+                           bands=list(settings.bands))
     pixels = ignored = 0
     for job in jobs:
         part = parts[job.scene.scene_id]
@@ -305,7 +310,7 @@ def uncovered_inputs(job: SceneJob) -> list[str]:
             kind = {"udm2": "UDM2", "scl": "SCL", "classes": "--mask"}[SENSORS[scene.sensor].mask]
             checks.append((f"its {kind} {scene.mask} marks no pixel usable", lambda window, _: reader.quality(window)))
         for source in sources.sources:
-            is_dem = source is sources.terrain.dem
+            is_dem = sources.terrain is not None and source is sources.terrain.dem
             # NaN (no data) fails any comparison, also with -inf.
             minimum = settings.dem_min_valid if is_dem else -np.inf
             files = [dataset.name for dataset in source.overlapping(grid)] or source.paths
@@ -353,11 +358,12 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
                 no_region.append(scene.scene_id)
                 continue
             site = site or match.site or region
+            terrain = sources.terrain
             job = SceneJob(scene, region, site, match.polygons,
-                           tcvis=sources.tcvis.paths,
-                           dem=sources.terrain.dem.paths if sources.terrain.dem else None,
-                           rel_elevation=sources.terrain.rel_elevation.paths if not sources.terrain.dem else None,
-                           slope=sources.terrain.slope.paths if not sources.terrain.dem else None,
+                           tcvis=sources.tcvis.paths if sources.tcvis else None,
+                           dem=terrain.dem.paths if terrain and terrain.dem else None,
+                           rel_elevation=terrain.rel_elevation.paths if terrain and not terrain.dem else None,
+                           slope=terrain.slope.paths if terrain and not terrain.dem else None,
                            settings=settings, out=str(out), height=grid.height, width=grid.width,
                            label_counts=match.counts, label_selection=selection, region_from=region_from)
             job.fingerprint = fingerprint(job, label_layer.path)
@@ -375,10 +381,10 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
 
 
 def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings) -> SceneSources:
-    """The feature recipe of a build: its auxiliary sources with the build's settings."""
-    return SceneSources(tcvis, dem or None, rel_elevation or None, slope or None,
+    """The feature recipe of a build: the auxiliary sources of its band set, with the build's settings."""
+    return SceneSources(tcvis or None, dem or None, rel_elevation or None, slope or None,
                         rel_elevation_radius=settings.rel_elevation_radius,
-                        dem_min_valid=settings.dem_min_valid)
+                        dem_min_valid=settings.dem_min_valid, bands=settings.bands)
 
 
 def fingerprint(job: SceneJob, labels_path: str) -> str:
@@ -388,7 +394,7 @@ def fingerprint(job: SceneJob, labels_path: str) -> str:
         return [str(Path(path).resolve()), info.st_size, info.st_mtime_ns]
 
     scene = job.scene
-    files = [*scene.files, *job.tcvis, *(job.dem or []), *(job.rel_elevation or []), *(job.slope or [])]
+    files = [*scene.files, *(job.tcvis or []), *(job.dem or []), *(job.rel_elevation or []), *(job.slope or [])]
     content = {"settings": asdict(job.settings), "files": [stat(f) for f in files if f is not None],
                "sensor": [scene.sensor, [[str(path), band] for path, band in scene.bands], scene.reflectance(),
                           list(scene.mask_ignore)],
@@ -402,7 +408,7 @@ def prepare_output(out: Path, settings: BuildSettings, overwrite: bool) -> None:
     """Create the folder; refuse one built with other settings unless overwrite, and any non-empty
     folder that holds no records (with or without overwrite); clear leftovers of interrupted builds."""
     settings_path = out / SETTINGS_NAME
-    wanted = {"schema_version": SCHEMA_VERSION, **asdict(settings)}
+    wanted = settings_record(settings)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -421,6 +427,11 @@ def prepare_output(out: Path, settings: BuildSettings, overwrite: bool) -> None:
     remove_temporaries(out)
 
 
+def settings_record(settings: BuildSettings) -> dict:
+    """build-settings.json as JSON gives it back (the band set a list)."""
+    return {"schema_version": SCHEMA_VERSION, **asdict(settings), "bands": list(settings.bands)}
+
+
 def remove_temporaries(out: Path) -> None:
     """Delete the temporary files of earlier attempts (interrupted builds, killed workers). Only
     the driver calls this, before and after all jobs of a command, never a job: a job that may run
@@ -437,9 +448,12 @@ def previous_settings(out: Path) -> dict | None:
     """The settings an existing records folder was built with, or None when unreadable."""
     try:
         if (out / SETTINGS_NAME).exists():
-            return json.loads((out / SETTINGS_NAME).read_text())
-        manifest = read_manifest(out)
-        return {"schema_version": manifest["schema_version"], **manifest["settings"]}
+            found = json.loads((out / SETTINGS_NAME).read_text())
+        else:
+            manifest = read_manifest(out)
+            found = {"schema_version": manifest["schema_version"], **manifest["settings"]}
+        # Records from before band sets hold the ten bands.
+        return {**found, "bands": found.get("bands", list(BuildSettings().bands))}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, InputError):
         return None
 
@@ -560,7 +574,7 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     size = settings.tile_size
     limit = settings.max_ignored * size * size
     sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings)
-    statistics = BandStatistics(len(BANDS))
+    statistics = BandStatistics(len(settings.bands))
     counts = {"tiles": 0, "slump_tiles": 0, "slump_pixels": 0, "ignored_pixels": 0, "dropped_tiles": 0}
     positions = []  # (row, col, slump pixels) of every tile written: fit splits and counts without reading
     compression = COMPRESSIONS[settings.compression]
@@ -588,7 +602,8 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
                         region=job.region, site=job.site, row=row, col=col,
                         slump_pixels=slump_pixels, ignored_pixels=ignored))
                     lattice = (slice(None, None, STATISTICS_STEP),) * 2
-                    sampled = parts_to_float32({key: part[lattice] for key, part in tile_parts.items()})
+                    sampled = parts_to_float32({key: part[lattice] for key, part in tile_parts.items()},
+                                               band_names=list(settings.bands))
                     statistics.update(sampled[tile_label[lattice] != IGNORE])
                     counts["tiles"] += 1
                     positions.append([row, col, slump_pixels])
@@ -624,7 +639,8 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
     labels is plan_jobs' report on the label file. Each scene's label counts come from its job,
     so that a reused part never shows stale matching.
     """
-    overall = BandStatistics(len(BANDS))
+    bands = list(settings.bands)
+    overall = BandStatistics(len(bands))
     by_region: dict[str, BandStatistics] = {}
     by_sensor: dict[str, BandStatistics] = {}
     scenes, shards, regions = [], {}, {}
@@ -632,8 +648,8 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
         part = parts[job.scene.scene_id]
         statistics = BandStatistics.from_dict(part["statistics"])
         overall.merge(statistics)
-        by_region.setdefault(part["region"], BandStatistics(len(BANDS))).merge(statistics)
-        by_sensor.setdefault(job.scene.sensor, BandStatistics(len(BANDS))).merge(statistics)
+        by_region.setdefault(part["region"], BandStatistics(len(bands))).merge(statistics)
+        by_sensor.setdefault(job.scene.sensor, BandStatistics(len(bands))).merge(statistics)
         region = regions.setdefault(part["region"], {"scenes": 0, "tiles": 0, "slump_tiles": 0, "slump_pixels": 0})
         region["scenes"] += 1
         for key in ("tiles", "slump_tiles", "slump_pixels"):
@@ -650,13 +666,14 @@ def assemble_manifest(jobs: list[SceneJob], parts: dict[str, dict], settings: Bu
         "tile_size": settings.tile_size,
         "overlap": settings.overlap,
         "compression": compression,
-        "bands": BANDS,
-        "features": features(settings.tile_size),
+        "bands": [{"name": name, "unit": UNITS[name]} for name in bands],
+        "features": features(settings.tile_size, bands),
         "label_values": LABEL_VALUES,
         "settings": asdict(settings),
         "labels": labels or {},
         # What decides each pixel's band values: `fit` copies it into run.json for `predict`.
-        "recipe": recipe_settings("dem" if jobs and jobs[0].dem else "precomputed", settings.rel_elevation_radius,
+        "recipe": recipe_settings("dem" if jobs and jobs[0].dem else "precomputed" if jobs and jobs[0].slope else "none",
+                                  settings.rel_elevation_radius,
                                   settings.dem_min_valid, sensors=sorted(by_sensor)),
         "regions": dict(sorted(regions.items())),
         "scenes": scenes,

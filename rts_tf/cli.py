@@ -172,8 +172,14 @@ def demo_data(out: str, seed: int, scene_size: int | None, time_series: bool) ->
 @click.option("--rel-elevation", multiple=True, type=click.Path(),
               help="Precomputed relative elevation (m) instead of --dem; needs --slope.")
 @click.option("--slope", multiple=True, type=click.Path(), help="Precomputed slope (degrees) instead of --dem.")
-@click.option("--tcvis", multiple=True, required=True, type=click.Path(),
-              help="TCVIS (3-band uint8): a file, a VRT or a folder of tiles (repeatable).")
+@click.option("--tcvis", multiple=True, type=click.Path(),
+              help="TCVIS (3-band uint8): a file, a VRT or a folder of tiles (repeatable); needed when --bands "
+                   "has TCVIS bands.")
+@click.option("--bands", "bands", default=None, callback=lambda *args: band_set(*args),
+              help="The records' band set (default: all, the paper's ten): band names (blue, green, red, nir, ndvi, tcvis_brightness, "
+                   "tcvis_greenness, tcvis_wetness, relative_elevation, slope) and groups (optical = "
+                   "blue,green,red,nir,ndvi; reflectance; tcvis; terrain; all) joined by ',' or '+', e.g. "
+                   "optical+terrain. Only the sources of these bands are needed (no --tcvis for optical+terrain).")
 @click.option("--sites", type=click.Path(), default=None,
               help="Site polygons with 'site' and 'region' fields; else regions come from the labels.")
 @click.option("--default-region", default=None,
@@ -212,12 +218,15 @@ def demo_data(out: str, seed: int, scene_size: int | None, time_series: bool) ->
               help="Build although no label polygon lies on any scene (records of negatives only); without it "
                    "such labels (far away, or in a wrong CRS) are refused.")
 @sensor_options
-def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, sites, default_region, label_field,
+def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, bands, sites, default_region, label_field,
                           label_values, out, tile_size, overlap, max_ignored, rel_elevation_radius, dem_min_valid,
                           all_touched,
                           compression, compression_level, workers, engine, overwrite, allow_no_labels,
                           **sensor) -> None:
     """Align scenes, terrain, TCVIS and labels, tile them and write TFRecord shards.
+
+    --bands chooses the band set the records hold (default: the paper's ten); the DEM and TCVIS are
+    needed only for bands made from them.
 
     Scenes are PlanetScope (4- or 8-band), Sentinel-2 L2A (.SAFE or band files) or, with --sensor
     generic, any raster; each sensor's numbers become the same canonical reflectance. Every source
@@ -231,7 +240,8 @@ def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, site
     settings = BuildSettings(tile_size=tile_size, overlap=overlap, max_ignored=max_ignored,
                              compression=compression, compression_level=compression_level,
                              rel_elevation_radius=rel_elevation_radius,
-                             all_touched=all_touched, dem_min_valid=dem_min_valid)
+                             all_touched=all_touched, dem_min_valid=dem_min_valid,
+                             bands=tuple(bands) if bands else BUILD.bands)
     update, close = progress_bar("tiles")
     try:
         summary = build_records(scenes=list(scenes), labels=labels, out=out, tcvis=list(tcvis), dem=list(dem),
@@ -272,6 +282,25 @@ def split_list(ctx, param, value):
     return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
 
 
+def band_set(ctx, param, value):
+    """A --bands text (or YAML list) as canonical band names (rts_tf.bands.parse_bands); None when not given."""
+    if value is None or value == () or value == "":
+        return None
+    from rts_tf.bands import parse_bands
+
+    try:
+        return parse_bands(value if isinstance(value, (str, list)) else list(value))
+    except ValueError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+
+
+def band_tokens(ctx, param, value):
+    """A --bands text checked for unknown names but kept as given ('all' is resolved against the records)."""
+    if band_set(ctx, param, value) is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
 def split_integers(ctx, param, value):
     values = split_list(ctx, param, value)
     try:
@@ -293,6 +322,10 @@ def split_integers(ctx, param, value):
                    "default: train from scratch.")
 @click.option("--decoder-filters", multiple=True, callback=split_integers, help="Decoder widths, e.g. 128,64,32,16,8.")
 @click.option("--deep-supervision", is_flag=True, default=None, help="UNet++: train each of the four heads with its own loss; predict with their mean.")
+@click.option("--output-stride", type=click.Choice(["16", "8"]), default=None, callback=lambda c, p, v: v and int(v),
+              help="DeepLabv3/v3+: downsampling of the encoder output, kept by dilating the last encoder stage(s) "
+                   "instead of striding (a DeepLabv3-resnet34 step at 8 takes about 3x its CPU time at 16); UNet and "
+                   "UNet++ ignore it. [default: 16]")
 @click.option("--epochs", type=int, default=FIT.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=FIT.batch_size, show_default=True,
               help="Tiles per replica (per GPU); the global batch is this times the number of replicas.")
@@ -331,6 +364,10 @@ def split_integers(ctx, param, value):
               help="Stop after this many epochs without a better validation IoU (0: never).")
 @click.option("--seed", type=int, default=FIT.seed,
               show_default=True, help="Seed for weights, shuffling, augmentation.")
+@click.option("--bands", default=None, callback=lambda *args: band_tokens(*args),
+              help="Train on these of the records' bands (names and groups as in build-records --bands, e.g. "
+                   "optical or optical+terrain; 'all': every band of the records). Default: all the records' bands. "
+                   "Normalisation, pretrained RGB filters and image panels follow the set; run.json lists it.")
 @click.option("--augment/--no-augment", default=FIT.augment, show_default=True,
               help="Flips, rotations, blur, brightness/contrast, noise (training only).")
 @click.option("--oversample-slumps", type=int, default=FIT.oversample_slumps, show_default=True,
@@ -439,14 +476,20 @@ def evaluate_command(run: tuple[str, ...], records: str, region: str | None, thr
                    "over seeds and a seed-ensemble row. A grid file may list seeds instead (seed: [0, 1, 2]).")
 @click.option("--val-split", type=TableChoice("rts_tf.settings", "VAL_SPLITS"), default=None,
               help="Validation drawn from the training regions of each run (see `fit --help`).")
+@click.option("--band-set", "band_sets", multiple=True,
+              help="A band ablation: NAME=BANDS (repeatable), e.g. optical=blue,green,red,nir,ndvi, "
+                   "optical+terrain=optical,terrain, all (BANDS as in build-records --bands; a group name alone "
+                   "names itself). Each band set is a column beside the model; its runs in "
+                   "LOGDIR/<arch>_<encoder>/<NAME>/<region>.")
 @click.option("--val-fraction", type=float, default=None, help="Share of the training data that validates.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: one run after the other in this process; ray: one Ray task per run (one GPU each when "
                    "the cluster has GPUs), on the cluster of RAY_ADDRESS or an embedded one-machine Ray.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="--engine ray: CPUs of each run when there is no GPU, and of an embedded Ray.")
-def crossval_command(records, arch, encoder, logdir, grid, regions, engine, workers, seeds, **overrides) -> None:
-    """Leave-one-region-out cross-validation over architectures, encoders and seeds.
+def crossval_command(records, arch, encoder, logdir, grid, regions, engine, workers, seeds, band_sets,
+                     **overrides) -> None:
+    """Leave-one-region-out cross-validation over architectures, encoders, band sets and seeds.
 
     Trains one run per architecture, encoder, held-out region (and seed) in
     LOGDIR/<arch>_<encoder>/<region>[/seed<N>], scores it on its held-out region and writes
@@ -456,12 +499,15 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
     Re-running skips finished runs and resumes an interrupted one; scores are recomputed unless
     crossval computed them for exactly that run, records and code. `tensorboard --logdir LOGDIR`
     shows all runs in one HParams table.
+
+    With --band-set (a band ablation) every model is trained on each band set: columns
+    `<arch> <encoder> [NAME]`, so the table shows what each source (TCVIS, terrain) is worth.
     """
     from rts_tf.crossval import crossval
 
     result = crossval(records, logdir, arch=list(arch) or None, encoder=list(encoder) or None, grid=grid,
                       regions=regions, overrides=overrides, report=click.echo, engine=engine, workers=workers,
-                      seeds=seeds)
+                      seeds=seeds, band_sets=list(band_sets) or None)
     click.echo(result.markdown())
     click.echo(f"{result.trained} runs trained, {result.skipped} already complete; tables in {logdir}/crossval.md "
                "and crossval.csv")
@@ -475,7 +521,8 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
 @click.option("--dem", multiple=True, type=click.Path(), help="DEM file, VRT or folder of tiles (repeatable).")
 @click.option("--rel-elevation", multiple=True, type=click.Path(), help="Precomputed relative elevation.")
 @click.option("--slope", multiple=True, type=click.Path(), help="Precomputed slope.")
-@click.option("--tcvis", multiple=True, required=True, type=click.Path(), help="TCVIS file, VRT or folder of tiles.")
+@click.option("--tcvis", multiple=True, type=click.Path(),
+              help="TCVIS file, VRT or folder of tiles; needed only when the run's bands have TCVIS bands.")
 @click.option("--sites", type=click.Path(), default=None, help="Site polygons, to fill the polygons' region field.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--overlap", type=int, default=None, help="Window overlap in pixels (default: the run's records').")
@@ -510,7 +557,9 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
     Uses the same scene stack as build-records, so bands, order and normalisation match training
-    (a scene of another sensor than the model's records is predicted, with a warning).
+    (a scene of another sensor than the model's records is predicted, with a warning). Only the
+    sources the run's bands are made from are needed: no --tcvis for a model without TCVIS bands,
+    no --dem for one without terrain bands.
     Writes per scene OUT/<scene_id>/<scene_id>_probability.tif and _mask.tif (with QGIS .qml styles),
     _polygons.gpkg (layers rts: polygons with probability statistics, area and perimeter; extent: where
     the model looked), _quicklook.png and <scene_id>.json (STAC item); for the run OUT/rts_polygons.gpkg

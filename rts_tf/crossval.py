@@ -60,6 +60,7 @@ class CrossvalResult:
         rows = []
         for (region, model), runs in self.cells().items():
             row = {"region": region, "model": model, "arch": runs[0]["arch"], "encoder": runs[0]["encoder"],
+                   "band_set": runs[0].get("band_set", ""), "bands": runs[0].get("bands", ""),
                    "seed": "mean", "n": len(runs)}
             for key in CSV_SCORES:
                 mean, sd, _ = mean_sd(run.get(key) for run in runs)
@@ -68,7 +69,7 @@ class CrossvalResult:
         return rows
 
     def markdown(self) -> str:
-        models = sorted({row["model"] for row in self.rows})
+        models = list(dict.fromkeys(row["model"] for row in self.rows))  # the grid's order
         regions = list(dict.fromkeys(row["region"] for row in self.rows))
         cells = self.cells()
         means = {cell: {key: mean_sd(run.get(key) for run in runs)[0] for key, _ in SCORES}
@@ -79,7 +80,7 @@ class CrossvalResult:
             return " / ".join(spread([mean_sd(means[c][key] for c in chosen)[0]]) for key, _ in SCORES) \
                 if chosen else ""
 
-        lines = ["| held-out region | " + " | ".join(models) + " | mean over models |",
+        lines = ["| held-out region | " + " | ".join(models) + " | mean over columns |",
                  "|" + " --- |" * (len(models) + 2)]
         for region in regions:
             values = [" / ".join(spread(run.get(key) for run in cells[(region, m)]) for key, _ in SCORES)
@@ -95,6 +96,10 @@ class CrossvalResult:
                       "Paper-style max IoU: the best epoch on the held-out region at threshold 0.5, as Nitze et al. "
                       "(2021) report it. All scored on scene mosaics (see `rts-tf evaluate`). The mean row and "
                       "column average the cells' means, leaving out missing values."]
+        band_sets = {row["band_set"]: row["bands"] for row in self.rows if row.get("band_set")}
+        if band_sets:
+            lines += ["", "Band sets (columns `model [band set]`, each trained on those bands of the records): " +
+                      "; ".join(f"{name} = {bands}" for name, bands in band_sets.items()) + "."]
         if self.ensembles:
             lines += ["", "Seed ensemble (the mean probability of each cell's seeds, scored once; threshold: "
                           "see crossval.csv):", "",
@@ -110,7 +115,7 @@ class CrossvalResult:
 
     def csv(self) -> str:
         buffer = io.StringIO()
-        keys = ["region", "model", "arch", "encoder", "seed", "n", *[k for key in CSV_SCORES for k in (key, f"{key}_sd")],
+        keys = ["region", "model", "arch", "encoder", "band_set", "bands", "seed", "n", *[k for key in CSV_SCORES for k in (key, f"{key}_sd")],
                 "threshold", "threshold_source", "paper_max_epoch", "best_epoch", "run"]
         writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -159,14 +164,40 @@ def grid_settings(grid: str | None, arch: list[str] | None, encoder: list[str] |
     return list(archs), list(encoders), seed_list, shared
 
 
+def band_sets_of(texts: list[str], manifest: dict) -> list[tuple[str, list[str] | None]]:
+    """--band-set values (`NAME=BANDS`, or `BANDS` named by itself, e.g. `optical`) as (name, bands)
+    resolved against the records' bands (rts_tf.bands.parse_bands; None: all of them)."""
+    from rts_tf.bands import parse_bands
+    from rts_tf.records import select_bands
+
+    available = [band["name"] for band in manifest["bands"]]
+    chosen: list[tuple[str, list[str] | None]] = []
+    for text in texts:
+        name, _, spec = text.partition("=") if "=" in text else (text, "", text)
+        name = name.strip()
+        if not name or not all(c.isalnum() or c in "+-_." for c in name):
+            raise InputError(f"--band-set {text}: the name must be letters, digits and + - _ . (it names a folder)")
+        try:
+            bands = parse_bands(spec, available)
+        except ValueError as error:
+            raise InputError(f"--band-set {text}: {error}") from None
+        select_bands(manifest, bands, f"--band-set {text}")  # bands the records lack: one line, before training
+        if name in [known for known, _ in chosen]:
+            raise InputError(f"--band-set {name} is given twice")
+        chosen.append((name, None if bands == available else bands))
+    return chosen
+
+
 @locks_folder("logdir", "--logdir")
 def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: list[str] | None = None,
              grid: str | None = None, regions: list[str] | None = None, overrides: dict[str, Any] | None = None,
              report: Callable[[str], None] | None = None, engine: str = "local", workers: int = 1,
-             seeds: int | None = None) -> CrossvalResult:
-    """Train and evaluate every architecture x encoder (x seed) with each region held out once.
+             seeds: int | None = None, band_sets: list[str] | None = None) -> CrossvalResult:
+    """Train and evaluate every architecture x encoder (x band set) (x seed) with each region held out once.
 
     Each run lives in LOGDIR/<arch>_<encoder>/<region> (with several seeds: .../<region>/seed<N>);
+    with band sets (`band_sets`, `NAME=BANDS`: a band ablation) in LOGDIR/<arch>_<encoder>/<NAME>/<region>,
+    each band set a column of the table beside the model (`<arch> <encoder> [NAME]`);
     re-running skips finished runs and resumes an interrupted one. Writes LOGDIR/crossval.csv (a
     row per run, a mean row per cell, a seed-ensemble row per cell) and crossval.md (mean ± sd over
     seeds). Scores are computed by crossval for its cell (cached in RUN/crossval/ under a key of
@@ -189,19 +220,21 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
         raise InputError(f"region '{unknown[0]}' is not in the records (regions: {', '.join(manifest['regions'])})")
     if len(manifest["regions"]) < 2:
         raise InputError(f"{records}: cross-validation needs at least two regions")
+    sets = band_sets_of(band_sets, manifest) if band_sets else [(None, shared.pop("bands", None))]
     base = FitConfig(records=str(records), logdir=str(logdir), **shared)
 
-    def folder(a: str, e: str, r: str, seed: int | None) -> str:
-        cell = Path(logdir) / f"{a}_{e}" / r
+    def folder(a: str, e: str, b: str | None, r: str, seed: int | None) -> str:
+        cell = Path(logdir) / f"{a}_{e}" / (b or "") / r
         return str(cell if seed is None else cell / f"seed{seed}")
 
-    configs = [replace(base, arch=a, encoder=e, holdout_region=r, logdir=folder(a, e, r, s),
-                       **({} if s is None else {"seed": s}))
-               for a in archs for e in encoders for r in held_out for s in (seed_list or [None])]
+    grid_runs = [(replace(base, arch=a, encoder=e, holdout_region=r, logdir=folder(a, e, b, r, s), bands=bands,
+                          **({} if s is None else {"seed": s})), b)
+                 for a in archs for e in encoders for b, bands in sets for r in held_out for s in (seed_list or [None])]
+    configs = [config for config, _ in grid_runs]
     for config in configs:
         check_config(config)  # every name is checked before hours of training start
-    keys = [f"{config.arch} {config.encoder}, held out {config.holdout_region}"
-            f"{'' if seed_list is None else f', seed {config.seed}'}" for config in configs]
+    keys = [f"{config.arch} {config.encoder}{'' if b is None else f' [{b}]'}, held out {config.holdout_region}"
+            f"{'' if seed_list is None else f', seed {config.seed}'}" for config, b in grid_runs]
     result = CrossvalResult(str(logdir))
     finished: dict[str, dict] = {}
     failed: dict[str, str] = {}
@@ -226,11 +259,11 @@ def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: 
             # max_calls=1: each run in a fresh process, so TensorFlow frees its GPU and takes its thread setting.
             gpus = cluster_gpus(ray)
             resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": workers}
-            jobs = [(config, str(records), None if gpus else workers) for config in configs]
+            jobs = [(config, str(records), None if gpus else workers, b) for config, b in grid_runs]
             collect(ray_tasks(ray, crossval_run, jobs, keys, [resources] * len(jobs), label="crossval_run",
                               fresh_process=True))
     else:
-        collect(local_jobs(crossval_run, [(config, str(records), None) for config in configs], keys))
+        collect(local_jobs(crossval_run, [(config, str(records), None, b) for config, b in grid_runs], keys))
     for key in keys:  # the grid's order, whatever order the runs finished in
         if key in finished:
             result.rows.append(finished[key]["row"])
@@ -273,21 +306,22 @@ def ensemble_row(run_paths: list[str], records: str, region: str, model: str, fi
     metrics = scored(run_paths, records, region, Path(run_paths[0]).parent / "ensemble")
     overall = metrics["overall"]
     return {"region": region, "model": model, "arch": first["arch"], "encoder": first["encoder"],
-            "seed": "ensemble", "n": len(run_paths), **{key: overall.get(key) for key in CSV_SCORES},
+            "band_set": first.get("band_set", ""), "bands": first.get("bands", ""), "seed": "ensemble", "n": len(run_paths), **{key: overall.get(key) for key in CSV_SCORES},
             "paper_max_iou": None, "oracle_iou": overall["best_iou"], "validation_iou": None,
             "threshold": metrics["threshold"], "threshold_source": metrics["threshold_source"],
             "run": str(Path(run_paths[0]).parent / "ensemble")}
 
 
-def crossval_run(job: tuple[FitConfig, str, int | None], advance: Callable[[int], None] | None = None) -> dict:
+def crossval_run(job: tuple, advance: Callable[[int], None] | None = None) -> dict:
     """Train (or resume, or skip when finished) one run of the grid and score it on its held-out
-    region: {"row": its table row, "skipped": whether it was already trained}. `threads` limits
-    TensorFlow's CPU threads (a Ray task given that many CPUs)."""
+    region: {"row": its table row, "skipped": whether it was already trained}. The job is (config,
+    records, threads, band set name or None); `threads` limits TensorFlow's CPU threads (a Ray task
+    given that many CPUs)."""
     import tensorflow as tf
 
     from rts_tf.train import fit
 
-    config, records, threads = job
+    config, records, threads, band_set = (*job, None)[:4]
     if threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -298,8 +332,10 @@ def crossval_run(job: tuple[FitConfig, str, int | None], advance: Callable[[int]
     metrics = scored([str(run)], records, config.holdout_region, run / "crossval")
     overall = metrics["regions"][config.holdout_region]
     run_info = json.loads((run / "run.json").read_text())
-    row = {"region": config.holdout_region, "model": f"{config.arch} {config.encoder}",
-           "arch": config.arch, "encoder": config.encoder, "seed": config.seed, "n": 1, **overall,
+    row = {"region": config.holdout_region,
+           "model": f"{config.arch} {config.encoder}" + (f" [{band_set}]" if band_set else ""),
+           "arch": config.arch, "encoder": config.encoder, "band_set": band_set or "",
+           "bands": ",".join(band["name"] for band in run_info["bands"]), "seed": config.seed, "n": 1, **overall,
            "threshold": metrics["threshold"], "threshold_source": run_info.get("threshold_source"),
            "paper_max_epoch": metrics["paper_style"]["epoch"],
            "validation_iou": run_info["metrics"].get("iou", 0.0),

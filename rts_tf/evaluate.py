@@ -28,7 +28,7 @@ from scipy import ndimage
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.records import IGNORE, read_manifest, records_fingerprint, write_json, write_text
+from rts_tf.records import IGNORE, read_manifest, records_fingerprint, select_bands, write_json, write_text
 from rts_tf.scoring import SWEEP, best_of_sweep, scores
 
 # The sweep's thresholds as the float32 that probabilities are compared with (p >= t).
@@ -173,7 +173,8 @@ def blend_records_scene(records: str, manifest: dict, scene: dict, runs, batch_s
     done = 0
     tiles = shards.map(lambda s: decode_example(s, manifest, keys=("image", "label", "row", "col")))
     for batch in tiles.batch(batch_size).as_numpy_iterator():
-        probability = predict_tiles(runs, batch["image"], batch_size)
+        probability = predict_tiles(runs, batch["image"], batch_size,
+                                    band_names=[band["name"] for band in manifest["bands"]])
         for tile_label, tile_probability, row, col in zip(batch["label"], probability, batch["row"], batch["col"]):
             blender.add(int(row), int(col), tile_probability, tile_label[..., 0])
         done += len(probability)
@@ -231,23 +232,28 @@ def evaluate(run_path: str | Sequence[str], records: str, region: str | None = N
     drops them. metrics.json carries a key of everything the scores depend on (`evaluation_key`).
     """
     from rts_tf.dataset import check_shards
-    from rts_tf.inference import check_recipes, choose_threshold, load_run
+    from rts_tf.inference import check_recipes, choose_threshold, load_run, run_bands
     from rts_tf.scene import recipe_differences
 
     paths = [run_path] if isinstance(run_path, (str, Path)) else list(run_path)
     if not paths:
         raise InputError("give at least one --run")
     runs = [load_run(path, trust_model=trust_model) for path in paths]
-    manifest = read_manifest(records)
+    full = read_manifest(records)
+    names = [band["name"] for band in full["bands"]]
     for run in runs:
-        if [b["name"] for b in manifest["bands"]] != run.bands or manifest["tile_size"] != run.tile_size:
-            raise InputError(f"{records}: records have other bands or tile size than the run {run.path}")
-        differs = recipe_differences(manifest["recipe"], run.recipe) if manifest.get("recipe") and \
+        if [name for name in names if name in run.bands] != run.bands or full["tile_size"] != run.tile_size:
+            raise InputError(f"{records}: records lack bands or have another tile size than the run {run.path} "
+                             f"(records: {', '.join(names)}, {full['tile_size']} px; run: {', '.join(run.bands)}, "
+                             f"{run.tile_size} px)")
+        differs = recipe_differences(full["recipe"], run.recipe, run.bands) if full.get("recipe") and \
             run.info.get("recipe") else []
         if differs:  # (records of another sensor are a transfer test: allowed)
             raise InputError(f"{records}: records were built with other feature settings than the run's "
                              f"({', '.join(differs)}); its model would see other bands than it was trained on")
     check_recipes(runs)
+    # Only the runs' bands are decoded (a run may train on a subset of the records' bands: fit --bands).
+    manifest = select_bands(full, run_bands(runs), str(records))
     holdouts = {run.info.get("holdout_region") for run in runs}
     holdout = holdouts.pop() if len(holdouts) == 1 else None
     if region is None:
@@ -279,7 +285,7 @@ def evaluate(run_path: str | Sequence[str], records: str, region: str | None = N
               "threshold": threshold, "threshold_source": threshold_source, "min_area_m2": min_area,
               "regions": {name: counts.metrics() for name, counts in by_region.items()},
               "overall": overall.metrics(), "paper_style": paper_style(single),
-              "key": evaluation_key(paths, manifest, regions, threshold if threshold_source.startswith("given")
+              "key": evaluation_key(paths, full, regions, threshold if threshold_source.startswith("given")
                                     else None, min_area)}
     for name, metrics in result["regions"].items():
         metrics["kind"] = region_kind(name, runs)

@@ -200,8 +200,15 @@ def choose_threshold(runs: Sequence[Run], threshold: float | None = None) -> tup
     return 0.5, "0.5: the runs' validation thresholds differ (give --threshold to choose another)"
 
 
+def run_bands(runs: Sequence[Run]) -> list[str]:
+    """The bands the runs need together, in the canonical order: what a scene stack must make for them."""
+    needed = {name for run in runs for name in run.bands}
+    return [name for name in BAND_NAMES if name in needed]
+
+
 def check_recipes(runs: Sequence[Run]) -> dict:
-    """The feature recipe shared by the runs of an ensemble; refuse runs whose bands were made differently."""
+    """The feature recipe shared by the runs of an ensemble, with `bands`: the band set a scene stack
+    must make for them (`run_bands`); refuse runs whose bands were made differently."""
     for run in runs:
         missing = [name for name in run.bands if name not in BAND_NAMES]
         if missing:
@@ -210,11 +217,11 @@ def check_recipes(runs: Sequence[Run]) -> dict:
     for run in runs[1:]:
         if run.tile_size != first.tile_size:
             raise InputError("the runs of an ensemble must share one tile size")
-        differs = recipe_differences(run.recipe, first.recipe)  # the sensors trained on may differ
+        differs = recipe_differences(run.recipe, first.recipe, run_bands(runs))  # the sensors trained on may differ
         if differs:
             raise InputError(f"{run.path}: its records were built with other feature settings than {first.path} "
                              f"({', '.join(differs)}); an ensemble needs one recipe")
-    return first.recipe
+    return {**first.recipe, "bands": run_bands(runs)}
 
 
 def window_weights(size: int, floor: float = 1e-3) -> np.ndarray:
@@ -245,16 +252,18 @@ def forward(model):
     return call
 
 
-def predict_tiles(runs: Sequence[Run], tiles: np.ndarray, batch_size: int, flips: bool = False) -> np.ndarray:
-    """Mean probability of the runs (and of flipped copies with flips) for tiles (N, T, T, 10 bands).
+def predict_tiles(runs: Sequence[Run], tiles: np.ndarray, batch_size: int, flips: bool = False,
+                  band_names: Sequence[str] = BAND_NAMES) -> np.ndarray:
+    """Mean probability of the runs (and of flipped copies with flips) for tiles (N, T, T, bands).
 
-    Tiles hold the scene stack's bands in its order (float32, as records decode); each run gets
-    its own bands.
+    Tiles hold the bands `band_names` in that order (float32, as records decode; a scene stack
+    makes the runs' bands in the canonical order); each run gets its own bands.
     """
+    band_names = list(band_names)
     total = np.zeros(tiles.shape[:3], dtype=np.float32)
     variants = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
     for run in runs:
-        indexes = [BAND_NAMES.index(name) for name in run.bands]
+        indexes = [band_names.index(name) for name in run.bands]
         chosen = tiles if indexes == list(range(tiles.shape[-1])) else tiles[..., indexes]
         chosen = chosen.astype(np.float32, copy=False)
         for flip_rows, flip_cols in variants:

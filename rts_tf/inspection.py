@@ -7,11 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rts_tf.bands import NIR_FALSE_COLOUR, TCVIS_BANDS, TRUE_COLOUR
 from rts_tf.records import IGNORE, decode_example, read_manifest, verify_shard
-from rts_tf.visualize import composite, grey, outline, side_by_side
-
-PANELS = ("true colour", "NIR false colour", "TCVIS", "relative elevation", "slope", "label")
+from rts_tf.visualize import band_panels, outline, side_by_side
 
 
 @dataclass
@@ -48,7 +45,8 @@ class InspectReport:
             lines.append(f"{band['name'] + ' [' + band['unit'] + ']':<28}"
                          + "".join(f"{statistics[key][index]:>10.4g}" for key in ("mean", "std", "min", "max")))
         if self.previews:
-            lines += ["", f"previews ({', '.join(PANELS)}): {Path(self.previews[0]).parent} "
+            panels = ", ".join(preview_titles([band["name"] for band in manifest["bands"]]))
+            lines += ["", f"previews ({panels}): {Path(self.previews[0]).parent} "
                           f"({len(self.previews)} PNG files)"]
         return "\n".join(lines)
 
@@ -97,19 +95,19 @@ def sample_tiles(records: str, manifest: dict, shards: list[str], samples: int, 
     return [candidates[i] for i in picked]
 
 
+def preview_titles(band_names: list[str]) -> list[str]:
+    """The titles of a preview's panels for records of these bands."""
+    blank = np.zeros((1, 1, len(band_names)), np.float32)
+    return [title for title, _ in band_panels(blank, band_names, np.ones((1, 1), bool))] + ["label"]
+
+
 def tile_panels(sample: dict, band_names: list[str]) -> np.ndarray:
-    """One RGB image: the six preview panels of a tile side by side."""
+    """One RGB image: the preview panels of a tile side by side (those its band set allows, see
+    visualize.band_panels, then the label outlined on the first)."""
     image, label = sample["image"], sample["label"][..., 0]
     valid = label != IGNORE
-    band = lambda name: image[..., band_names.index(name)]
-    tcvis = np.clip(np.stack([band(n) for n in TCVIS_BANDS], -1),
-                    0, 255).astype(np.uint8)
-    relief = float(np.percentile(np.abs(band("relative_elevation")[valid]), 98)) if valid.any() else 1.0
-    true_colour = composite(image, band_names, TRUE_COLOUR, valid)
-    return side_by_side([
-        true_colour, composite(image, band_names, NIR_FALSE_COLOUR, valid), tcvis,
-        grey(band("relative_elevation"), valid, -max(relief, 0.5), max(relief, 0.5)),
-        grey(band("slope"), valid, 0.0, 30.0), outline(true_colour, label)])
+    panels = [rgb for _, rgb in band_panels(image, band_names, valid)]
+    return side_by_side([*panels, outline(panels[0], label)])
 
 
 def write_previews(tiles: list[dict], band_names: list[str], folder: Path, tensorboard: str | None) -> list[str]:
@@ -131,7 +129,7 @@ def write_previews(tiles: list[dict], band_names: list[str], folder: Path, tenso
         if writer is not None:
             with writer.as_default():
                 tf.summary.image(f"records/{sample['region'].decode()}/{name[:-4]}", panels[None], step=0,
-                                 description=" | ".join(PANELS))
+                                 description=" | ".join(preview_titles(band_names)))
     if writer is not None:
         writer.close()
     return paths

@@ -9,11 +9,11 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from rts_tf.bands import NIR_FALSE_COLOUR, TRUE_COLOUR
 from rts_tf.records import IGNORE, write_json
-from rts_tf.visualize import composite, error_map, grey, label_colour, side_by_side
+from rts_tf.visualize import band_panels, error_map, grey, label_colour, side_by_side
 
-PANELS = ("true colour", "NIR false colour", "label", "probability", "errors (TP white, FP red, FN blue)")
+# After the band panels of the run's band set (true colour and NIR false colour where it has those bands).
+PANELS = ("label", "probability", "errors (TP white, FP red, FN blue)")
 
 
 class EpochLog(tf.keras.callbacks.Callback):
@@ -204,7 +204,8 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 class ImagePanels(tf.keras.callbacks.Callback):
     """After the first epoch, every N epochs and after the last, TensorBoard images of fixed
-    validation tiles: true colour, NIR false colour, label, predicted probability and the error map."""
+    validation tiles: true colour and NIR false colour (those the run's bands allow, else its first
+    band in grey), label, predicted probability and the error map."""
 
     def __init__(self, validation: tf.data.Dataset, band_names: list[str], logdir: Path, every: int, tiles: int):
         super().__init__()
@@ -240,12 +241,12 @@ class ImagePanels(tf.keras.callbacks.Callback):
         with self.writer.as_default():
             for index, (image, label, probability) in enumerate(zip(self.images, self.labels, probabilities)):
                 valid = label != IGNORE
+                bands = band_panels(image, self.band_names, valid, auxiliary=False)
                 panels = side_by_side([
-                    composite(image, self.band_names, TRUE_COLOUR, valid),
-                    composite(image, self.band_names, NIR_FALSE_COLOUR, valid),
+                    *(rgb for _, rgb in bands),
                     label_colour(label), grey(probability, valid, 0.0, 1.0), error_map(label, probability)])
                 tf.summary.image(f"validation/tile_{index}", panels[None], step=epoch + 1,
-                                 description=" | ".join(PANELS))
+                                 description=" | ".join([*(title for title, _ in bands), *PANELS]))
         self.writer.flush()
 
     def on_train_end(self, logs=None):

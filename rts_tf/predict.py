@@ -17,6 +17,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
+from rts_tf.bands import BAND_NAMES, band_sources
 from rts_tf.engine import ENGINES, failures_message, local_jobs
 from rts_tf.errors import InputError, disk_problem, output_error
 from rts_tf.inference import Run, StripBlender, check_recipes, choose_threshold, load_run, predict_tiles
@@ -406,20 +407,24 @@ def completed_scenes(out: Path, tasks: Sequence[SceneTask]) -> dict[str, SceneRe
 def open_recipe(recipe: dict, tcvis: Sequence[str], dem: Sequence[str] | None, rel_elevation: Sequence[str] | None,
                 slope: Sequence[str] | None, rel_elevation_radius: float | None = None,
                 allow_mismatch: bool = False) -> SceneSources:
-    """The scene sources that make the bands as the run's records made them."""
+    """The scene sources that make the runs' bands (the recipe's `bands`, see check_recipes) as the
+    run's records made them; only the sources of those bands are needed (no TCVIS for a model without it)."""
+    bands = recipe.get("bands") or BAND_NAMES
+    # (without any terrain input SceneSources names the missing option)
+    uses_terrain = "terrain" in band_sources(bands) and bool(dem or rel_elevation or slope)
     terrain = "dem" if dem else "precomputed"
     radius = recipe["rel_elevation_radius"] if rel_elevation_radius is None else rel_elevation_radius
     changes = []
-    if terrain != recipe["terrain"]:
+    if uses_terrain and terrain != recipe["terrain"]:
         changes.append(f"terrain from {'a DEM' if terrain == 'dem' else 'precomputed rasters'}, the run's records "
                        f"from {'a DEM' if recipe['terrain'] == 'dem' else 'precomputed rasters'}")
-    if radius != recipe["rel_elevation_radius"]:
+    if uses_terrain and radius != recipe["rel_elevation_radius"]:
         changes.append(f"relative-elevation radius {radius} m, the run's records {recipe['rel_elevation_radius']} m")
     if changes and not allow_mismatch:
         raise InputError("these inputs make other bands than the model was trained on (" + "; ".join(changes) +
                          "); give the inputs the records were built from, or --allow-feature-mismatch")
-    return SceneSources(tcvis, dem or None, rel_elevation or None, slope or None, rel_elevation_radius=radius,
-                        dem_min_valid=recipe["dem_min_valid"], legacy_dtype=recipe.get("image_dtype"))
+    return SceneSources(tcvis or None, dem or None, rel_elevation or None, slope or None, rel_elevation_radius=radius,
+                        dem_min_valid=recipe["dem_min_valid"], legacy_dtype=recipe.get("image_dtype"), bands=bands)
 
 
 def output_files(out: Path, scene_ids: list[str], temporary: bool | None = None) -> list[Path]:
@@ -572,7 +577,8 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                              valid[:, col - left:col - left + size]) for col in group]
                 while len(pending) >= batch_size or (last and pending):
                     batch, pending = pending[:batch_size], pending[batch_size:]
-                    probabilities = predict_tiles(runs, np.stack([tile for _, _, tile, _ in batch]), batch_size, flips)
+                    probabilities = predict_tiles(runs, np.stack([tile for _, _, tile, _ in batch]), batch_size, flips,
+                                                  band_names=stack.bands)
                     for (row, col, _, tile_valid), probability in zip(batch, probabilities):
                         blender.add(row, col, probability, tile_valid)
                     advance(len(batch))

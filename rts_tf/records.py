@@ -17,9 +17,9 @@ import json
 import os
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -66,6 +66,16 @@ IMAGE_PARTS = (
     ImagePart("terrain", "float16", TERRAIN_BANDS),
 )
 
+
+
+def image_parts_for(bands: Sequence[str] = BAND_NAMES) -> tuple[ImagePart, ...]:
+    """The image parts that store a band set: each part with only the set's bands, parts without
+    any left out (records of `build-records --bands optical` have no TCVIS or terrain feature)."""
+    chosen = set(bands)
+    kept = (replace(part, bands=tuple(name for name in part.bands if name in chosen)) for part in IMAGE_PARTS)
+    return tuple(part for part in kept if part.bands)
+
+
 # Feature key -> (dtype, encoding). Image and label shapes depend on the build, see features().
 SCALAR_FEATURES = {
     "scene_id": ("string", "bytes_list"),
@@ -78,10 +88,10 @@ SCALAR_FEATURES = {
 }
 
 
-def features(tile_size: int) -> dict[str, dict[str, Any]]:
-    """The features of every tf.train.Example, as written into manifest.json."""
+def features(tile_size: int, bands: Sequence[str] = BAND_NAMES) -> dict[str, dict[str, Any]]:
+    """The features of every tf.train.Example of records holding `bands`, as written into manifest.json."""
     spec = {}
-    for part in IMAGE_PARTS:
+    for part in image_parts_for(bands):
         spec[part.key] = {"dtype": part.dtype, "shape": [tile_size, tile_size, len(part.bands)],
                           "encoding": RAW_ENCODING, "bands": list(part.bands),
                           "scale": [part.scale] * len(part.bands), "offset": [part.offset] * len(part.bands)}
@@ -95,8 +105,8 @@ def image_parts(manifest: dict) -> list[tuple[str, dict]]:
     """The image features of records as (key, spec), each spec with its bands, scale and offset:
     schema 2's parts, or schema 1's single `image` feature of every band."""
     specs = manifest["features"]
-    if "image" in specs:
-        names = [band["name"] for band in manifest["bands"]]
+    if "image" in specs:  # (a band view of schema-1 records names the image's bands itself, see select_bands)
+        names = specs["image"].get("bands") or [band["name"] for band in manifest["bands"]]
         return [("image", {**specs["image"], "bands": names, "scale": [1.0] * len(names),
                            "offset": [0.0] * len(names)})]
     return [(key, spec) for key, spec in specs.items() if "bands" in spec]
@@ -109,8 +119,9 @@ def _band_order(parts: list[tuple[str, dict]], band_names: list[str]) -> list[in
 
 def parts_to_float32(parts: dict[str, np.ndarray], manifest_features: dict | None = None,
                      band_names: list[str] = BAND_NAMES) -> np.ndarray:
-    """Stored image parts (..., n) -> float32 bands (..., len(band_names)) in physical units."""
-    specs = features(1) if manifest_features is None else manifest_features
+    """Stored image parts (..., n) -> float32 bands (..., len(band_names)) in physical units. Without
+    manifest_features the parts are those that store band_names (image_parts_for)."""
+    specs = features(1, band_names) if manifest_features is None else manifest_features
     ordered = [(key, specs[key]) for key in specs if "bands" in specs[key]]
     channels = []
     for key, spec in ordered:
@@ -142,6 +153,39 @@ def image_float32(parts: dict, manifest: dict):
     stacked = channels[0] if len(channels) == 1 else tf.concat(channels, axis=-1)
     order = _band_order(specs, [band["name"] for band in manifest["bands"]])
     return stacked if order == list(range(len(order))) else tf.gather(stacked, order, axis=-1)
+
+
+def select_bands(manifest: dict, bands: Sequence[str], where: str = "records") -> dict:
+    """A view of a manifest that reads only `bands` (a subset of its bands, kept in the records'
+    order): its `bands`, its per-band statistics, and only the image features that hold them.
+    Everything that reads records through a manifest (the input pipeline, normalisation, the
+    scorer) then sees these bands alone. InputError names bands the records lack."""
+    names = [band["name"] for band in manifest["bands"]]
+    missing = [name for name in bands if name not in names]
+    if missing:
+        raise InputError(f"{where}: the records hold no {', '.join(missing)} (their bands: {', '.join(names)}); "
+                         "choose bands among them or build records with them (build-records --bands)")
+    indexes = [index for index, name in enumerate(names) if name in set(bands)]
+    if len(indexes) == len(names):
+        return manifest
+    chosen = [names[index] for index in indexes]
+    specs = dict(manifest["features"])
+    if "image" in specs:  # schema 1: one image of every band, decoded whole, then gathered
+        specs["image"] = {**specs["image"], "bands": names}
+    else:
+        for key, spec in manifest["features"].items():
+            if "bands" in spec and not set(spec["bands"]) & set(chosen):
+                del specs[key]
+
+    def subset(stats: dict) -> dict:
+        return {key: [value[index] for index in indexes] if isinstance(value, list) else value
+                for key, value in stats.items()}
+
+    statistics = manifest["statistics"]
+    return {**manifest, "bands": [manifest["bands"][index] for index in indexes], "features": specs,
+            "statistics": {**statistics, "overall": subset(statistics["overall"]),
+                           "regions": {name: subset(stats) for name, stats in statistics["regions"].items()},
+                           "sensors": {name: subset(stats) for name, stats in statistics.get("sensors", {}).items()}}}
 
 
 def shard_suffix(compression: str) -> str:
@@ -189,6 +233,8 @@ def encode_example(parts: dict[str, np.ndarray], label: np.ndarray, **scalars) -
     example = example_class()()
     feature = example.features.feature
     for part in IMAGE_PARTS:
+        if part.key not in parts:  # records of a band set without this source
+            continue
         feature[part.key].bytes_list.value.append(np.ascontiguousarray(parts[part.key], dtype=part.dtype).tobytes())
     feature["label"].bytes_list.value.append(np.ascontiguousarray(label, dtype=np.uint8).tobytes())
     for key, (dtype, _) in SCALAR_FEATURES.items():

@@ -14,10 +14,10 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from rts_tf.bands import BANDS, REFLECTANCE_BANDS
+from rts_tf.bands import BAND_NAMES, BANDS, REFLECTANCE_BANDS, SOURCE_OPTIONS, SOURCES, band_sources
 from rts_tf.errors import InputError
 from rts_tf.rasters import Grid, RasterSource, check_readable, open_raster, warp_array
-from rts_tf.records import IMAGE_PARTS, parts_to_float32
+from rts_tf.records import IMAGE_PARTS, ImagePart, image_parts_for, parts_to_float32
 # SceneFiles and find_scenes live with the sensor profiles; scenes are found and stacked through this module.
 from rts_tf.sensors import REFLECTANCE_CONVENTION, REFLECTANCE_STEP, SENSORS, SceneFiles, family, find_scenes  # noqa: F401
 from rts_tf.settings import DEM_MIN_VALID
@@ -218,15 +218,31 @@ class SceneSources:
     `build-records`, `evaluate` and `predict` all stack scenes through this one class, so a pixel's
     bands are made by the same code and settings at training and inference. `settings()` is what
     records and runs carry (see `recipe_settings`).
+
+    `bands` is the band set to make (canonical order); only the sources its bands need are
+    opened (no TCVIS for a set without TCVIS bands: any given is left unread), and a missing one is
+    a one-line InputError naming the option and the bands that need it.
     """
 
-    def __init__(self, tcvis: Sequence[str], dem: Sequence[str] | None = None,
+    def __init__(self, tcvis: Sequence[str] | None, dem: Sequence[str] | None = None,
                  rel_elevation: Sequence[str] | None = None, slope: Sequence[str] | None = None,
                  rel_elevation_radius: float = 100.0, dem_min_valid: float = DEM_MIN_VALID,
-                 legacy_dtype: str | None = None):
-        if not dem and not (rel_elevation and slope):
-            raise InputError("give --dem, or both --rel-elevation and --slope")
+                 legacy_dtype: str | None = None, bands: Sequence[str] = BAND_NAMES):
+        self.bands = [name for name in BAND_NAMES if name in set(bands)]
+        if legacy_dtype and self.bands != BAND_NAMES:
+            raise InputError("runs trained on schema-1 records have all ten bands")
+        needed = band_sources(self.bands)
+        given = {"tcvis": bool(tcvis), "terrain": bool(dem or (rel_elevation and slope))}
+        for source in needed:
+            if not given[source]:
+                need = [name for name in self.bands if SOURCES.get(name) == source]
+                raise InputError(f"give {SOURCE_OPTIONS[source]}: the band{'s' if len(need) > 1 else ''} "
+                                 f"{', '.join(need)} {'are' if len(need) > 1 else 'is'} made from it")
         self.legacy_dtype = legacy_dtype
+        self.rel_elevation_radius, self.dem_min_valid = rel_elevation_radius, dem_min_valid
+        self.parts = image_parts_for(self.bands)
+        self.tcvis: RasterSource | None = None
+        self.terrain: Terrain | None = None
         opened: list[RasterSource] = []
 
         def open_source(paths: Sequence[str], what: str, bands: int) -> RasterSource:
@@ -234,11 +250,12 @@ class SceneSources:
             return opened[-1]
 
         try:
-            self.tcvis = open_source(tcvis, "TCVIS", 3)
-            if dem:
+            if "tcvis" in needed:
+                self.tcvis = open_source(tcvis, "TCVIS", 3)
+            if "terrain" in needed and dem:
                 self.terrain = Terrain(open_source(dem, "DEM", 1), radius=rel_elevation_radius,
                                        dem_min_valid=dem_min_valid)
-            else:
+            elif "terrain" in needed:
                 self.terrain = Terrain(None, open_source(rel_elevation, "relative elevation", 1),
                                        open_source(slope, "slope", 1), radius=rel_elevation_radius,
                                        dem_min_valid=dem_min_valid)
@@ -249,11 +266,13 @@ class SceneSources:
 
     @property
     def sources(self) -> list[RasterSource]:
-        return [self.tcvis, *self.terrain.sources]
+        """The auxiliary rasters opened: those the band set needs."""
+        return [*([self.tcvis] if self.tcvis else []), *(self.terrain.sources if self.terrain else [])]
 
     def settings(self) -> dict:
-        """The recipe's settings, as records and runs carry them."""
-        return recipe_settings(self.terrain.kind, self.terrain.radius, self.terrain.dem_min_valid, self.legacy_dtype)
+        """The recipe's settings, as records and runs carry them (terrain 'none': a set without terrain bands)."""
+        return recipe_settings(self.terrain.kind if self.terrain else "none", self.rel_elevation_radius,
+                               self.dem_min_valid, self.legacy_dtype)
 
     def check(self, scene: SceneFiles, grid: "Grid | None" = None) -> None:
         """Raise unless every source overlaps the scene."""
@@ -262,7 +281,7 @@ class SceneSources:
             source.check_overlaps(grid, f"scene {scene.scene_id} ({scene.sr})")
 
     def stack(self, scene: SceneFiles) -> "SceneStack":
-        return SceneStack(scene, self.tcvis, self.terrain, self.legacy_dtype)
+        return SceneStack(scene, self.tcvis, self.terrain, self.legacy_dtype, self.parts)
 
     def close(self) -> None:
         for source in self.sources:
@@ -281,6 +300,10 @@ LEGACY_VALID_PIXELS = ("scene data, UDM2 usable (clear; no snow, shadow, heavy h
 VALID_PIXELS = ("scene data, the sensor's quality mask usable (UDM2: clear; no snow, shadow, heavy haze, cloud, "
                 "unusable; Sentinel-2 SCL: not 0, 1, 3, 8, 9, 10, 11; generic: --mask value not in --mask-ignore), "
                 "TCVIS and terrain defined")
+# Since band sets: only the sources of the records' (or model's) bands count.
+BAND_SET_VALID_PIXELS = ("scene data, the sensor's quality mask usable (UDM2: clear; no snow, shadow, heavy haze, "
+                         "cloud, unusable; Sentinel-2 SCL: not 0, 1, 3, 8, 9, 10, 11; generic: --mask value not in "
+                         "--mask-ignore), the auxiliary sources of the bands (TCVIS, terrain) defined")
 
 
 def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: float,
@@ -296,7 +319,7 @@ def recipe_settings(terrain: str, rel_elevation_radius: float, dem_min_valid: fl
     return {"terrain": terrain, "rel_elevation_radius": float(rel_elevation_radius),
             "dem_min_valid": float(dem_min_valid), **encoding,
             "auxiliary_resampling": "bilinear", "auxiliary_chunk": AUXILIARY_CHUNK,
-            "valid_pixels": VALID_PIXELS, "reflectance": REFLECTANCE_CONVENTION,
+            "valid_pixels": BAND_SET_VALID_PIXELS, "reflectance": REFLECTANCE_CONVENTION,
             "sensors": sorted(set(sensors or ["planetscope"]))}
 
 
@@ -308,17 +331,24 @@ def recipe_sensors(recipe: dict) -> list[str]:
 def comparable_recipe(recipe: dict) -> dict:
     """A recipe without its sensors, with what older recipes left unsaid filled in: what must be
     equal for two models, or a model and records, to see the same bands."""
-    recipe = {key: value for key, value in recipe.items() if key != "sensors"}
+    recipe = {key: value for key, value in recipe.items() if key not in ("sensors", "bands")}
     recipe.setdefault("reflectance", REFLECTANCE_CONVENTION)  # PlanetScope numbers were already in it
-    if recipe.get("valid_pixels") == LEGACY_VALID_PIXELS:
-        recipe["valid_pixels"] = VALID_PIXELS
+    if recipe.get("valid_pixels") in (LEGACY_VALID_PIXELS, VALID_PIXELS):
+        recipe["valid_pixels"] = BAND_SET_VALID_PIXELS
     return recipe
 
 
-def recipe_differences(first: dict, second: dict) -> list[str]:
-    """The keys on which two recipes make other bands (sensors aside)."""
+# The recipe's terrain settings: they matter only to band sets with terrain bands.
+TERRAIN_SETTINGS = ("terrain", "rel_elevation_radius", "dem_min_valid")
+
+
+def recipe_differences(first: dict, second: dict, bands: Sequence[str] | None = None) -> list[str]:
+    """The keys on which two recipes make other bands (sensors aside); with `bands`, only those that
+    make these bands differ (no terrain settings for a set without terrain bands)."""
     first, second = comparable_recipe(first), comparable_recipe(second)
-    return sorted(key for key in set(first) | set(second) if first.get(key) != second.get(key))
+    ignored = TERRAIN_SETTINGS if bands is not None and "terrain" not in band_sources(bands) else ()
+    return sorted(key for key in set(first) | set(second)
+                  if key not in ignored and first.get(key) != second.get(key))
 
 
 def sensor_warning(scene: SceneFiles, sensors: Sequence[str]) -> str | None:
@@ -334,14 +364,18 @@ def sensor_warning(scene: SceneFiles, sensors: Sequence[str]) -> str | None:
 class SceneStack:
     """All model bands of one scene on its grid, read window by window with bounded memory."""
 
-    def __init__(self, scene: SceneFiles, tcvis: RasterSource, terrain: Terrain, legacy_dtype: str | None = None):
+    def __init__(self, scene: SceneFiles, tcvis: RasterSource | None, terrain: Terrain | None,
+                 legacy_dtype: str | None = None, parts: Sequence[ImagePart] = IMAGE_PARTS):
         self.scene = scene
         self.grid = scene_grid(scene)
         self.tcvis, self.terrain, self.legacy_dtype = tcvis, terrain, legacy_dtype
+        self.parts = tuple(parts)  # what read_parts makes: the band set's parts (records.image_parts_for)
+        self.bands = [name for part in self.parts for name in part.bands]
         name = f"scene {scene.scene_id}"
-        tcvis.check_overlaps(self.grid, name)
-        for source in terrain.sources:
+        for source in [*([tcvis] if tcvis else []), *(terrain.sources if terrain else [])]:
             source.check_overlaps(self.grid, name)
+        # The auxiliary channels of the chunks: TCVIS (3) and terrain (2), those opened.
+        self._auxiliary = [*(["tcvis"] * 3 if tcvis else []), *(["terrain"] * 2 if terrain else [])]
         # Enough chunks for the rows of chunks one block or row of windows spans.
         self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._capacity = 3 * math.ceil(self.grid.width / AUXILIARY_CHUNK) + 2
@@ -358,7 +392,7 @@ class SceneStack:
         self.close()
 
     def _chunk(self, chunk_row: int, chunk_col: int) -> np.ndarray:
-        """TCVIS and terrain (5, rows, cols) float32, NaN where unknown, of one fixed chunk."""
+        """TCVIS and terrain (up to 5, rows, cols) float32, NaN where unknown, of one fixed chunk."""
         key = (chunk_row, chunk_col)
         if key in self._chunks:
             self._chunks.move_to_end(key)
@@ -366,15 +400,18 @@ class SceneStack:
         top, left = chunk_row * AUXILIARY_CHUNK, chunk_col * AUXILIARY_CHUNK
         grid = self.grid.window_grid(top, left, min(AUXILIARY_CHUNK, self.grid.height - top),
                                      min(AUXILIARY_CHUNK, self.grid.width - left))
-        chunk = np.concatenate([self.tcvis.read_on(grid), self.terrain.read(grid)])
+        chunk = np.concatenate([*([self.tcvis.read_on(grid)] if self.tcvis else []),
+                                *([self.terrain.read(grid)] if self.terrain else [])])
         self._chunks[key] = chunk
         if len(self._chunks) > self._capacity:
             self._chunks.popitem(last=False)
         return chunk
 
     def auxiliary(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        """TCVIS and terrain (5, height, width) of a window inside the scene, from the fixed chunks."""
-        result = np.empty((5, height, width), dtype=np.float32)
+        """TCVIS and terrain (those opened: up to 5, height, width) of a window inside the scene, from the fixed chunks."""
+        result = np.empty((len(self._auxiliary), height, width), dtype=np.float32)
+        if not self._auxiliary:
+            return result
         for chunk_row in range(top // AUXILIARY_CHUNK, (top + height - 1) // AUXILIARY_CHUNK + 1):
             for chunk_col in range(left // AUXILIARY_CHUNK, (left + width - 1) // AUXILIARY_CHUNK + 1):
                 chunk = self._chunk(chunk_row, chunk_col)
@@ -406,8 +443,12 @@ class SceneStack:
         total = nir + red
         ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
         inside = (slice(top - row, bottom - row), slice(left - col, right - col))
-        return inside, {"reflectance": numbers, "ndvi": ndvi[None], "tcvis": auxiliary[:3],
-                        "terrain": auxiliary[3:]}, usable
+        values = {"reflectance": numbers, "ndvi": ndvi[None]}
+        for name in ("tcvis", "terrain"):
+            if name in self._auxiliary:
+                first = self._auxiliary.index(name)
+                values[name] = auxiliary[first:first + self._auxiliary.count(name)]
+        return inside, values, usable
 
     def read_parts(self, row: int, col: int, height: int, width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The bands of a window as records store them, {feature key: (height, width, n) array in
@@ -415,17 +456,20 @@ class SceneStack:
 
         The window may extend past the scene: pixels outside are 0 and invalid. A pixel is valid
         when the scene has data there, its quality mask (UDM2, SCL, --mask) calls it usable, and every
-        auxiliary source covers it.
+        auxiliary source of the band set covers it.
         Invalid pixels hold 0 in every band. A pixel's values do not depend on the window.
         """
-        parts = {part.key: np.zeros((height, width, len(part.bands)), part.dtype) for part in IMAGE_PARTS}
+        parts = {part.key: np.zeros((height, width, len(part.bands)), part.dtype) for part in self.parts}
         valid = np.zeros((height, width), dtype=bool)
         found = self._values(row, col, height, width)
         if found is None:
             return parts, valid
         inside, values, usable = found
-        for part in IMAGE_PARTS:
+        for part in self.parts:
             source = values[part.name]
+            full = next(whole for whole in IMAGE_PARTS if whole.name == part.name).bands
+            if part.bands != full:  # a band set with only some bands of this source
+                source = source[[full.index(name) for name in part.bands]]
             stored = source if source.dtype == part.dtype else part.store(source)
             # Band by band into the channels-last view: no stacked copy of the whole block.
             view = parts[part.key][inside]
@@ -435,12 +479,12 @@ class SceneStack:
         return parts, valid
 
     def read(self, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Bands (height, width, 10) float32 in physical units, as the records' values decode
+        """Bands (height, width, bands of the set) float32 in physical units, as the records' values decode
         (bit for bit), and the validity mask of `read_parts`. With a legacy dtype (runs trained on
         schema-1 records) the physical values rounded to that dtype, as those records held them."""
         if self.legacy_dtype is None:
             parts, valid = self.read_parts(row, col, height, width)
-            return parts_to_float32(parts), valid
+            return parts_to_float32(parts, band_names=self.bands), valid
         image = np.zeros((height, width, len(BANDS)), dtype=np.float32)
         valid = np.zeros((height, width), dtype=bool)
         found = self._values(row, col, height, width)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from rts_tf.bands import BAND_NAMES
 from rts_tf.errors import InputError
 from rts_tf.records import COMPRESSIONS
 from rts_tf.tiling import check_tiling
@@ -46,9 +47,13 @@ class BuildSettings:
     rel_elevation_radius: float = 100.0
     all_touched: bool = False
     dem_min_valid: float = DEM_MIN_VALID
+    bands: tuple[str, ...] = tuple(BAND_NAMES)  # the band set the records hold (canonical order)
 
     def validate(self) -> None:
         check_tiling(self.tile_size, self.overlap)
+        if not self.bands or [name for name in BAND_NAMES if name in self.bands] != list(self.bands):
+            raise InputError(f"--bands must name bands of {', '.join(BAND_NAMES)} in this order, got "
+                             f"{', '.join(self.bands) or 'none'}")
         if self.tile_size % 32:
             nearest = " or ".join(str(size) for size in sorted({max(32, self.tile_size // 32 * 32),
                                                                   self.tile_size // 32 * 32 + 32}))
@@ -76,6 +81,7 @@ class FitConfig:
     encoder_weights: str | None = None
     decoder_filters: list[int] | None = None
     deep_supervision: bool = False
+    output_stride: int = 16  # deeplabv3/deeplabv3plus only: 16 or 8 (dilated encoder); others ignore it
     epochs: int = 100
     batch_size: int = 8
     global_batch_size: int | None = None
@@ -94,6 +100,7 @@ class FitConfig:
     schedule_decay: float = 0.1
     early_stopping: int = 0
     seed: int = 0
+    bands: list[str] | None = None  # a subset of the records' bands to train on (None: all of them)
     augment: bool = True
     oversample_slumps: int = 1
     cache: bool = False

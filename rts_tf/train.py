@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import yaml
 
 import rts_tf
 from rts_tf.errors import InputError
-from rts_tf.records import read_manifest, records_fingerprint, write_json, write_text
+from rts_tf.records import read_manifest, records_fingerprint, select_bands, write_json, write_text
 from rts_tf.settings import RUNTIME_OPTIONS, SCHEDULES, VAL_SPLITS, FitConfig
 
 RUN_NAME = "run.json"
@@ -133,7 +133,7 @@ def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, s
     import tensorflow as tf
 
     from rts_tf.bands import rgb_indexes
-    from rts_tf.models import IgnoreAwareNormalization, build_model
+    from rts_tf.models import DILATED_ARCHITECTURES, IgnoreAwareNormalization, build_model
 
     options = {}
     if config.decoder_filters:
@@ -141,6 +141,8 @@ def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, s
     if config.deep_supervision:
         options["deep_supervision"] = True
         options["heads_output"] = heads
+    if config.arch in DILATED_ARCHITECTURES:  # the other architectures downsample 32 times: no output stride
+        options["output_stride"] = config.output_stride
     try:
         if config.encoder_weights:  # the pretrained R, G, B filters go to the bands of those names
             options["rgb_bands"] = rgb_indexes(bands)
@@ -291,7 +293,7 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
 def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> FitResult:
     """fit() once its run folder is locked."""
     started = time.perf_counter()
-    manifest = read_manifest(config.records)
+    config, manifest = choose_bands(config, read_manifest(config.records))
     from rts_tf.dataset import check_shards, make_dataset, normalisation, split_data
 
     if not any(scene["tiles"] for scene in manifest["scenes"]):
@@ -462,6 +464,23 @@ def damaged_shard_error(config: FitConfig, manifest: dict, split, error: Excepti
     reason = str(error).strip().splitlines()[0] if str(error).strip() else "DataLossError"
     return InputError(f"{config.records}: a shard is corrupt although every checksum matches the manifest "
                       f"({reason}){resume}")
+
+
+def choose_bands(config: FitConfig, manifest: dict) -> tuple[FitConfig, dict]:
+    """The configuration with its --bands resolved against the records (canonical names; None when
+    they are all the records' bands) and the manifest as the run reads it: only those bands (see
+    records.select_bands), so normalisation, the model's input and image panels follow them."""
+    if config.bands is None:
+        return config, manifest
+    from rts_tf.bands import parse_bands
+
+    available = [band["name"] for band in manifest["bands"]]
+    try:
+        bands = parse_bands(config.bands, available)
+    except ValueError as error:
+        raise InputError(f"--bands: {error}") from None
+    view = select_bands(manifest, bands, str(config.records))
+    return replace(config, bands=None if bands == available else bands), view
 
 
 def set_determinism(on: bool) -> None:

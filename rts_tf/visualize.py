@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from rts_tf.bands import NIR_FALSE_COLOUR, TCVIS_BANDS, TRUE_COLOUR
 from rts_tf.records import IGNORE
 
 OUTLINE = (255, 255, 0)
@@ -64,3 +65,26 @@ def side_by_side(panels: list[np.ndarray], gap: int = 2) -> np.ndarray:
     """Panels (H, W, 3) joined left to right with white gaps."""
     spacer = np.full((panels[0].shape[0], gap, 3), 255, dtype=np.uint8)
     return np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)
+
+
+def band_panels(image: np.ndarray, band_names: list[str], valid: np.ndarray,
+                auxiliary: bool = True) -> list[tuple[str, np.ndarray]]:
+    """(title, RGB) pictures of a tile's bands, those its band set allows: true colour, NIR false
+    colour and (with auxiliary) TCVIS, relative elevation and slope; a band set with none of these
+    shows its first band in grey."""
+    present = set(band_names)
+    band = lambda name: image[..., band_names.index(name)]
+    panels = [(title, composite(image, band_names, names, valid))
+              for title, names in (("true colour", TRUE_COLOUR), ("NIR false colour", NIR_FALSE_COLOUR))
+              if present.issuperset(names)]
+    if auxiliary and present.issuperset(TCVIS_BANDS):
+        panels.append(("TCVIS", np.clip(np.stack([band(name) for name in TCVIS_BANDS], -1), 0, 255).astype(np.uint8)))
+    if auxiliary and "relative_elevation" in present:
+        relief = float(np.percentile(np.abs(band("relative_elevation")[valid]), 98)) if valid.any() else 1.0
+        panels.append(("relative elevation", grey(band("relative_elevation"), valid, -max(relief, 0.5),
+                                                   max(relief, 0.5))))
+    if auxiliary and "slope" in present:
+        panels.append(("slope", grey(band("slope"), valid, 0.0, 30.0)))
+    if not panels:
+        panels.append((band_names[0], grey(image[..., 0], valid)))
+    return panels

@@ -16,7 +16,10 @@ def test_tiny_crossval_table_and_resume(world_records, tmp_path):
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
     assert "2 runs trained, 0 already complete" in result.output
-    rows = list(csv.DictReader((tmp_path / "cv" / "crossval.csv").open()))
+    table = list(csv.DictReader((tmp_path / "cv" / "crossval.csv").open()))
+    # One seed: a run row (its seed) and the cell's mean row (n = 1, no sd) per cell.
+    assert [row["seed"] for row in table] == ["0", "mean", "0", "mean"]
+    rows = [row for row in table if row["seed"] == "0"]
     assert sorted(row["region"] for row in rows) == ["Alpha", "Beta"]
     assert all(row["model"] == "unet resnet18" for row in rows)
     for row in rows:

@@ -185,8 +185,10 @@ def test_dilated_convolutions_are_one_native_op_with_conv2d_results():
         op_types = {op.type for op in graph.get_operations()}
         assert ("SpaceToBatchND" not in op_types) == onednn_enabled(), (rate, op_types)
 
-    model = tiny_model("deeplabv3")
-    assert {type(model.get_layer(f"aspp_rate{rate}_conv")) for rate in (3, 6, 9)} == {AtrousConv2D}
+    model = tiny_model("deeplabv3")  # rates (1, 2, 3) on the 4 x 4 map of a 64 px tile at output stride 16
+    assert {type(model.get_layer(f"aspp_rate{rate}_conv")) for rate in (2, 3)} == {AtrousConv2D}
+    encoder = model.get_layer("encoder_resnet18")
+    assert type(encoder.get_layer("stage4_unit1_conv2")) is AtrousConv2D  # the dilated stage 5 too
 
 
 def test_runs_saved_before_atrous_layers_still_load(tmp_path, monkeypatch):
@@ -198,15 +200,16 @@ def test_runs_saved_before_atrous_layers_still_load(tmp_path, monkeypatch):
     tf.keras.utils.set_random_seed(5)
     with monkeypatch.context() as patch:
         patch.setattr(blocks, "AtrousConv2D", tf.keras.layers.Conv2D)
-        old = tiny_model("deeplabv3plus")
-    assert type(old.get_layer("aspp_rate9_conv")) is tf.keras.layers.Conv2D
+        old = tiny_model("deeplabv3")
+    assert type(old.get_layer("aspp_rate3_conv")) is tf.keras.layers.Conv2D
+    assert type(old.get_layer("encoder_resnet18").get_layer("stage4_unit1_conv2")) is tf.keras.layers.Conv2D
     old.save(tmp_path / "model.keras")
     old.save_weights(str(tmp_path / "last.h5"))
     batch = random_batch()
     expected = old(batch, training=False).numpy()
 
     restored = load_model(tmp_path / "model.keras")
-    new = tiny_model("deeplabv3plus")
+    new = tiny_model("deeplabv3")
     new.load_weights(str(tmp_path / "last.h5"))
 
     np.testing.assert_allclose(restored(batch, training=False).numpy(), expected, atol=1e-5)
@@ -368,3 +371,244 @@ def test_models_train_under_mirrored_strategy_on_two_logical_cpus():
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas 2" in result.stdout
+
+
+# The literature's graphs: segmentation-models-pytorch (smp) 0.6.0, which Nitze et al. (2021) trained.
+#
+# Trainable parameters of smp's models with its defaults (encoder_weights=None, in_channels=10, classes=1),
+# computed once with `benchmarks/smp_parameter_counts.py` (torch 2.13.0+cpu, smp 0.6.0, in the venv of
+# ../shared/bench/keras_vs_pytorch_step/setup_torchvenv.sh) and copied here; the tests do not need PyTorch.
+# smp's DeepLab counts are the same at output stride 16 and 8.
+SMP_ENCODER_PARAMETERS = {"resnet34": 21_306_624, "resnet50": 23_529_984}
+SMP_DECODER_AND_HEAD_PARAMETERS = {  # decoder + segmentation head
+    ("resnet34", "unet"): 3_151_552 + 145,
+    ("resnet34", "unetpp"): 4_793_792 + 145,
+    ("resnet34", "deeplabv3"): 4_722_176 + 257,
+    ("resnet34", "deeplabv3plus"): 1_152_528 + 257,
+    ("resnet50", "unet"): 9_012_928 + 145,
+    ("resnet50", "unetpp"): 25_477_568 + 145,
+    ("resnet50", "deeplabv3"): 16_125_440 + 257,
+    ("resnet50", "deeplabv3plus"): 3_169_296 + 257,
+}
+# smp's feature strides (downsampling of the encoder's 5 feature maps) at each output stride.
+SMP_FEATURE_STRIDES = {32: (2, 4, 8, 16, 32), 16: (2, 4, 8, 16, 16), 8: (2, 4, 8, 8, 8)}
+# The decoders match smp exactly. The encoders come from segmentation-models (Keras: qubvel's
+# classification_models), not torchvision: its ResNet-34 has a 1x1 projection shortcut in the first unit of
+# stage 1 (+4,096), and its ResNets are pre-activation ones (an input BatchNormalization on the bands, BN before
+# each convolution, a final BN), whose BN layers sit on other channel counts: -1,654 (ResNet-34) and -7,542
+# (ResNet-50) trainable parameters. All other convolutions are equal.
+KERAS_ENCODER_DIFFERENCE = {"resnet34": 4_096 - 1_654, "resnet50": -7_542}
+ENCODER_CHANNELS = {"resnet34": (64, 64, 128, 256, 512), "resnet50": (64, 256, 512, 1024, 2048)}  # P1..P5
+
+
+def trainable_parameters(model: tf.keras.Model) -> int:
+    return int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
+
+
+def assert_smp_model(model: tf.keras.Model, arch: str, encoder: str, output_stride: int) -> None:
+    features = model.get_layer(f"encoder_{encoder}").output
+    strides = tuple(TILE_SIZE // int(features[f"P{level}"].shape[1]) for level in range(1, 6))
+    assert strides == SMP_FEATURE_STRIDES[output_stride]
+    assert tuple(int(features[f"P{level}"].shape[-1]) for level in range(1, 6)) == ENCODER_CHANNELS[encoder]
+    smp = SMP_ENCODER_PARAMETERS[encoder] + SMP_DECODER_AND_HEAD_PARAMETERS[(encoder, arch)]
+    assert trainable_parameters(model.get_layer(f"encoder_{encoder}")) == (
+        SMP_ENCODER_PARAMETERS[encoder] + KERAS_ENCODER_DIFFERENCE[encoder])
+    assert trainable_parameters(model) == smp + KERAS_ENCODER_DIFFERENCE[encoder]
+    assert abs(trainable_parameters(model) / smp - 1) < 0.001
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_resnet34_models_have_smp_parameters_and_feature_strides(arch):
+    tf.keras.backend.clear_session()
+    model = build_model(arch, "resnet34", NUM_BANDS, TILE_SIZE)
+
+    assert_smp_model(model, arch, "resnet34", 16 if arch.startswith("deeplab") else 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_resnet50_models_have_smp_parameters_and_feature_strides(arch):
+    tf.keras.backend.clear_session()
+    model = build_model(arch, "resnet50", NUM_BANDS, TILE_SIZE)
+
+    assert_smp_model(model, arch, "resnet50", 16 if arch.startswith("deeplab") else 32)
+
+
+def test_resnet50_decoders_have_smp_parameters():
+    # The decoders alone on ResNet-50's features (fast); the slow test above builds the whole models.
+    for arch, decoder in ARCHITECTURES.items():
+        output_stride = 16 if arch.startswith("deeplab") else 32
+        inputs = {level: tf.keras.Input((TILE_SIZE // stride, TILE_SIZE // stride, channels))
+                  for level, stride, channels in zip(("P1", "P2", "P3", "P4", "P5"), SMP_FEATURE_STRIDES[output_stride],
+                                                     ENCODER_CHANNELS["resnet50"])}
+        model = tf.keras.Model(inputs, decoder(inputs))
+
+        assert trainable_parameters(model) == SMP_DECODER_AND_HEAD_PARAMETERS[("resnet50", arch)], arch
+        assert model.output_shape == (None, TILE_SIZE, TILE_SIZE, 1), arch
+
+
+def test_resnet50_encoder_dilated_to_output_stride_16_has_smp_parameters():
+    encoder = build_encoder("resnet50", (TILE_SIZE, TILE_SIZE, NUM_BANDS), output_stride=16)
+
+    assert trainable_parameters(encoder) == SMP_ENCODER_PARAMETERS["resnet50"] + KERAS_ENCODER_DIFFERENCE["resnet50"]
+    assert tuple(TILE_SIZE // int(encoder.output[f"P{level}"].shape[1]) for level in range(1, 6)) == (
+        SMP_FEATURE_STRIDES[16])
+
+
+def test_aspp_rates_scale_chen_et_al_to_the_map_and_never_degenerate():
+    from rts_tf.models.deeplab_v3 import aspp_rates
+
+    assert aspp_rates(33) == (6, 12, 18)  # Chen et al.: 513 px crops at output stride 16
+    assert aspp_rates(16) == (3, 6, 9)  # 256 px tiles at output stride 16
+    assert aspp_rates(32) == (6, 12, 17)  # 256 px at 8: round(18 * 32 / 33) = round(17.45)
+    assert aspp_rates(8) == (1, 3, 4)  # 64 px at 8: 1.45, 2.91, 4.36
+    assert aspp_rates(4) == (1, 2, 3)  # 64 px at 16: 0.73, 1.45, 2.18 rounded to 1, 1, 2, then made distinct
+    for size in range(4, 80):
+        rates = aspp_rates(size)
+        assert len(set(rates)) == 3 and sorted(rates) == list(rates), size
+        assert 1 <= min(rates) and max(rates) < size, size  # every branch sees more than its centre tap
+    with pytest.raises(ValueError, match="at least 4 x 4 .* got 2 x 2: use larger tiles or output stride 8"):
+        build_model("deeplabv3", "resnet18", NUM_BANDS, 32, decoder_filters=8)
+    with pytest.raises(ValueError, match="below the size of the ASPP input \\(4 x 4"):
+        tiny_model("deeplabv3", atrous_rates=(1, 2, 4))
+
+
+def test_deeplab_output_stride_8_dilates_stages_4_and_5_with_the_same_weights():
+    tf.keras.backend.clear_session()
+    model = tiny_model("deeplabv3plus", output_stride=8)
+    tf.keras.backend.clear_session()
+    stride_16 = tiny_model("deeplabv3plus")
+
+    features = model.get_layer("encoder_resnet18").output
+    assert tuple(TILE_SIZE // int(features[f"P{level}"].shape[1]) for level in range(1, 6)) == SMP_FEATURE_STRIDES[8]
+    assert [model.get_layer(f"aspp_rate{rate}_conv").dilation_rate for rate in (1, 3, 4)] == [(1, 1), (3, 3), (4, 4)]
+    assert type(model.get_layer("aspp_rate3_conv")) is tf.keras.layers.SeparableConv2D  # v3+: separable ASPP
+    assert trainable_parameters(model) == trainable_parameters(stride_16)
+    probability = model(random_batch(), training=False)
+    assert probability.shape == (2, TILE_SIZE, TILE_SIZE, 1)
+    with pytest.raises(ValueError, match="output_stride of deeplabv3 must be 16 or 8, got 32"):
+        tiny_model("deeplabv3", output_stride=32)
+    with pytest.raises(ValueError, match="'unetpp' has no option output_stride"):
+        tiny_model("unetpp", output_stride=16)
+    with pytest.raises(ValueError, match="'deeplabv3' has no option deep_supervision; its options are: .*output_stride"):
+        tiny_model("deeplabv3", deep_supervision=True)
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_a_dilated_encoder_keeps_the_weights_and_the_features_above_its_output_stride(output_stride):
+    from rts_tf.models.encoders import _backbone, _dilated
+
+    tf.keras.utils.set_random_seed(6)
+    backbone = _backbone("resnet18", (TILE_SIZE, TILE_SIZE, NUM_BANDS))
+    dilated = _dilated(backbone, "resnet18", output_stride)
+
+    assert [layer.name for layer in dilated.layers] == [layer.name for layer in backbone.layers]
+    for weight, copy in zip(backbone.get_weights(), dilated.get_weights()):
+        np.testing.assert_array_equal(copy, weight)
+    # stage n of the ResNet is `stage<n-1>`; its first unit downsampled with stride 2
+    for stage, rate in {16: {4: 2}, 8: {3: 2, 4: 4}}[output_stride].items():
+        first = dilated.get_layer(f"stage{stage}_unit1_conv1")
+        padding = first.inbound_nodes[0].inbound_layers  # a ZeroPadding2D (the encoder's convolutions pad "valid")
+        assert (first.strides, first.dilation_rate, padding.padding) == ((1, 1), (rate, rate), ((rate, rate),) * 2)
+        assert dilated.get_layer(f"stage{stage}_unit2_conv2").dilation_rate == (rate, rate)
+        assert dilated.get_layer(f"stage{stage}_unit1_sc").strides == (1, 1)  # the 1x1 shortcut
+    assert backbone.get_layer("stage4_unit1_conv1").strides == (2, 2)
+    # Above the output stride nothing changed: the same features, bit for bit.
+    probe = random_batch(seed=6)
+    unchanged = ["relu0", "stage2_unit1_relu1", "stage3_unit1_relu1"]
+    unchanged += ["stage4_unit1_relu1"] if output_stride == 16 else []
+    before = tf.keras.Model(backbone.input, [backbone.get_layer(name).output for name in unchanged])(probe)
+    after = tf.keras.Model(dilated.input, [dilated.get_layer(name).output for name in unchanged])(probe)
+    for name, expected, value in zip(unchanged, before, after):
+        np.testing.assert_array_equal(value.numpy(), expected.numpy(), err_msg=name)
+    assert dilated.output.shape[1] == TILE_SIZE // output_stride
+
+
+def test_unet_plus_plus_inner_nodes_have_the_encoder_width_and_the_heads_are_1x1():
+    # As smp's UnetPlusPlus: the last node of each level has the decoder width, inner nodes the encoder's
+    # (resnet18: 64 at 1/2 and 1/4, 128 at 1/8).
+    tf.keras.backend.clear_session()
+    model = tiny_model("unetpp", deep_supervision=True)  # decoder_filters (32, 16, 16, 8, 8)
+    tf.keras.backend.clear_session()
+    plain = tiny_model("unetpp")
+
+    widths = {f"x{level}{column}": model.get_layer(f"decoder_x{level}{column}_2_conv").filters
+              for column in range(1, 5) for level in range(5 - column)}
+    assert widths == {"x31": 32, "x22": 16, "x13": 16, "x04": 8,  # last nodes: decoder_filters
+                      "x21": 128, "x11": 64, "x12": 64, "x01": 64, "x02": 64, "x03": 64}  # inner: P3, P2, P1
+    assert model.get_layer("decoder_full_resolution_2_conv").filters == 8
+    for column in (1, 2, 3):  # Zhou et al.'s 1x1 heads on X(0, 1..3), then upsampled from 1/2
+        assert tuple(model.get_layer(f"probability{column}_logits").kernel.shape) == (1, 1, 64, 1)
+    assert tuple(model.get_layer("probability4_logits").kernel.shape) == (3, 3, 8, 1)  # the plain model's head
+    assert trainable_parameters(model) - trainable_parameters(plain) == 3 * (64 + 1)
+
+
+@pytest.fixture()
+def stand_in_vgg16_file(tmp_path):
+    """A random 3-band VGG16 encoder's weights: the file stands in for the ImageNet file, which takes B, G, R."""
+    tf.keras.utils.set_random_seed(7)
+    bgr_encoder = build_encoder("vgg16", (TILE_SIZE, TILE_SIZE, 3))
+    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    bgr_encoder.save_weights(str(path))
+    return bgr_encoder, path
+
+
+def test_vgg_pretrained_filters_take_b_g_r_and_reach_the_bands_of_those_names(stand_in_vgg16_file):
+    from rts_tf.models.encoders import pretrained_channel_order
+
+    assert [name for name in ENCODERS if pretrained_channel_order(name) == "BGR"] == ["vgg16", "vgg19"]
+    bgr_encoder, path = stand_in_vgg16_file
+    bgr = bgr_encoder.get_layer("block1_conv1").get_weights()[0]  # input channels: B, G, R
+
+    # rts-tf bands B, G, R, NIR, ...: R at 2, G at 1, B at 0, the default rgb_bands (2, 1, 0)
+    encoder = build_encoder("vgg16", (TILE_SIZE, TILE_SIZE, NUM_BANDS), weights=str(path))
+    kernel = encoder.get_layer("block1_conv1").get_weights()[0]
+    for channel, band in enumerate((0, 1, 2)):  # ImageNet-VGG channel 0 is blue: band 0
+        np.testing.assert_allclose(kernel[:, :, band], bgr[:, :, channel] * 3 / NUM_BANDS, rtol=1e-6)
+    for band in range(3, NUM_BANDS):
+        np.testing.assert_allclose(kernel[:, :, band], bgr.mean(axis=2) * 3 / NUM_BANDS, rtol=1e-5, atol=1e-7)
+
+    # Another band order: R, G, B at 5, 7, 3 (blue at 3 gets channel 0), at output stride 16 (DeepLab).
+    encoder = build_encoder("vgg16", (TILE_SIZE, TILE_SIZE, NUM_BANDS), weights=str(path), rgb_bands=(5, 7, 3),
+                            output_stride=16)
+    kernel = encoder.get_layer("block1_conv1").get_weights()[0]
+    for channel, band in enumerate((3, 7, 5)):
+        np.testing.assert_allclose(kernel[:, :, band], bgr[:, :, channel] * 3 / NUM_BANDS, rtol=1e-6)
+    assert encoder.get_layer("block5_pool").strides == (1, 1)  # the last pool no longer downsamples
+    np.testing.assert_array_equal(encoder.get_layer("block5_conv3").get_weights()[0],
+                                  bgr_encoder.get_layer("block5_conv3").get_weights()[0])
+
+
+def test_fit_builds_deeplab_at_the_configured_output_stride_and_ignores_it_for_unet():
+    from rts_tf.bands import BAND_NAMES
+    from rts_tf.train import FitConfig, build_segmenter
+
+    def strides(model, encoder="resnet18"):
+        features = model.get_layer(f"{model.layers[-1].name}").get_layer(f"encoder_{encoder}").output
+        return tuple(TILE_SIZE // int(features[f"P{level}"].shape[1]) for level in range(1, 6))
+
+    tf.keras.backend.clear_session()
+    mean, std = np.zeros(len(BAND_NAMES)), np.ones(len(BAND_NAMES))
+    deeplab = build_segmenter(FitConfig(arch="deeplabv3", encoder="resnet18", output_stride=8),
+                              list(BAND_NAMES), TILE_SIZE, mean, std)
+    assert strides(deeplab) == SMP_FEATURE_STRIDES[8]
+    unet_config = FitConfig(arch="unet", encoder="resnet18", decoder_filters=[16, 8, 8, 8, 8], output_stride=8)
+    unet = build_segmenter(unet_config, list(BAND_NAMES), TILE_SIZE, mean, std)
+    assert strides(unet) == SMP_FEATURE_STRIDES[32]
+    from rts_tf.errors import InputError
+    with pytest.raises(InputError, match="output_stride of deeplabv3plus must be 16 or 8, got 4"):
+        build_segmenter(FitConfig(arch="deeplabv3plus", encoder="resnet18", output_stride=4), list(BAND_NAMES),
+                        TILE_SIZE, mean, std)
+
+
+def test_fit_command_line_takes_output_stride_16_or_8():
+    from click.testing import CliRunner
+
+    from rts_tf.cli import main
+
+    fit = main.get_command(None, "fit")
+    parsed = {value: fit.make_context("fit", ["--output-stride", value]).params["output_stride"] for value in ("16", "8")}
+    assert parsed == {"16": 16, "8": 8}
+    assert fit.make_context("fit", []).params["output_stride"] is None  # FitConfig's default (16) applies
+    result = CliRunner().invoke(main, ["fit", "--output-stride", "32", "--records", "r", "--logdir", "l"])
+    assert result.exit_code == 2 and "'32' is not one of '16', '8'" in result.output

@@ -20,7 +20,13 @@ from pathlib import Path
 import tensorflow as tf
 
 from rts_tf.models.deeplab_v3 import deeplab_v3_decoder, deeplab_v3_plus_decoder
-from rts_tf.models.encoders import DEFAULT_RGB_BANDS, ENCODERS, build_encoder, check_encoder_name
+from rts_tf.models.encoders import (
+    DEFAULT_RGB_BANDS,
+    ENCODERS,
+    build_encoder,
+    check_encoder_name,
+    feature_strides,
+)
 from rts_tf.models.normalisation import IgnoreAwareNormalization
 from rts_tf.models.unet import unet_decoder
 from rts_tf.models.unet_plus_plus import unet_plus_plus_decoder
@@ -31,8 +37,12 @@ ARCHITECTURES = {
     "deeplabv3": deeplab_v3_decoder,
     "deeplabv3plus": deeplab_v3_plus_decoder,
 }
+# Architectures whose encoder runs at an output stride below 32 (dilated last stages), and their default.
+DILATED_ARCHITECTURES = ("deeplabv3", "deeplabv3plus")
+DEFAULT_OUTPUT_STRIDE = 16
 
-__all__ = ["ARCHITECTURES", "ENCODERS", "IgnoreAwareNormalization", "build_encoder", "build_model", "load_model"]
+__all__ = ["ARCHITECTURES", "ENCODERS", "IgnoreAwareNormalization", "build_encoder", "build_model", "feature_strides",
+           "load_model"]
 
 
 def build_model(
@@ -51,20 +61,28 @@ def build_model(
     of the R, G, B bands that receive the pretrained RGB filters (2, 1, 0 in the rts-tf band
     order B, G, R, ...). ``options`` go to the decoder, for example ``decoder_filters`` or
     ``deep_supervision`` and ``heads_output`` (unetpp: a (tile, tile, 5) output of the mean and the
-    four heads, for training). ``heads_output=False`` is accepted by every architecture. The tile
-    size must be a multiple of 32.
+    four heads, for training). ``heads_output=False`` is accepted by every architecture.
+    ``output_stride`` (deeplabv3, deeplabv3plus only; 16 by default, or 8) is the downsampling of
+    the encoder's last feature, reached with dilated last stages as in DeepLab; UNet and UNet++ use
+    the whole downsampling pyramid (32) and refuse the option. The tile size must be a multiple of 32.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     check_encoder_name(encoder)
     decoder = ARCHITECTURES[arch]
+    output_stride = 32
+    if arch in DILATED_ARCHITECTURES:
+        output_stride = options.pop("output_stride", DEFAULT_OUTPUT_STRIDE)
+        if output_stride not in (16, 8) or isinstance(output_stride, bool):
+            raise ValueError(f"output_stride of {arch} must be 16 or 8, got {output_stride!r}")
     accepted = [name for name in inspect.signature(decoder).parameters if name != "features"]
     if "heads_output" not in accepted and not options.get("heads_output", True):
         del options["heads_output"]  # one output channel is what every other architecture gives
     unknown = sorted(set(options) - set(accepted))
     if unknown:
+        listed = accepted + (["output_stride"] if arch in DILATED_ARCHITECTURES else [])
         raise ValueError(
-            f"architecture {arch!r} has no option {', '.join(unknown)}; its options are: {', '.join(accepted)}"
+            f"architecture {arch!r} has no option {', '.join(unknown)}; its options are: {', '.join(listed)}"
         )
     if int(num_bands) < 1:
         raise ValueError(f"num_bands must be at least 1, got {num_bands}")
@@ -73,7 +91,7 @@ def build_model(
 
     shape = (int(tile_size), int(tile_size), int(num_bands))
     inputs = tf.keras.Input(shape=shape, dtype="float32", name="image")
-    features = build_encoder(encoder, shape, encoder_weights, rgb_bands)(inputs)
+    features = build_encoder(encoder, shape, encoder_weights, rgb_bands, output_stride)(inputs)
     probability = decoder(features, **options)
     return tf.keras.Model(inputs, probability, name=f"{arch}_{encoder}")
 

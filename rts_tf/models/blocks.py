@@ -80,13 +80,13 @@ def decoder_block(x: tf.Tensor, skips: list[tf.Tensor], filters: int, name: str)
     return conv_bn_relu(x, filters, name=f"{name}_2")
 
 
-def segmentation_head(x: tf.Tensor, name: str, upsample_factor: int = 1) -> tf.Tensor:
-    """One-channel 3x3 convolution to logits, bilinear upsampling, float32 sigmoid probability.
+def segmentation_head(x: tf.Tensor, name: str, upsample_factor: int = 1, kernel_size: int = 3) -> tf.Tensor:
+    """One-channel convolution to logits (3x3, or 1x1 as in smp's DeepLab heads), bilinear upsampling, sigmoid.
 
     The sigmoid layer is called ``name``; it runs in float32 so the output stays a float32 probability under the
     ``mixed_float16`` policy.
     """
-    x = layers.Conv2D(1, 3, padding="same", name=f"{name}_logits")(x)
+    x = layers.Conv2D(1, kernel_size, padding="same", name=f"{name}_logits")(x)
     if upsample_factor > 1:
         x = upsample(x, upsample_factor, name=f"{name}_upsample")
     return layers.Activation("sigmoid", dtype="float32", name=name)(x)

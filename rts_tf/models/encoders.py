@@ -2,10 +2,21 @@
 
 This is the only module of rts-tf that imports ``segmentation_models``. Every architecture in
 ``rts_tf.models`` builds its encoder here, and decoders only see the feature dict:
-``P<n>`` is the feature map at 2**n downsampling (at a 256 px tile, P1 is 128 x 128 and P5 is
-8 x 8). P1 to P4 are the skip layers of segmentation-models' own table
+``P<n>`` is the output of the encoder's stage n, at 2**n downsampling (at a 256 px tile, P1 is
+128 x 128 and P5 is 8 x 8). P1 to P4 are the skip layers of segmentation-models' own table
 (``Backbones.get_feature_layers``, in the order x16, x8, x4, x2) and P5 is the backbone output, so
 no decoder ever names a backbone layer.
+
+Output stride (dilated encoders)
+--------------------------------
+``output_stride`` 16 or 8 (DeepLab) keeps the deepest stage(s) at that resolution, the way
+segmentation-models-pytorch's ``make_dilated`` (``replace_strides_with_dilation``) does: every layer
+whose output would sit below 1/``output_stride`` gets stride 1, and its convolutions a dilation of
+(its original stride) / ``output_stride``: at 16, stage 5 is dilated 2; at 8, stage 4 is dilated 2
+and stage 5 is dilated 4. Zero paddings in front of such a convolution grow to (kernel // 2) x
+dilation on each side, and strided pooling layers there pool with stride 1 and "same" padding. The
+weights do not change shape, so pretrained weights load as they are. ``feature_strides`` gives each
+level's downsampling: (2, 4, 8, 16, 16) at output stride 16, (2, 4, 8, 8, 8) at 8.
 
 All backbones of segmentation-models 1.0.1 give exact 2**n feature sizes for tiles that are a
 multiple of 32 px (checked at 64, 96 and 256 px), so ``ENCODERS`` holds all of them. Only
@@ -26,7 +37,10 @@ B, G, R, NIR, NDVI, TCVIS x3, relative elevation, slope). ``weights="imagenet"``
    convolution. Their channels are mapped:
 
    * the pretrained R, G, B channels go to the bands at ``rgb_bands`` (default ``(2, 1, 0)``,
-     where R, G, B sit in the rts-tf band order);
+     where R, G, B sit in the rts-tf band order). The VGG encoders were trained on B, G, R input
+     (Caffe's order; ``pretrained_channel_order`` reads it from segmentation-models' own
+     preprocessing function of each encoder), so their first filters' channels 0, 1, 2 go to the
+     B, G and R bands;
    * every other band gets the mean of the R, G, B slices;
    * kernels that sum over channels (convolutions) are then multiplied by 3 / N, so the first
      activation keeps the magnitude it had with 3 ImageNet channels;
@@ -61,6 +75,7 @@ with contextlib.redirect_stdout(io.StringIO()):
 
 ENCODERS: list[str] = sorted(segmentation_models.Backbones.models_names())
 FEATURE_LEVELS: tuple[str, ...] = ("P1", "P2", "P3", "P4", "P5")
+OUTPUT_STRIDES: tuple[int, ...] = (32, 16, 8)
 DEFAULT_RGB_BANDS: tuple[int, int, int] = rgb_indexes(BAND_NAMES)  # (2, 1, 0): R, G, B of B, G, R, NIR, ...
 
 
@@ -76,19 +91,43 @@ def check_encoder_name(name: str) -> None:
         raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
 
 
+def pretrained_channel_order(name: str) -> str:
+    """"BGR" for encoders whose ImageNet weights take B, G, R input (VGG, Caffe's order), else "RGB".
+
+    Read from segmentation-models' preprocessing of the encoder: which channel the input's blue
+    channel (the third of an RGB image) ends up in.
+    """
+    check_encoder_name(name)
+    preprocess = segmentation_models.get_preprocessing(name)
+    black = preprocess(np.zeros((1, 1, 1, 3), "float32"))
+    blue = preprocess(np.array([[[[0.0, 0.0, 200.0]]]], "float32"))
+    changed = np.flatnonzero(np.abs(np.asarray(blue) - np.asarray(black)).reshape(-1) > 1e-6)
+    return "BGR" if changed.tolist() == [0] else "RGB"
+
+
+def feature_strides(output_stride: int = 32) -> dict[str, int]:
+    """Downsampling of each feature level ``P1``..``P5`` of an encoder at ``output_stride``."""
+    return {level: min(2 ** int(level[1:]), output_stride) for level in FEATURE_LEVELS}
+
+
 def build_encoder(
     name: str,
     input_shape: tuple[int, int, int],
     weights: str | os.PathLike | None = None,
     rgb_bands: tuple[int, int, int] = DEFAULT_RGB_BANDS,
+    output_stride: int = 32,
 ) -> tf.keras.Model:
     """Build backbone ``name`` for ``input_shape`` as a model returning the dict ``P1``..``P5``.
 
     ``weights`` is None (random initialisation), ``"imagenet"`` (from the local Keras cache) or
     the path of an ``.h5`` weight file of the 3-band backbone; pretrained weights are adapted to
     any band count as described in the module docstring, with R, G, B at ``rgb_bands``.
+    ``output_stride`` 16 or 8 dilates the deepest stages instead of downsampling them (see the
+    module docstring); ``feature_strides(output_stride)`` gives the levels' downsampling.
     """
     check_encoder_name(name)
+    if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):
+        raise ValueError(f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}")
     height, width, num_bands = (int(size) for size in input_shape)
     if weights is None:
         backbone = _backbone(name, (height, width, num_bands))
@@ -98,7 +137,11 @@ def build_encoder(
         backbone = _backbone(name, (height, width, num_bands))
         # With 3 bands no shape differs, so a 4-band twin tells which weights follow the bands.
         reference = backbone if num_bands != 3 else _backbone(name, (height, width, 4))
-        _transfer_weights(pretrained, backbone, reference, rgb_bands)
+        # rgb_bands name the R, G, B bands; the pretrained filters' channels may be B, G, R (VGG).
+        channel_bands = tuple(reversed(rgb_bands)) if pretrained_channel_order(name) == "BGR" else tuple(rgb_bands)
+        _transfer_weights(pretrained, backbone, reference, channel_bands)
+    if output_stride < 32:
+        backbone = _dilated(backbone, name, output_stride)
 
     feature_layers = segmentation_models.Backbones.get_feature_layers(name, n=4)
     outputs = {}
@@ -110,15 +153,66 @@ def build_encoder(
             layer = backbone.get_layer(index=layer_key)
         outputs[level] = layer.output
     outputs["P5"] = backbone.output
-    for level in FEATURE_LEVELS:
-        factor = 2 ** int(level[1:])
+    for level, factor in feature_strides(output_stride).items():
         expected = (height // factor, width // factor)
         if tuple(outputs[level].shape[1:3]) != expected or height % 32 or width % 32:
             raise ValueError(
                 f"encoder {name!r} gives {level} of size {tuple(outputs[level].shape[1:3])} for a "
-                f"{height}x{width} input, not {expected}; use a tile size that is a multiple of 32"
+                f"{height}x{width} input at output stride {output_stride}, not {expected}; use a tile size "
+                "that is a multiple of 32"
             )
     return tf.keras.Model(backbone.input, {level: outputs[level] for level in FEATURE_LEVELS}, name=f"encoder_{name}")
+
+
+def _dilated(backbone: tf.keras.Model, name: str, output_stride: int) -> tf.keras.Model:
+    """A copy of ``backbone`` (same weights) whose layers below 1/``output_stride`` are dilated, not strided."""
+    from rts_tf.models.blocks import AtrousConv2D
+
+    height = int(backbone.input.shape[1])
+
+    def stride_of(layer) -> int | None:
+        shape = layer.output.shape
+        return height // int(shape[1]) if len(shape) == 4 and shape[1] else None
+
+    consumers: dict[str, list] = {layer.name: [] for layer in backbone.layers}
+    for layer in backbone.layers:
+        for node in layer.inbound_nodes:
+            for inbound in tf.nest.flatten(node.inbound_layers):
+                consumers[inbound.name].append(layer)
+    convolutions = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D, tf.keras.layers.SeparableConv2D)
+    poolings = (tf.keras.layers.MaxPooling2D, tf.keras.layers.AveragePooling2D)
+
+    def dilation_of(layer) -> int:
+        stride = stride_of(layer)
+        return stride // output_stride if stride and stride > output_stride else 1
+
+    def clone(layer):
+        config = layer.get_config()
+        dilation = dilation_of(layer)
+        if isinstance(layer, convolutions) and dilation > 1:
+            config["strides"] = (1, 1)
+            if max(config["kernel_size"]) > 1:
+                config["dilation_rate"] = (dilation, dilation)
+            if type(layer) is tf.keras.layers.Conv2D and max(config["kernel_size"]) > 1:
+                return AtrousConv2D.from_config(config)  # one native op with oneDNN (see blocks.py)
+        elif isinstance(layer, poolings) and dilation > 1:
+            config["strides"] = (1, 1)
+            config["padding"] = "same"
+        elif isinstance(layer, tf.keras.layers.ZeroPadding2D):
+            # The padding in front of a convolution that is now dilated: (kernel // 2) x dilation each side.
+            dilated = [user for user in consumers[layer.name]
+                       if isinstance(user, convolutions) and dilation_of(user) > 1]
+            if dilated:
+                kernel, rate = dilated[0].get_config()["kernel_size"], dilation_of(dilated[0])
+                config["padding"] = tuple((size // 2 * rate, size // 2 * rate) for size in kernel)
+        elif "strides" in config and dilation > 1 and max(tuple(config["strides"])) > 1:
+            raise ValueError(f"encoder {name!r} cannot be dilated to output stride {output_stride}: its layer "
+                             f"{layer.name!r} ({type(layer).__name__}) downsamples; use output stride 32")
+        return layer.__class__.from_config(config)
+
+    dilated = tf.keras.models.clone_model(backbone, clone_function=clone)
+    dilated.set_weights(backbone.get_weights())
+    return dilated
 
 
 def imagenet_weights_file(name: str, tile_size: int = 256) -> tuple[str, str, Path]:
@@ -214,9 +308,11 @@ def _transfer_weights(
     source: tf.keras.Model,
     target: tf.keras.Model,
     reference: tf.keras.Model,
-    rgb_bands: tuple[int, int, int],
+    channel_bands: tuple[int, int, int],
 ) -> None:
     """Copy ``source`` (3 bands) into ``target``, adapting the weights whose shape follows the bands.
+
+    ``channel_bands`` are the target bands of the source's channels 0, 1, 2.
 
     ``reference`` has the same architecture with a band count other than 3 (it is ``target``
     itself unless ``target`` has 3 bands) and shows which weights depend on the band count.
@@ -239,7 +335,7 @@ def _transfer_weights(
             band_axes = [axis for axis, (a, b) in enumerate(zip(value.shape, reference_shape)) if a != b]
             if len(band_axes) != 1 or value.shape[band_axes[0]] != 3:
                 raise RuntimeError(f"cannot adapt weight {variable.name} of shape {value.shape} to {num_bands} bands")
-            adapted.append(_adapt_to_bands(value, band_axes[0], num_bands, rgb_bands, source_layer, variable.name))
+            adapted.append(_adapt_to_bands(value, band_axes[0], num_bands, channel_bands, source_layer, variable.name))
         target_layer.set_weights(adapted)
 
 
@@ -247,11 +343,11 @@ def _adapt_to_bands(
     value: np.ndarray,
     axis: int,
     num_bands: int,
-    rgb_bands: tuple[int, int, int],
+    channel_bands: tuple[int, int, int],
     layer: tf.keras.layers.Layer,
     variable_name: str,
 ) -> np.ndarray:
-    """Map an RGB weight onto ``num_bands`` channels along ``axis`` (see the module docstring)."""
+    """Map a 3-channel weight onto ``num_bands`` channels along ``axis``, channel c to band ``channel_bands[c]``."""
     short_name = variable_name.split("/")[-1]
     if isinstance(layer, tf.keras.layers.BatchNormalization) and short_name.startswith("moving_"):
         fill = 0.0 if short_name.startswith("moving_mean") else 1.0
@@ -260,7 +356,7 @@ def _adapt_to_bands(
         return np.full(shape, fill, dtype=value.dtype)
     rgb = np.moveaxis(value, axis, 0)  # (3, ...)
     bands = np.repeat(rgb.mean(axis=0, keepdims=True), num_bands, axis=0)
-    for channel, band in enumerate(rgb_bands):
+    for channel, band in enumerate(channel_bands):
         bands[band] = rgb[channel]
     sums_over_channels = value.ndim >= 2 and not isinstance(layer, tf.keras.layers.DepthwiseConv2D)
     if sums_over_channels:
