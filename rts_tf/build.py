@@ -19,7 +19,7 @@ import shapely
 
 import rts_tf
 from rts_tf.bands import UNITS, describe_bands
-from rts_tf.engine import ENGINES, failures_message, local_jobs, outcome, run_job
+from rts_tf.engine import ENGINES, failures_message, local_jobs, outcome, quiet_worker, run_job, stop_workers
 from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
@@ -29,6 +29,7 @@ from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, S
 from rts_tf.scene import SENSORS, SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
 from rts_tf.settings import BuildSettings, SensorSettings
 from rts_tf.tiling import blocks, count_tiles
+from rts_tf.locks import locks_folder
 
 SETTINGS_NAME = "build-settings.json"
 # Band statistics use every 4th pixel along rows and columns: plenty for normalisation, 16x cheaper.
@@ -161,13 +162,15 @@ def folder_name(region: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in region) or "unknown"
 
 
+@locks_folder("out", "--out")
 def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[str] | None,
                   dem: Sequence[str] | None = None, rel_elevation: Sequence[str] | None = None,
                   slope: Sequence[str] | None = None, sites: str | None = None,
                   settings: BuildSettings = BuildSettings(), workers: int = 1, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None, label_field: str | None = None,
                   label_values: Sequence[str] | None = None, default_region: str | None = None,
-                  engine: str = "local", sensor: SensorSettings = SensorSettings()) -> BuildSummary:
+                  engine: str = "local", sensor: SensorSettings = SensorSettings(),
+                  allow_no_labels: bool = False) -> BuildSummary:
     """Build TFRecord shards and manifest.json for scenes; resume where shards are complete.
 
     progress(done, total) is called with tile counts as blocks finish. Polygons whose label_field
@@ -178,7 +181,8 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     only when the set has bands made from them.
     engine "local" builds scenes in `workers` processes, "ray" in Ray tasks (rts_tf.engine). A
     scene whose input fails does not stop the others: the build ends with an InputError naming
-    the failed scenes (and writes no manifest); the finished scenes are kept for a re-run.
+    the failed scenes (and writes no manifest); the finished scenes are kept for a re-run. Labels
+    of which no polygon lies on any scene are refused unless allow_no_labels (negatives only).
     """
     started = time.perf_counter()
     settings.validate()
@@ -187,18 +191,20 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
     jobs, label_report = plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings,
-                                   label_field, label_values, default_region, sensor)
+                                   label_field, label_values, default_region, sensor, allow_no_labels)
     out_path = Path(out)
     prepare_output(out_path, settings, overwrite)
 
     parts: dict[str, dict] = {}
-    todo = []
+    todo, rebuilt = [], []
     for job in jobs:
         part = completed_part(job)
-        if part is None:
-            todo.append(job)
-        else:
+        if isinstance(part, dict):
             parts[job.scene.scene_id] = part
+        else:
+            todo.append(job)
+            if part:  # a finished scene whose shard was damaged since: rebuilt, and said so
+                rebuilt.append(f"{part}: rebuilt scene {job.scene.scene_id}")
     total = sum(count_tiles(job.height, job.width, settings.tile_size, settings.overlap) for job in todo)
     done = 0
 
@@ -209,13 +215,16 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
             progress(done, total)
 
     failed: dict[str, str] = {}
-    for result in run_jobs(todo, workers, advance, engine):
-        if result.error is None:
-            parts[result.key] = result.result
-        else:
-            failed[result.key] = result.error
-    # Every job has ended: temporaries left now are of attempts that died (a killed worker).
-    remove_temporaries(out_path)
+    try:
+        for result in run_jobs(todo, workers, advance, engine):
+            if result.error is None:
+                parts[result.key] = result.result
+            else:
+                failed[result.key] = result.error
+    finally:
+        # Every job has ended, or was stopped (Ctrl-C, SIGTERM): temporaries left now are of
+        # attempts that died; finished scenes stay for a re-run.
+        remove_temporaries(out_path)
     if failed:
         raise InputError(failures_message(failed, len(jobs), "scenes",
                                           f"{len(jobs) - len(failed)} built or complete and kept; no manifest "
@@ -226,7 +235,7 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     summary = BuildSummary(out=str(out_path), scenes=len(jobs), scenes_built=len(todo),
                            scenes_skipped=len(jobs) - len(todo), seconds=time.perf_counter() - started,
                            labels=label_report, sensor_given=sensor.sensor is not None,
-                           scene_warnings=[warning for job in jobs for warning in job.scene.warnings],
+                           scene_warnings=[*rebuilt, *(warning for job in jobs for warning in job.scene.warnings)],
                            bands=list(settings.bands))
     pixels = ignored = 0
     for job in jobs:
@@ -252,9 +261,29 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
                 "no input is empty on its own: nodata, pixels the quality mask makes unusable, DEM or TCVIS gaps "
                 "and the padding of edge tiles together leave too few valid pixels")
     if not summary.tiles:
-        # The manifest stays written (every tile counted as dropped), for `inspect`; a re-run resumes and fails alike.
+        # Records without a tile are no records: remove what the build wrote (manifest, settings, empty
+        # shards), so that nothing half-made is left; the error says why by scene and input.
+        remove_records(out_path)
         raise InputError(summary.no_tiles_message())
     return summary
+
+
+def check_labels_on_scenes(label_layer, selected, grids: list, labels: str) -> None:
+    """Refuse labels of which no slump polygon overlaps any scene (far away, or in a wrong CRS):
+    records of such labels would hold background only and look like any others. Scene footprints
+    are moved into the labels' CRS (one polygon each, cheaper than moving every label)."""
+    from rts_tf.labels import reproject_geometries
+
+    slumps = label_layer.geometries[selected]
+    for grid in grids:
+        footprint = shapely.box(*grid.bounds)
+        footprint = shapely.segmentize(footprint, max(grid.bounds.right - grid.bounds.left, 1.0) / 16)
+        moved = reproject_geometries([footprint], grid.crs, label_layer.crs, label_layer.path)[0]
+        if shapely.intersects(slumps, moved).any():
+            return
+    raise InputError(f"{labels}: none of its {len(slumps)} slump polygon(s) lies on any of the {len(grids)} "
+                     "scene(s) (far away, or a wrong CRS in the file?); the records would hold background only. "
+                     "Give --allow-no-labels to build records of negatives only")
 
 
 def uncovered_inputs(job: SceneJob) -> list[str]:
@@ -298,8 +327,8 @@ def uncovered_inputs(job: SceneJob) -> list[str]:
 
 
 def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, label_field=None,
-              label_values=None, default_region=None, sensor: SensorSettings = SensorSettings()
-              ) -> tuple[list[SceneJob], dict[str, Any]]:
+              label_values=None, default_region=None, sensor: SensorSettings = SensorSettings(),
+              allow_no_labels: bool = True) -> tuple[list[SceneJob], dict[str, Any]]:
     """Validate every input and decide each scene's region, site and labels, before writing anything.
 
     Returns the jobs and the manifest's "labels" entry: the label file, the selection, how many
@@ -313,11 +342,12 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
     matcher = LabelMatcher(label_layer, select_labels(label_layer, label_field, label_values))
     selection = {"label_field": label_field,
                  "label_values": sorted(set(label_values)) if label_field and label_values else None}
-    matches, no_region = [], []
+    matches, no_region, grids = [], [], []
     with open_sources(tcvis, dem, rel_elevation, slope, settings) as sources:
         jobs = []
         for scene in scene_list:
             grid = scene_grid(scene)
+            grids.append(grid)
             sources.check(scene, grid)
             match = matcher.match(scene.scene_id, grid, scene.aliases)
             matches.append(match)
@@ -338,6 +368,8 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
                            label_counts=match.counts, label_selection=selection, region_from=region_from)
             job.fingerprint = fingerprint(job, label_layer.path)
             jobs.append(job)
+    if not allow_no_labels and grids:
+        check_labels_on_scenes(label_layer, matcher.selected, grids, labels)
     if no_region:
         names = ", ".join(no_region[:5]) + (f" and {len(no_region) - 5} more" if len(no_region) > 5 else "")
         where = f"no site polygon in {sites} contains it" if sites else "no --sites given"
@@ -466,8 +498,9 @@ def remove_records(out: Path) -> None:
             folder.rmdir()
 
 
-def completed_part(job: SceneJob) -> dict | None:
-    """The finished part of a scene when its inputs are unchanged and its shards verify, else None."""
+def completed_part(job: SceneJob) -> dict | str | None:
+    """The finished part of a scene when its inputs are unchanged and its shards verify; else what
+    is wrong with a shard of a finished scene (damaged or missing since), or None (not finished)."""
     try:
         part = json.loads(job.part_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -475,8 +508,10 @@ def completed_part(job: SceneJob) -> dict | None:
     if part.get("fingerprint") != job.fingerprint:
         return None
     out = Path(job.out)
-    if any(verify_shard(out, path, info) for path, info in part["shards"].items()):
-        return None
+    for path, info in part["shards"].items():
+        problem = verify_shard(out, path, info)
+        if problem:
+            return problem
     return part
 
 
@@ -511,8 +546,7 @@ def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None],
                     for future in finished:
                         yield outcome(pending.pop(future), *future.result())
             except BaseException:
-                for future in pending:
-                    future.cancel()
+                stop_workers(pool)  # Ctrl-C, SIGTERM or an aborting error: running scenes too
                 raise
             while not queue.empty():
                 advance(queue.get())
@@ -528,10 +562,6 @@ SCENE_MAX_BYTES = 3 * 2 ** 30
 def scene_memory(job: SceneJob) -> int:
     """The memory a Ray task building this scene asks for, from the scene's size."""
     return int(min(SCENE_BASE_BYTES + SCENE_BYTES_PER_PIXEL * job.height * job.width, SCENE_MAX_BYTES))
-
-
-def quiet_worker() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def build_scene_reporting(job: SceneJob, queue) -> tuple[str, Any]:

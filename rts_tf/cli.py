@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import click
 
 from rts_tf import __version__
 from rts_tf.engine import ENGINES
-from rts_tf.errors import InputError, disk_problem, output_error
+from rts_tf.errors import InputError, disk_problem, output_error, terminate_like_interrupt, terminated
 from rts_tf.sensors import SENSORS
 from rts_tf.settings import GENERIC_REFLECTANCE_OFFSET, GENERIC_REFLECTANCE_SCALE, BuildSettings, FitConfig, SensorSettings
 
@@ -35,7 +36,15 @@ class Commands(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with terminate_like_interrupt():
+                return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if not terminated.is_set():
+                raise  # Ctrl-C: click says "Aborted!"
+            error = click.ClickException("terminated (SIGTERM); finished work is kept: run the same command again "
+                                         "to resume")
+            error.exit_code = 128 + signal.SIGTERM  # as a shell reports a process ended by SIGTERM
+            raise error from None
         except InputError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:
@@ -205,11 +214,15 @@ def demo_data(out: str, seed: int, scene_size: int | None, time_series: bool) ->
               help="local: processes on this machine; ray: one Ray task per scene, on the cluster of "
                    "RAY_ADDRESS or an embedded one-machine Ray (needs rts-tf[ray]).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace records built with other settings.")
+@click.option("--allow-no-labels", is_flag=True, default=False,
+              help="Build although no label polygon lies on any scene (records of negatives only); without it "
+                   "such labels (far away, or in a wrong CRS) are refused.")
 @sensor_options
 def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, bands, sites, default_region, label_field,
                           label_values, out, tile_size, overlap, max_ignored, rel_elevation_radius, dem_min_valid,
                           all_touched,
-                          compression, compression_level, workers, engine, overwrite, **sensor) -> None:
+                          compression, compression_level, workers, engine, overwrite, allow_no_labels,
+                          **sensor) -> None:
     """Align scenes, terrain, TCVIS and labels, tile them and write TFRecord shards.
 
     --bands chooses the band set the records hold (default: the paper's ten); the DEM and TCVIS are
@@ -236,7 +249,8 @@ def build_records_command(scenes, labels, dem, rel_elevation, slope, tcvis, band
                                 settings=settings, workers=workers, engine=engine, overwrite=overwrite,
                                 progress=update,
                                 label_field=label_field, label_values=label_values,
-                                default_region=default_region, sensor=SensorSettings(**sensor))
+                                default_region=default_region, sensor=SensorSettings(**sensor),
+                                allow_no_labels=allow_no_labels)
     finally:
         close()
     for line in summary.lines():

@@ -14,6 +14,7 @@ from rts_tf.engine import ENGINES, failures_message, local_jobs
 from rts_tf.errors import InputError
 from rts_tf.records import read_manifest, write_text
 from rts_tf.train import FitConfig
+from rts_tf.locks import locks_folder
 
 
 # Scores of each run (and their spread over seeds); a None (no held-out curve) is left out of means.
@@ -187,6 +188,7 @@ def band_sets_of(texts: list[str], manifest: dict) -> list[tuple[str, list[str] 
     return chosen
 
 
+@locks_folder("logdir", "--logdir")
 def crossval(records: str, logdir: str, arch: list[str] | None = None, encoder: list[str] | None = None,
              grid: str | None = None, regions: list[str] | None = None, overrides: dict[str, Any] | None = None,
              report: Callable[[str], None] | None = None, engine: str = "local", workers: int = 1,

@@ -18,8 +18,10 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -97,6 +99,28 @@ def local_jobs(function: Callable, items: Sequence, keys: Sequence[str],
         yield outcome(key, *run_job(function, item, advance))
 
 
+def quiet_worker() -> None:
+    """Initializer of a local pool's worker processes: quiet TensorFlow, and leave Ctrl-C to the
+    command's own process, which stops the workers (stop_workers) instead of each printing a
+    KeyboardInterrupt traceback. Lives here, in a light module, so a worker ignores Ctrl-C from
+    its first moments (unpickling this function imports its module)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def stop_workers(pool) -> None:
+    """End a ProcessPoolExecutor's workers now (Ctrl-C, SIGTERM, an aborting error): shutdown would
+    wait for their running jobs. Their futures then fail as a broken pool; they are not cancelled
+    first, which makes Python 3.11's pool thread print an InvalidStateError traceback."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
+
+
 def failures_message(failed: dict[str, str], total: int, what: str, kept: str) -> str:
     """The closing error of a command whose jobs partly failed: how many, which and why (one line)."""
     listed = "; ".join(f"{key}: {message}" for key, message in list(failed.items())[:5])
@@ -147,6 +171,21 @@ def token_available() -> bool:
 
 
 @contextlib.contextmanager
+def own_sigterm():
+    """Keep this process's SIGTERM handler across ray.init, which installs its own (a stack dump,
+    then an exit without clean-up): SIGTERM stays a clean stop (rts_tf.errors.Terminated)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
 def ray_session(workers: int):
     """Ray for one command: the running one (a program that called ray.init), the cluster of
     RAY_ADDRESS, or an embedded one-machine Ray with `workers` CPUs (and this machine's GPUs) whose
@@ -163,7 +202,8 @@ def ray_session(workers: int):
         if "RAY_AUTH_MODE" not in os.environ and token_available():
             os.environ["RAY_AUTH_MODE"] = "token"  # as `ray.init(address="auto")` does when a token exists
         try:
-            ray.init(address=address, **options)
+            with own_sigterm():
+                ray.init(address=address, **options)
         except Exception as error:  # Ray raises ConnectionError, RuntimeError, AuthenticationError, ...
             text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InputError(f"RAY_ADDRESS={address}: cannot connect to Ray: {text} (is the cluster running, and "
@@ -175,14 +215,97 @@ def ray_session(workers: int):
             ray.shutdown()  # disconnects this driver; the cluster stays
         return
     folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
+    reaper = start_reaper(folder)
     try:
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
-                 object_store_memory=OBJECT_STORE_BYTES, **options)
+        with own_sigterm():
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
+                     object_store_memory=OBJECT_STORE_BYTES, **options)
         yield ray
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
+        stop_reaper(reaper)
+
+
+# After a killed driver (kill -9, an out-of-memory kill) an embedded Ray's agents and workers live on
+# for minutes: a small process of its own (the reaper) ends them when the driver ends, however.
+REAPER_GRACE_SECONDS = 3.0
+REAPER_DONE = b"done"  # what the driver writes to the reaper after shutting Ray down itself
+
+
+def start_reaper(folder: str):
+    """Start the reaper of an embedded Ray session kept in `folder`: it waits for this process to
+    end (its stdin closes, whatever the cause), then ends the processes that still have files open
+    in the folder and removes it. None where it cannot start (then nothing changes)."""
+    import subprocess
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                              os.environ.get("PYTHONPATH")]))}
+    try:
+        return subprocess.Popen([sys.executable, "-c", "import sys; from rts_tf.engine import reap_session; "
+                                 "reap_session(sys.argv[1], int(sys.argv[2]))", folder, str(os.getpid())],
+                                stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment,
+                                start_new_session=True)  # Ctrl-C in a terminal reaches the driver, not it
+    except OSError:
+        return None
+
+
+def stop_reaper(reaper) -> None:
+    """Tell the reaper that the driver shut Ray down itself: it ends without touching anything."""
+    if reaper is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        reaper.stdin.write(REAPER_DONE)
+        reaper.stdin.close()
+    with contextlib.suppress(Exception):
+        reaper.wait(timeout=2 * REAPER_GRACE_SECONDS + 5)
+
+
+def reap_session(folder: str, driver: int) -> None:
+    """The reaper's work: wait for the driver's end, then SIGTERM (and after a grace time SIGKILL)
+    every other process with a file open in the session folder (Ray's agents, workers, raylet),
+    and remove the folder. Nothing when the driver said it shut Ray down itself."""
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Returns once the driver's end of the pipe is closed: it ended (killed), or it is done.
+    if sys.stdin.buffer.read() == REAPER_DONE:
+        return
+    for kind in (signal.SIGTERM, signal.SIGKILL):
+        left = [pid for pid in session_processes(folder) if pid != driver]  # never the driver itself
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, kind)
+        deadline = time.monotonic() + REAPER_GRACE_SECONDS
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [pid for pid in session_processes(folder) if pid != driver]
+        if not left:
+            break
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def session_processes(folder: str) -> list[int]:
+    """This user's processes with a file open in `folder` (Linux /proc; Ray rewrites its processes'
+    command lines, but their log files stay open in the session folder)."""
+    prefix, found = os.path.realpath(folder) + os.sep, []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+    except OSError:
+        return []
+    for pid in pids:
+        try:
+            for descriptor in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{descriptor}").startswith(prefix):
+                    found.append(pid)
+                    break
+        except OSError:  # gone, or another user's
+            continue
+    return found
 
 
 def cluster_gpus(ray) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 # Errors of the file system that a user fixes (free space, another folder), not bugs.
@@ -68,3 +71,34 @@ def output_error(path: str | os.PathLike, error: BaseException) -> OutputError:
             "disk quota exceeded": "free space or choose another folder, then run the command again",
             "read-only file system": "choose a writable folder"}.get(reason, "check the folder's permissions")
     return OutputError(f"{path}: cannot write: {reason}{extra}; {hint}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send before a kill), raised in the main thread like Ctrl-C, so
+    the same clean-up runs (temporaries, Ray shut down, the folder lock released) and a command
+    resumes where it stopped when run again."""
+
+
+terminated = threading.Event()  # set once SIGTERM arrived (see terminate_like_interrupt)
+
+
+@contextlib.contextmanager
+def terminate_like_interrupt():
+    """Within the block, SIGTERM raises Terminated in this process's main thread (Python's default
+    ends the process at once, without clean-up and without a word); the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        terminated.set()  # libraries (Ray) may turn the exception into a plain KeyboardInterrupt
+        raise Terminated()
+
+    terminated.clear()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -52,8 +52,9 @@ def load_run(path: str | os.PathLike, trust_model: bool = False, with_model: boo
         raise InputError(f"{path}: no run.json (is the run finished? `rts-tf fit` writes it at the end)")
     try:
         info = json.loads(run_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{run_file}: unreadable: {error}") from None
+    check_run_info(info, run_file)
     name = info.get("model", "model.keras")
     model_file = path / str(name)
     # A run folder may come from anyone: its model must not be a file elsewhere on this machine.
@@ -85,8 +86,81 @@ def load_run(path: str | os.PathLike, trust_model: bool = False, with_model: boo
     except Exception as error:  # Keras raises many kinds for broken files
         raise InputError(f"{model_file}: cannot load the model: {str(error).splitlines()[0]}") from None
     tile_size = int(info["tile_size"])
-    return Run(path, model, tile_size, int(info.get("overlap", tile_size // 4)), [b["name"] for b in info["bands"]],
+    bands = [band["name"] if isinstance(band, dict) else band for band in info["bands"]]
+    channels = model_channels(model)
+    if channels is not None and channels != len(bands):
+        raise InputError(f"{run_file}: lists {len(bands)} bands but its model {model_file.name} takes {channels} input "
+                         "channels; the run folder mixes files of different runs")
+    return Run(path, model, tile_size, int(info.get("overlap", tile_size // 4)), bands,
                float(info.get("threshold", 0.5)), dict(info.get("recipe") or LEGACY_RECIPE), info)
+
+
+# The first and the last rts-tf version whose run.json this code reads (runs carry `rts_tf_version`).
+FIRST_RUN_VERSION = (0, 1)
+
+
+def version_tuple(text: str) -> tuple[int, ...] | None:
+    parts = str(text).split("+")[0].split(".")
+    try:
+        return tuple(int(part) for part in parts[:3])
+    except ValueError:
+        return None
+
+
+def check_run_info(info, run_file: Path) -> None:
+    """Refuse a run.json this code cannot use, naming the key and the problem (a missing band
+    list, a wrong type, a version this code does not know) instead of failing later."""
+    if not isinstance(info, dict):
+        raise InputError(f"{run_file}: not a run description (expected a JSON object)")
+    version = info.get("rts_tf_version")
+    if version is not None:
+        import rts_tf
+
+        claimed, current = version_tuple(version), version_tuple(rts_tf.__version__)
+        if claimed is None or claimed[:2] < FIRST_RUN_VERSION:
+            raise InputError(f"{run_file}: written by an unknown rts-tf version {version!r} (this rts-tf "
+                             f"{rts_tf.__version__} reads runs of {'.'.join(map(str, FIRST_RUN_VERSION))} and later)")
+        if current is not None and claimed[:2] > current[:2]:
+            raise InputError(f"{run_file}: written by rts-tf {version}, newer than this rts-tf {rts_tf.__version__}; "
+                             "upgrade rts-tf to use this run")
+    tile_size = info.get("tile_size")
+    if tile_size is None:
+        raise InputError(f"{run_file}: no \"tile_size\" (not a run written by `rts-tf fit`?)")
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise InputError(f"{run_file}: \"tile_size\" must be a positive whole number, got {tile_size!r}")
+    overlap = info.get("overlap", 0)
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile_size:
+        raise InputError(f"{run_file}: \"overlap\" must be a whole number from 0 to below the tile size "
+                         f"{tile_size}, got {overlap!r}")
+    bands = info.get("bands")
+    if bands is None:
+        raise InputError(f"{run_file}: no \"bands\": the model's input bands and their order are unknown "
+                         "(not a run written by `rts-tf fit`?)")
+    names = [band.get("name") if isinstance(band, dict) else band for band in bands] \
+        if isinstance(bands, list) else None
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise InputError(f"{run_file}: \"bands\" must be a non-empty list of bands with names, got {bands!r:.80}")
+    if len(set(names)) != len(names):
+        raise InputError(f"{run_file}: \"bands\" names a band twice: {', '.join(names)}")
+    threshold = info.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 <= threshold <= 1.0):
+        raise InputError(f"{run_file}: \"threshold\" must be a number from 0 to 1, got {threshold!r}")
+    for key in ("recipe", "export", "normalisation"):
+        if info.get(key) is not None and not isinstance(info[key], dict):
+            raise InputError(f"{run_file}: \"{key}\" must be a JSON object, got {info[key]!r:.80}")
+
+
+def model_channels(model) -> int | None:
+    """The number of input channels a loaded model takes, when it says."""
+    try:
+        shape = model.inputs[0].shape if hasattr(model, "inputs") else getattr(model, "input_shape", None)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    try:
+        return int(shape[-1]) if shape is not None and shape[-1] is not None else None
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def manifest_recipe(manifest: dict, regions: Sequence[str] | None = None) -> dict:
@@ -115,6 +189,10 @@ def choose_threshold(runs: Sequence[Run], threshold: float | None = None) -> tup
             raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
         return float(threshold), "given with --threshold"
     values = sorted({run.threshold for run in runs})
+    without = [run for run in runs if "threshold" not in run.info]
+    if without:  # a hand-made or damaged run.json: 0.5, and no claim about validation data
+        return 0.5, (f"0.5 ({without[0].path / 'run.json'} has no threshold)" if len(runs) == 1 else
+                     f"0.5 ({len(without)} of the ensemble's run.json files have no threshold)")
     if len(runs) == 1:
         return values[0], f"selected on the validation data of {runs[0].path}"
     if len(values) == 1:

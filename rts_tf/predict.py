@@ -30,6 +30,7 @@ from rts_tf.tiling import tile_offsets
 from rts_tf.products import MERGED_NAME, MOSAIC_STEM, PARQUET_NAMES, PERIODS, MASK_STYLE, Products, SceneProduct, \
     extent_layer, probability_style, quicklook, run_products, valid_extent, write_raster_style
 from rts_tf.vectorize import Polygons, polygons_from_rasters, probability_statistics, write_polygons
+from rts_tf.locks import locks_folder
 
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
@@ -165,6 +166,7 @@ class ScenePredictor:
         return vars(result)
 
 
+@locks_folder("out", "--out")
 def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequence[str],
             dem: Sequence[str] | None = None, rel_elevation: Sequence[str] | None = None,
             slope: Sequence[str] | None = None, sites: str | None = None, overlap: int | None = None,
@@ -455,10 +457,24 @@ def prepare_output(out: Path, scene_ids: list[str], overwrite: bool) -> None:
     files, by name); remove temporaries of earlier attempts."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not holds_predictions(out):
+        raise InputError(f"{out}: folder is not empty and holds no rts-tf predictions (no summary.json, "
+                         f"{MERGED_NAME} or scene results); choose a new or empty --out (nothing was changed)")
     if overwrite and out.is_dir():
         remove_files(output_files(out, scene_ids), out, scene_ids)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out, scene_ids)
+
+
+def holds_predictions(out: Path) -> bool:
+    """True when a folder holds predict's files: the run's products, or a scene folder with its
+    results or the staging files of an interrupted attempt (`<scene_id>/<scene_id>_probability*`)."""
+    if (out / "summary.json").exists() or (out / MERGED_NAME).exists():
+        return True
+    patterns = [f"{kind}*" for kind in ("_probability", "_mask", "_polygons", COMPLETE_SUFFIX[:-5])]
+    return any(folder.is_dir() and (any(any(folder.glob(folder.name + pattern)) for pattern in patterns)
+                                    or any(folder.glob(".probability*.staging.tif")))
+               for folder in out.iterdir())
 
 
 def remove_temporaries(out: Path, scene_ids: list[str]) -> None:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rts_tf.errors import InputError, disk_problem, output_error
+from rts_tf.locks import locks_folder
 
 # Areas, distances and change maps are computed in the NSIDC EASE-Grid 2.0 North projection
 # (Lambert azimuthal equal-area on the North Pole, WGS 84): areas are exact everywhere in the
@@ -702,6 +703,7 @@ def site_file_name(site: str) -> str:
 
 # ---------------------------------------------------------------- the command
 
+@locks_folder("out", "--out")
 def track(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, date_field: str | None = None,
           site_field: str | None = None, layer: str | None = None, tolerance: float | None = None,
           max_gap_years: float = 2.5, pixel_size: float | None = None, change_maps: bool = True,

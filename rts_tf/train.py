@@ -280,9 +280,19 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     threshold are chosen on validation data drawn from the training regions (see
     dataset.split_data); the held-out region is only scored for TensorBoard's `test` curves.
     `callbacks` run first at every step (tests use them to script or interrupt a run).
+    The run folder is locked for the run (rts_tf.locks): a second fit into it refuses at once.
     """
-    started = time.perf_counter()
+    from rts_tf.locks import folder_lock, is_chief_task
+
     check_config(config)
+    # The workers of one multi-worker run share its folder: the chief holds the lock.
+    with folder_lock(config.logdir, "--logdir") if is_chief_task() else contextlib.nullcontext():
+        return train_run(config, overwrite, callbacks, verify)
+
+
+def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> FitResult:
+    """fit() once its run folder is locked."""
+    started = time.perf_counter()
     config, manifest = choose_bands(config, read_manifest(config.records))
     from rts_tf.dataset import check_shards, make_dataset, normalisation, split_data
 
@@ -416,9 +426,12 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
             keras_callbacks.append(CheckpointCleanup(checkpoints, history_log))
             # The epoch stream is one iterator over all epochs with exactly `steps` batches each; without
             # exact counts a finite dataset is re-iterated each epoch, and --steps-per-epoch repeats it.
-            model.fit(train, validation_data=validation, epochs=config.epochs,
-                      steps_per_epoch=config.steps_per_epoch or (steps if exact else None), callbacks=keras_callbacks,
-                      verbose=2)
+            try:
+                model.fit(train, validation_data=validation, epochs=config.epochs,
+                          steps_per_epoch=config.steps_per_epoch or (steps if exact else None),
+                          callbacks=keras_callbacks, verbose=2)
+            except tf.errors.DataLossError as error:
+                raise damaged_shard_error(config, manifest, split, error) from None
 
         history = history_log.history()
         if test_curves is not None:
@@ -441,6 +454,23 @@ def fit(config: FitConfig, overwrite: bool = False, callbacks=(), verify: bool =
     finally:
         if config.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def damaged_shard_error(config: FitConfig, manifest: dict, split, error: Exception) -> InputError:
+    """The one-line error for a shard that tf.data found corrupt while training (it names no file):
+    the shards that fail their checksum, found by verifying every shard the run reads."""
+    from rts_tf.dataset import check_shards
+
+    shards = sorted({*split.train.shards(manifest), *split.validation.shards(manifest),
+                     *(split.test.shards(manifest) if split.test and config.test_curves else [])})
+    resume = "; rebuild it with the same build-records command, then run fit again to resume"
+    try:
+        check_shards(manifest, shards, config.records, verify=True)
+    except InputError as damaged:
+        return InputError(f"{damaged} (training stopped on corrupt data{resume})")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "DataLossError"
+    return InputError(f"{config.records}: a shard is corrupt although every checksum matches the manifest "
+                      f"({reason}){resume}")
 
 
 def choose_bands(config: FitConfig, manifest: dict) -> tuple[FitConfig, dict]:

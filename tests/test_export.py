@@ -147,11 +147,11 @@ def test_predict_accepts_an_onnx_package(run, scene_world, tmp_path):  # noqa: F
     assert CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(package)]).exit_code == 0
     scene_world["runs"]["small"], scene_world["runs"]["package"] = run, package
     for name in ("small", "package"):
-        result = CliRunner().invoke(main, predict_arguments(scene_world, tmp_path / name, name))
+        result = CliRunner().invoke(main, predict_arguments(scene_world, tmp_path / f"{name}_maps", name))
         assert result.exit_code == 0, result.output
     probabilities = []
     for name in ("small", "package"):
-        with rasterio.open(tmp_path / name / SCENE / f"{SCENE}_probability.tif") as dataset:
+        with rasterio.open(tmp_path / f"{name}_maps" / SCENE / f"{SCENE}_probability.tif") as dataset:
             probabilities.append(dataset.read(1))
             assert dataset.tags()["RTS_THRESHOLD"] == "0.45"
     valid = probabilities[0] != -1

@@ -20,14 +20,12 @@ import shapely
 from click.testing import CliRunner
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
-from rasterio.warp import transform_geom
-from shapely.geometry import mapping, shape
 
 pystac = pytest.importorskip("pystac")
 pytest.importorskip("pystac_client")
 pytest.importorskip("stac_fastapi.static")
 
-from helpers import write_polygons, write_raster  # noqa: E402
+from helpers import write_raster  # noqa: E402
 from stac_servers import file_server, garbage_server, stac_server  # noqa: E402
 
 from rts_tf.cli import main  # noqa: E402
@@ -505,8 +503,11 @@ def test_build_records_reads_fetched_sentinel2_and_fetched_dem(servers, aoi, tmp
                  from_origin(left, top, (right - left) / 60, (top - bottom) / 60))
     middle = ((AOI_UTM[0] + AOI_UTM[2]) / 2, (AOI_UTM[1] + AOI_UTM[3]) / 2)
     slump = shapely.box(middle[0] - 100, middle[1] - 100, middle[0] + 100, middle[1] + 100)
-    write_polygons(tmp_path / "labels.gpkg", [shape(transform_geom(UTM, "EPSG:4326", mapping(slump)))],
-                   {"region": ["Herschel"], "site": ["herschel_1"]}, crs="EPSG:4326")
+    from pyogrio.raw import write  # the polygon as it is, in UTM (helpers.write_polygons moves geometries)
+
+    write(str(tmp_path / "labels.gpkg"), geometry=np.array([shapely.to_wkb(slump)], dtype=object),
+          field_data=[np.array(["Herschel"]), np.array(["herschel_1"])], fields=["region", "site"], crs=UTM,
+          geometry_type="Polygon", driver="GPKG")
     records = tmp_path / "records"
     result = runner.invoke(main, ["build-records", "--scenes", str(s2), "--dem", str(dem / "dem.vrt"),
                                   "--tcvis", str(tmp_path / "tcvis.tif"), "--labels", str(tmp_path / "labels.gpkg"),

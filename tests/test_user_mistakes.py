@@ -169,13 +169,10 @@ def test_dem_all_nodata_fails_naming_the_dem(world, tmp_path):
     message = assert_fails(run(replace(build_arguments(world, out), "--dem", dem)), out, "no tiles written",
                            "--max-ignored", SCENE_A, SCENE_B, dem / "a_dem.tif", dem / "b_dem.tif", "DEM")
     assert "no valid value" in message
-    # The manifest is written (0 tiles, every tile dropped) so that `inspect` shows the build, but
-    # the command fails; building again resumes and fails the same way.
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert sum(scene["tiles"] for scene in manifest["scenes"]) == 0
-    assert all(scene["dropped_tiles"] > 0 for scene in manifest["scenes"])
+    # Nothing half-made is left (no manifest, settings or empty shards); building again fails the same way.
+    assert not out.exists()
     again = run(replace(build_arguments(world, out), "--dem", dem))
-    assert assert_fails(again) == message
+    assert assert_fails(again) == message and not out.exists()
 
 
 def test_everything_ignored_without_an_empty_source_names_max_ignored(world, tmp_path):
@@ -201,13 +198,18 @@ def test_one_empty_scene_is_a_warning(world, tmp_path):
     assert scenes[SCENE_A]["tiles"] > 0 and scenes[SCENE_B]["tiles"] == 0
 
 
-def test_labels_that_reach_no_tile_warn(world, tmp_path):
+def test_labels_on_no_scene_are_refused_unless_allowed(world, tmp_path):
     far = [box(ORIGIN[0] + 20000, ORIGIN[1] - 100, ORIGIN[0] + 20100, ORIGIN[1]),
            box(ORIGIN[0] + 30000, ORIGIN[1] - 100, ORIGIN[0] + 30100, ORIGIN[1]),
            box(ORIGIN[0] + 40000, ORIGIN[1] - 100, ORIGIN[0] + 40100, ORIGIN[1])]
     labels = write_polygons(tmp_path / "far.gpkg", far, {"label": ["RTS"] * 3})
     out = tmp_path / "out"
-    result = run(replace(build_arguments(world, out), "--labels", labels))
+    # Refused: the records would hold background only, which looks like any other build.
+    assert_fails(run(replace(build_arguments(world, out), "--labels", labels)), labels,
+                 "none of its 3 slump polygon(s) lies on any of the 2 scene(s)", "--allow-no-labels")
+    assert not out.exists()
+    # Negatives only, on purpose: built, with a warning.
+    result = run(replace(build_arguments(world, out), "--labels", labels) + ["--allow-no-labels"])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, result.output

@@ -29,6 +29,7 @@ from rasterio.crs import CRS
 from rts_tf.errors import InputError
 from rts_tf.fetch import DEM_BUFFER, PGC_STAC, stac
 from rts_tf.records import write_json, write_text
+from rts_tf.locks import locks_folder
 
 ARCTICDEM_RELEASE = "v4.1"
 RESOLUTIONS = (2, 10, 32)
@@ -86,6 +87,7 @@ class DemResult:
         return lines
 
 
+@locks_folder("out", "--out")
 def fetch_dem(out: str | os.PathLike, aoi: str | os.PathLike | None = None, scenes: Sequence[str] = (),
               resolution: int = 2, buffer: float = DEFAULT_BUFFER, stac_url: str = PGC_STAC,
               collection: str | None = None, workers: int = 4, dry_run: bool = False,

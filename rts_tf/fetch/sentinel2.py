@@ -50,6 +50,7 @@ from rasterio.features import geometry_mask
 from rts_tf.errors import InputError
 from rts_tf.fetch import EARTH_SEARCH, SENTINEL2_COLLECTION, stac
 from rts_tf.records import write_json
+from rts_tf.locks import locks_folder
 from rts_tf.sensors import SCL_IGNORED, baseline_offset
 
 DEFAULT_COLLECTION = SENTINEL2_COLLECTION
@@ -167,6 +168,7 @@ def _baseline(item) -> str | None:
     return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
+@locks_folder("out", "--out")
 def fetch_sentinel2(out: str | os.PathLike, aoi: str | os.PathLike, dates: str, stac_url: str = EARTH_SEARCH,
                     collection: str = DEFAULT_COLLECTION, max_cloud: float = 20.0, max_tile_cloud: float = 90.0,
                     per_period: int = 1, period: str = "all", workers: int = 4, dry_run: bool = False,
