@@ -118,15 +118,20 @@ class TestCurves(tf.keras.callbacks.Callback):
             self.writer.close()
 
 
-class LocalCopy:
-    """A model built outside any strategy that takes the trained model's current weights when
-    called: the chief of a multi-worker run predicts with it alone, with no collective op."""
+class LocalCopy(tf.keras.callbacks.Callback):
+    """A model built outside any strategy that takes the trained model's weights after every
+    epoch, for the chief of a multi-worker run to predict with alone. Every worker runs this
+    callback: reading the weights (BatchNorm's moving statistics are synchronised on read) is a
+    collective op that all workers must join; the prediction itself then needs none."""
 
     def __init__(self, copy: tf.keras.Model):
+        super().__init__()
         self.copy = copy
 
+    def on_epoch_end(self, epoch, logs=None):
+        self.copy.set_weights(self.model.get_weights())
+
     def __call__(self, model: tf.keras.Model) -> tf.keras.Model:
-        self.copy.set_weights(model.get_weights())
         return self.copy
 
 

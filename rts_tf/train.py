@@ -385,7 +385,7 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
         # a multi-worker strategy: a call of the distributed model runs collective ops that the
         # other workers never join. Elsewhere the model itself is called.
         inference = LocalCopy(build_segmenter(config, bands, tile_size, mean, std, heads=True)) \
-            if os.environ.get("TF_CONFIG") and chief else None
+            if os.environ.get("TF_CONFIG") else None
         test_curves = None
         if split.test is not None and config.test_curves:
             test_curves = TestCurves(config.records, manifest, split.test.scenes, bands, writable / "test",
@@ -410,6 +410,7 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
                 BestCheckpoint(checkpoints, history_log),
                 tf.keras.callbacks.ModelCheckpoint(str(checkpoints / "last.h5"), save_weights_only=True),
                 hparams_callback(writable, hparams, logdir.name),
+                *([inference] if inference is not None else []),  # on every worker, before the chief's use
             ]
             if config.image_every > 0 and chief:
                 keras_callbacks.append(ImagePanels(validation, bands, writable / "images", config.image_every,
