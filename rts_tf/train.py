@@ -222,9 +222,9 @@ def check_run_folder(config: FitConfig, manifest: dict, overwrite: bool) -> str:
         except (OSError, yaml.YAMLError):
             previous = None
         if isinstance(previous, dict):
+            same_records = Path(str(config.records)).resolve() == Path(str(previous.get("records", ""))).resolve()
             previous = {k: v for k, v in previous.items() if k not in RUNTIME_OPTIONS}
-            previous["records"] = wanted["records"] if Path(str(config.records)).resolve() == \
-                Path(str(yaml.safe_load(saved.read_text()).get("records", ""))).resolve() else None
+            previous["records"] = wanted["records"] if same_records else None
     if previous == wanted:
         run = logdir / RUN_NAME
         complete = run.exists() and json.loads(run.read_text()).get("complete", False)
