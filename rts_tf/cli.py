@@ -370,6 +370,10 @@ def split_integers(ctx, param, value):
                    "Normalisation, pretrained RGB filters and image panels follow the set; run.json lists it.")
 @click.option("--augment/--no-augment", default=FIT.augment, show_default=True,
               help="Flips, rotations, blur, brightness/contrast, noise (training only).")
+@click.option("--augment-on", type=click.Choice(["device", "host"]), default=FIT.augment_on, show_default=True,
+              help="Where augmentation runs: in the training step on the training device (GPU: the CPU only "
+                   "reads records), or in the tf.data pipeline on the CPU. Same transforms and seeds; the "
+                   "tiles agree to float tolerance.")
 @click.option("--oversample-slumps", type=int, default=FIT.oversample_slumps, show_default=True,
               help="Show tiles with slumps this many times per epoch.")
 @click.option("--cache", is_flag=True, default=None, help="Cache decoded tiles in memory after the first epoch.")

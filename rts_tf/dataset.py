@@ -331,14 +331,16 @@ def normalisation(manifest: dict, regions) -> tuple[np.ndarray, np.ndarray]:
 def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, training: bool,
                  seed: int = 0, augment_settings=None, oversample_slumps: int = 1, cache: bool = False,
                  shuffle_buffer: int = 256, verify: bool = False, mean=None, pad_batches: bool = False,
-                 epochs: tuple[int, int] | None = None) -> tf.data.Dataset:
+                 epochs: tuple[int, int] | None = None, augment_on: str = "host") -> tf.data.Dataset:
     """Batches of (image float32 (B,H,W,C) in physical units, label uint8 (B,H,W,1), 255 = ignore).
 
     `data` is a Selection or a list of region names. Training data is shuffled (shards and
     tiles), optionally oversamples tiles with slumps (each repeated `oversample_slumps` times per
     epoch), is augmented when augment_settings is given (about the band means `mean`, see
-    augment.py), and drops the last incomplete batch so every replica gets equal batches; evaluation
-    data with pad_batches fills its last batch up with ignored tiles instead.
+    augment.py) here or, with augment_on "device", in the training step (`AugmentingModel`): the
+    batches are then (image, label, seeds int64 (B, 2)), each tile's seed the one the host would
+    have augmented it with. Training data drops the last incomplete batch so every replica gets
+    equal batches; evaluation data with pad_batches fills its last batch up with ignored tiles instead.
 
     With `epochs=(first, stop)` training data is one stream of the epochs first..stop-1 in which
     every epoch's order and augmentation are a function of (seed, epoch) alone: a run resumed at
@@ -387,6 +389,8 @@ def make_dataset(records: str | Path, manifest: dict, data, batch_size: int, tra
             image = convert(sample["image"])
             if not augmenting:
                 return image, sample["label"]
+            if augment_on == "device":
+                return image, sample["label"], tf.cast(tile_seeds, tf.int64)
             return augment_batch(image, sample["label"], tile_seeds, band_names, augment_settings, centre)
 
         return dataset.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE).map(

@@ -102,6 +102,7 @@ class FitConfig:
     seed: int = 0
     bands: list[str] | None = None  # a subset of the records' bands to train on (None: all of them)
     augment: bool = True
+    augment_on: str = "device"  # "device": in the training step (the accelerator); "host": in tf.data
     oversample_slumps: int = 1
     cache: bool = False
     shuffle_buffer: int = 256
@@ -124,4 +125,4 @@ class FitConfig:
 # How a run is executed, not what it computes: changing these does not make a run another run (it
 # resumes), while any other FitConfig field, or other records content, does.
 RUNTIME_OPTIONS = ("logdir", "records", "devices", "logical_cpus", "image_every", "image_tiles", "profile", "cache",
-                   "deterministic")
+                   "deterministic", "augment_on")

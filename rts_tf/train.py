@@ -86,6 +86,8 @@ def check_config(config: FitConfig) -> None:
         raise InputError(f"--weight-decay must be at least 0, got {config.weight_decay}")
     if config.schedule_decay <= 0:
         raise InputError(f"--schedule-decay must be positive, got {config.schedule_decay}")
+    if config.augment_on not in ("device", "host"):
+        raise InputError(f"--augment-on must be device or host, got {config.augment_on}")
     if config.val_split not in VAL_SPLITS:
         raise InputError(f"unknown --val-split '{config.val_split}'; choose one of: {', '.join(VAL_SPLITS)}")
     if config.bn_momentum is not None and not 0.0 <= config.bn_momentum < 1.0:
@@ -127,9 +129,12 @@ def is_chief(strategy) -> bool:
                                               and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, std, heads: bool = False):
+def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, std, heads: bool = False,
+                    augment: bool = False):
     """The model saved with a run: normalisation layer (the manifest's statistics; ignored pixels
-    become 0) + network. With heads, a deep-supervision UNet++ also outputs each head (training)."""
+    become 0) + network. With heads, a deep-supervision UNet++ also outputs each head (training).
+    augment: an AugmentingModel, whose training step augments its batches about the band means
+    (the same layers and weights)."""
     import tensorflow as tf
 
     from rts_tf.bands import rgb_indexes
@@ -157,7 +162,13 @@ def build_segmenter(config: FitConfig, bands: list[str], tile_size: int, mean, s
                 layer.momentum = config.bn_momentum
     inputs = tf.keras.Input((tile_size, tile_size, len(bands)), name="image", dtype="float32")
     normalised = IgnoreAwareNormalization(mean, std, name="normalise")(inputs)
-    return tf.keras.Model(inputs, network(normalised), name=f"rts_{config.arch}_{config.encoder}")
+    name = f"rts_{config.arch}_{config.encoder}"
+    if augment:
+        from rts_tf.augment import AugmentingModel, AugmentSettings
+
+        return AugmentingModel(inputs, network(normalised), name=name, band_names=bands, settings=AugmentSettings(),
+                               centre=mean)
+    return tf.keras.Model(inputs, network(normalised), name=name)
 
 
 def learning_rate(config: FitConfig, steps_per_epoch: int):
@@ -314,7 +325,6 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
 
     import tensorflow as tf
 
-    from rts_tf.augment import AugmentSettings
     from rts_tf.losses import get_loss
     from rts_tf.metrics import segmentation_metrics
 
@@ -344,27 +354,17 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
         if epoch_tiles < global_batch:
             raise InputError(f"{config.records}: {epoch_tiles} training tiles are fewer than one global batch "
                              f"({global_batch}); lower --batch-size")
-        # With exact tile counts (manifests that list tile positions) an epoch is exactly `steps`
-        # batches of a stream that is a function of (seed, epoch): a resumed run goes on with the
-        # very batches an uninterrupted run would have seen.
-        exact = not config.steps_per_epoch and all(len(p) == 3 for scene in manifest["scenes"]
-                                                   for p in scene.get("positions", [[]]))
+        exact = exact_epochs(config, manifest)
         first_epoch = resume_epoch(logdir / "backup") if mode == "resume" else 0
-        train = make_dataset(config.records, manifest, split.train, global_batch, training=True, seed=config.seed,
-                             augment_settings=AugmentSettings() if config.augment else None,
-                             oversample_slumps=config.oversample_slumps, cache=config.cache,
-                             shuffle_buffer=config.shuffle_buffer, verify=verify, mean=mean,
-                             epochs=(first_epoch, config.epochs) if exact else None)
+        train = training_data(config, manifest, split, global_batch, mean,
+                              (first_epoch, config.epochs) if exact else None, verify)
         validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False,
                                   verify=verify, pad_batches=replicas > 1)
-        if config.steps_per_epoch:
-            train = train.repeat()
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        train, validation = train.with_options(options), validation.with_options(options)
+        validation = validation.with_options(distribute_options())
 
         with strategy.scope():
-            model = build_segmenter(config, bands, tile_size, mean, std, heads=True)
+            model = build_segmenter(config, bands, tile_size, mean, std, heads=True,
+                                    augment=config.augment and config.augment_on == "device")
             optimizer = tf.keras.optimizers.AdamW(learning_rate(config, steps), weight_decay=config.weight_decay)
             model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
                           jit_compile=config.xla)
@@ -455,6 +455,40 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
     finally:
         if config.mixed_precision:
             tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def exact_epochs(config: FitConfig, manifest: dict) -> bool:
+    """True with exact tile counts (manifests that list tile positions): an epoch is then exactly
+    `steps` batches of a stream that is a function of (seed, epoch), and a resumed run goes on with
+    the very batches an uninterrupted run would have seen."""
+    return not config.steps_per_epoch and all(len(p) == 3 for scene in manifest["scenes"]
+                                              for p in scene.get("positions", [[]]))
+
+
+def training_data(config: FitConfig, manifest: dict, split, global_batch: int, mean, epochs: tuple[int, int] | None,
+                  verify: bool = False):
+    """The training batches `fit` reads (benchmarks/input_pipeline.py measures this very pipeline):
+    with --augment-on device (image, label, seeds), augmented in the training step."""
+    from rts_tf.augment import AugmentSettings
+    from rts_tf.dataset import make_dataset
+
+    train = make_dataset(config.records, manifest, split.train, global_batch, training=True, seed=config.seed,
+                         augment_settings=AugmentSettings() if config.augment else None,
+                         oversample_slumps=config.oversample_slumps, cache=config.cache,
+                         shuffle_buffer=config.shuffle_buffer, verify=verify, mean=mean, epochs=epochs,
+                         augment_on=config.augment_on)
+    if config.steps_per_epoch:
+        train = train.repeat()
+    return train.with_options(distribute_options())
+
+
+def distribute_options():
+    """Each replica (worker) reads its part of every batch."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
 
 
 def damaged_shard_error(config: FitConfig, manifest: dict, split, error: Exception) -> InputError:

@@ -200,11 +200,22 @@ def only(**changes):
     return AugmentSettings(**{**NO_AUGMENTATION, **changes})
 
 
-def augment(images, labels, seeds, settings, centre=None):
-    """augment_batch on NumPy arrays (seeds (B, 2)), back to NumPy."""
-    image, label = augment_batch(tf.constant(images, tf.float32), tf.constant(labels, tf.uint8),
-                                 tf.constant(seeds, tf.int64), BAND_NAMES, settings,
-                                 None if centre is None else tf.constant(centre, tf.float32))
+@pytest.fixture(params=["host", "device"])
+def way(request):
+    """Where augmentation runs: the tf.data pipeline's ops or the training step's (XLA-ready) ops;
+    every augmentation test holds for both."""
+    return request.param
+
+
+def augment(images, labels, seeds, settings, centre=None, way="host", xla=False):
+    """augment_batch on NumPy arrays (seeds (B, 2)), back to NumPy; with xla compiled as the
+    training step is under --xla."""
+    def run(images, labels, seeds):
+        return augment_batch(images, labels, seeds, BAND_NAMES, settings,
+                             None if centre is None else tf.constant(centre, tf.float32), device=way == "device")
+
+    image, label = (tf.function(run, jit_compile=True) if xla else run)(
+        tf.constant(images, tf.float32), tf.constant(labels, tf.uint8), tf.constant(seeds, tf.int64))
     return image.numpy(), label.numpy()
 
 
@@ -228,10 +239,10 @@ def constant_tiles(count, size=16):
     return np.broadcast_to(values, (count, size, size, 10)).copy(), np.zeros((count, size, size, 1), np.uint8)
 
 
-def test_flips_and_quarter_turns_move_image_and_label_together_exactly():
+def test_flips_and_quarter_turns_move_image_and_label_together_exactly(way):
     images, labels = gradient_tiles(16)
     out, out_labels = augment(images, labels, tile_seeds(16), only(flips=True, rotate90=True),
-                              centre=np.linspace(0.05, 5, 10))
+                              centre=np.linspace(0.05, 5, 10), way=way)
     seen = set()
     for tile in range(16):
         moved = lambda array, turns, flip: np.rot90(array[:, ::-1] if flip else array, turns)
@@ -243,11 +254,11 @@ def test_flips_and_quarter_turns_move_image_and_label_together_exactly():
     assert len(seen) >= 4  # the tiles of one batch get different transforms
 
 
-def test_rotations_fill_uncovered_corners_with_ignore_and_zero():
+def test_rotations_fill_uncovered_corners_with_ignore_and_zero(way):
     size, count = 64, 12
     images, labels = gradient_tiles(count, size)
     seeds, settings = tile_seeds(count), only(max_rotation_degrees=10.0)
-    out, out_labels = augment(images, labels, seeds, settings, centre=images[0, 0, 0])
+    out, out_labels = augment(images, labels, seeds, settings, centre=images[0, 0, 0], way=way)
     angles = random_choices(tf.constant(seeds), settings)["angle"].numpy()
     assert (np.abs(angles) <= np.radians(10)).all() and len(set(angles.tolist())) == count
     middle = (size - 1) / 2
@@ -266,7 +277,7 @@ def test_rotations_fill_uncovered_corners_with_ignore_and_zero():
     assert sum((out_labels[tile] == 255).sum() > 50 for tile in range(count)) >= count // 2
 
 
-def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
+def test_augmentation_moves_image_and_label_together_and_keeps_ignore(way):
     rng = np.random.default_rng(0)
     image = np.zeros((64, 64, 10), np.float32)
     image[..., :4] = 0.05
@@ -278,7 +289,7 @@ def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
     image[50:, :10] = 0.0
     settings = AugmentSettings(blur_probability=0.0, noise=0.0)  # keep band 8 crisp for the check
     out_images, out_labels = augment(np.repeat(image[None], 12, 0), np.repeat(label[None], 12, 0),
-                                     tile_seeds(12), settings)
+                                     tile_seeds(12), settings, way=way)
     for out_image, out_label in zip(out_images, out_labels):
         valid = out_label[..., 0] != 255
         # The label still marks exactly where the image's slump band is high (away from blurred edges).
@@ -293,27 +304,27 @@ def test_augmentation_moves_image_and_label_together_and_keeps_ignore():
         assert np.allclose(ndvi, (nir - red) / (nir + red), atol=1e-4)
 
 
-def test_a_tiles_augmentation_is_a_function_of_its_seed_alone():
+def test_a_tiles_augmentation_is_a_function_of_its_seed_alone(way):
     images, labels = gradient_tiles(6)
     seeds, settings = tile_seeds(6), AugmentSettings(blur_probability=0.5)
-    first, again = augment(images, labels, seeds, settings), augment(images, labels, seeds, settings)
+    first, again = augment(images, labels, seeds, settings, way=way), augment(images, labels, seeds, settings, way=way)
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     for tile in range(6):  # the same alone as in its batch
-        alone = augment(images[tile:tile + 1], labels[tile:tile + 1], seeds[tile:tile + 1], settings)
+        alone = augment(images[tile:tile + 1], labels[tile:tile + 1], seeds[tile:tile + 1], settings, way=way)
         np.testing.assert_allclose(alone[0][0], first[0][tile], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(alone[1][0], first[1][tile])
     assert all(not np.array_equal(first[0][0], first[0][tile]) for tile in range(1, 6))
-    other = augment(images, labels, tile_seeds(6, key=8), settings)
+    other = augment(images, labels, tile_seeds(6, key=8), settings, way=way)
     assert not np.array_equal(first[0], other[0])
 
 
-def test_brightness_scales_the_reflectance_bands_and_leaves_ndvi():
+def test_brightness_scales_the_reflectance_bands_and_leaves_ndvi(way):
     images, labels = constant_tiles(8)
     seeds, settings = tile_seeds(8), only(brightness=0.1)
     gain = random_choices(tf.constant(seeds), settings)["gain"].numpy()
     assert ((gain >= 0.9) & (gain <= 1.1)).all() and len(set(gain.tolist())) == 8
-    out, _ = augment(images, labels, seeds, settings, centre=images[0, 0, 0] * 0.9)
+    out, _ = augment(images, labels, seeds, settings, centre=images[0, 0, 0] * 0.9, way=way)
     # red 0.05 and NIR 0.30 become 0.05 g and 0.30 g; NDVI stays 0.25 / 0.35; the rest is untouched.
     np.testing.assert_allclose(out[:, 0, 0, 2], 0.05 * gain, rtol=1e-5)
     np.testing.assert_allclose(out[..., :4], images[..., :4] * gain[:, None, None, None], rtol=1e-5)
@@ -321,7 +332,7 @@ def test_brightness_scales_the_reflectance_bands_and_leaves_ndvi():
     np.testing.assert_allclose(out[..., 5:], images[..., 5:], rtol=1e-6)
 
 
-def test_contrast_turns_about_the_mean_of_the_valid_pixels():
+def test_contrast_turns_about_the_mean_of_the_valid_pixels(way):
     images, labels = constant_tiles(4)
     images[:, :, :8, :4] *= 0.5  # the left half darker
     labels[:, :, 12:] = 255  # an ignored stripe, holding garbage: not in the mean
@@ -329,7 +340,7 @@ def test_contrast_turns_about_the_mean_of_the_valid_pixels():
     seeds, settings = tile_seeds(4), only(contrast=0.1, brightness=0.1)
     choices = random_choices(tf.constant(seeds), settings)
     contrast, gain = (choices[name].numpy()[:, None, None, None] for name in ("contrast", "gain"))
-    out, _ = augment(images, labels, seeds, settings)
+    out, _ = augment(images, labels, seeds, settings, way=way)
     bright = constant_tiles(1)[0][0, 0, 0, :4]
     mean = bright * (8 * 0.5 + 4 * 1.0) / 12  # columns 0-7 at half, 8-11 at full value
     expected = ((images[..., :12, :4] - mean) * contrast + mean) * gain
@@ -339,9 +350,9 @@ def test_contrast_turns_about_the_mean_of_the_valid_pixels():
     assert (out[..., 12:, :] == 0).all()
 
 
-def test_noise_is_per_pixel_and_band_with_the_set_strength():
+def test_noise_is_per_pixel_and_band_with_the_set_strength(way):
     images, labels = constant_tiles(4, size=64)
-    out, _ = augment(images, labels, tile_seeds(4), only(noise=0.02))
+    out, _ = augment(images, labels, tile_seeds(4), only(noise=0.02), way=way)
     change = out[..., :4] / images[..., :4] - 1
     assert abs(change.std() - 0.02) < 0.001 and abs(change.mean()) < 0.001
     assert np.abs(change).max() <= 0.02 * 3 ** 0.5 + 1e-6
@@ -350,13 +361,13 @@ def test_noise_is_per_pixel_and_band_with_the_set_strength():
     np.testing.assert_array_equal(out[..., 5:], images[..., 5:])
 
 
-def test_blur_is_a_gaussian_with_each_tiles_sigma():
+def test_blur_is_a_gaussian_with_each_tiles_sigma(way):
     images, labels = constant_tiles(8)
     images[:, 8, 8, 8] += 1.0  # one bright pixel in relative elevation
     seeds, settings = tile_seeds(8), only(blur_probability=0.5, max_blur_sigma=1.0)
     sigma = random_choices(tf.constant(seeds), settings)["blur_sigma"].numpy()
     assert 0 < (sigma > 0).sum() < 8 and ((sigma == 0) | ((sigma >= 0.4) & (sigma <= 1.0))).all()
-    out, _ = augment(images, labels, seeds, settings)
+    out, _ = augment(images, labels, seeds, settings, way=way)
     for tile, s in enumerate(sigma):
         if s == 0:
             np.testing.assert_array_equal(out[tile], images[tile])
@@ -367,7 +378,7 @@ def test_blur_is_a_gaussian_with_each_tiles_sigma():
         np.testing.assert_allclose(out[tile, ..., 5], 120, rtol=1e-6)  # constant bands stay constant
 
 
-def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
+def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation(way):
     """Half-ignored tiles: whatever their ignored half held, the valid half comes out the same."""
     rng = np.random.default_rng(1)
     centre = np.array([0.04, 0.06, 0.05, 0.25, 0.6, 120, 140, 110, 0.0, 4.0], np.float32)
@@ -380,7 +391,7 @@ def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
     garbage[:, 5, 40] = np.nan
     garbage[:, 6, 40] = np.inf
     settings = AugmentSettings(blur_probability=1.0)
-    (first, first_label), (second, second_label) = (augment(x, label, tile_seeds(6, 3), settings, centre)
+    (first, first_label), (second, second_label) = (augment(x, label, tile_seeds(6, 3), settings, centre, way=way)
                                                     for x in (zeros, garbage))
     np.testing.assert_array_equal(first_label, second_label)
     valid = first_label[..., 0] != 255
@@ -389,6 +400,44 @@ def test_ignored_pixels_do_not_leak_into_valid_ones_through_augmentation():
     # Near the ignored half, blur and rotation mix in the band means, not zeros: the valid pixels
     # next to it stay at the scale of the means (TCVIS about 120, not pulled towards 0).
     assert first[valid][:, 5].min() > 0.5 * centre[5]
+
+
+def test_the_training_step_augments_as_the_pipeline_does_also_under_xla():
+    """--augment-on device: the same tiles as the host for the same seeds, every transform on, tiles
+    with ignored parts, also compiled with XLA (as under --xla); labels exactly, images to float
+    tolerance."""
+    rng = np.random.default_rng(4)
+    centre = np.array([0.04, 0.06, 0.05, 0.25, 0.6, 120, 140, 110, 0.0, 4.0], np.float32)
+    images = (centre * rng.uniform(0.7, 1.3, (8, 64, 64, 10))).astype(np.float32)
+    labels = (rng.uniform(size=(8, 64, 64, 1)) > 0.8).astype(np.uint8)
+    labels[:, 40:, :12] = 255
+    images[:, 40:, :12] = 0.0
+    settings = AugmentSettings(blur_probability=0.5)
+    seeds = tile_seeds(8, 11)
+    sigma = random_choices(tf.constant(seeds), settings)["blur_sigma"].numpy()
+    assert 0 < (sigma > 0).sum() < 8  # blurred and unblurred tiles in the batch
+    host = augment(images, labels, seeds, settings, centre)
+    for xla in (False, True):
+        device = augment(images, labels, seeds, settings, centre, way="device", xla=xla)
+        np.testing.assert_array_equal(device[1], host[1])
+        scale = np.maximum(np.abs(host[0]).max(axis=(0, 1, 2)), 1.0)  # per band: TCVIS about 100
+        assert (np.abs(device[0] - host[0]) / scale).max() < 1e-5, (xla, (np.abs(device[0] - host[0]) / scale).max())
+    assert (host[1] == 255).sum() > (labels == 255).sum()  # the rotations did uncover corners
+
+
+def test_device_augmentation_batches_carry_the_hosts_seeds(demo_records, manifest):
+    """With augment_on device the pipeline hands out (image, label, seeds) unaugmented; augmenting
+    them with those seeds gives exactly the host pipeline's batches."""
+    make = lambda way: make_dataset(demo_records, manifest, ("Kolguev", "Banks"), 4, training=True, seed=3,
+                                    augment_settings=AugmentSettings(), mean=np.full(10, 0.5, np.float32),
+                                    epochs=(0, 1), augment_on=way)
+    host = list(make("host").take(3))
+    device = list(make("device").take(3))
+    for (image, label), (raw, raw_label, seeds) in zip(host, device):
+        assert seeds.dtype == tf.int64 and seeds.shape == (4, 2)
+        again = augment_batch(raw, raw_label, seeds, BAND_NAMES, AugmentSettings(), tf.fill([10], 0.5))
+        np.testing.assert_array_equal(again[0].numpy(), image.numpy())
+        np.testing.assert_array_equal(again[1].numpy(), label.numpy())
 
 
 def test_same_seed_same_batches(demo_records, manifest):
