@@ -94,6 +94,14 @@ def test_fit_under_mirrored_strategy_on_two_logical_cpus(demo_records, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     run = json.loads((logdir / "run.json").read_text())
     assert run["replicas"] == 2 and run["global_batch_size"] == 8
+    assert run["config"]["augment_on"] == "device"  # each replica augments its half of the batch in its step
+    # The same run with augmentation in tf.data: the same tiles (to float tolerance), so the same training.
+    completed = run_cli(fit_arguments(demo_records, tmp_path / "host", "--epochs", "1", "--logical-cpus", "2",
+                                      "--image-every", "0", "--augment-on", "host"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    host = json.loads((tmp_path / "host" / "run.json").read_text())
+    np.testing.assert_allclose(host["history"]["loss"], run["history"]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(host["history"]["val_loss"], run["history"]["val_loss"], rtol=1e-3)
     completed = run_cli(fit_arguments(demo_records, tmp_path / "odd", "--epochs", "1", "--logical-cpus", "2",
                                       "--global-batch-size", "7"))
     assert completed.returncode != 0 and "not divisible by the 2 replicas" in completed.stderr
