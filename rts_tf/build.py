@@ -24,7 +24,7 @@ from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
-                            ShardWriter, encode_example, features, parts_to_float32, read_manifest, shard_suffix, verify_shard,
+                            ExampleEncoder, ShardWriter, features, parts_to_float32, read_manifest, shard_suffix, verify_shard,
                             write_json)
 from rts_tf.scene import SENSORS, SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
 from rts_tf.settings import BuildSettings, SensorSettings
@@ -522,13 +522,17 @@ def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None],
     if not jobs:
         return
     if engine == "ray":
-        from rts_tf.engine import largest_node_memory, ray_session, ray_tasks
+        from rts_tf.engine import cluster_cpus, largest_node_memory, ray_session, ray_streaming_actors
 
         with ray_session(workers) as ray:
+            # One actor per CPU (at most `workers` on an embedded Ray), started once and given scene
+            # after scene: each asks for the memory of the largest scene.
             ceiling = largest_node_memory(ray)
-            resources = [{"num_cpus": 1, "memory": min(scene_memory(job), ceiling) if ceiling else scene_memory(job)}
-                         for job in jobs]
-            yield from ray_tasks(ray, build_scene, jobs, keys, resources, advance, label="build_scene")
+            memory = max(scene_memory(job) for job in jobs)
+            resources = {"num_cpus": 1, "memory": min(memory, ceiling) if ceiling else memory}
+            actors = min(len(jobs), workers if not os.environ.get("RAY_ADDRESS") else cluster_cpus(ray))
+            yield from ray_streaming_actors(ray, scene_builder, (), jobs, keys, actors, resources, advance,
+                                            label="build_scene")
         return
     if workers == 1 or len(jobs) <= 1:
         yield from local_jobs(build_scene, jobs, keys, advance)
@@ -564,6 +568,11 @@ def scene_memory(job: SceneJob) -> int:
     return int(min(SCENE_BASE_BYTES + SCENE_BYTES_PER_PIXEL * job.height * job.width, SCENE_MAX_BYTES))
 
 
+def scene_builder() -> Callable[[SceneJob, Callable[[int], None]], dict]:
+    """What a Ray actor building scenes runs (made once per actor): build_scene."""
+    return build_scene
+
+
 def build_scene_reporting(job: SceneJob, queue) -> tuple[str, Any]:
     return run_job(build_scene, job, queue.put)
 
@@ -579,6 +588,9 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     positions = []  # (row, col, slump pixels) of every tile written: fit splits and counts without reading
     compression = COMPRESSIONS[settings.compression]
     writer = ShardWriter(Path(job.out) / job.shard_path, compression, settings.compression_level)
+    encoder = ExampleEncoder()  # encode_example's bytes, with one copy of each tile
+    lattice = (slice(None, None, STATISTICS_STEP),) * 2
+    band_names = list(settings.bands)
     try:
         # A small GDAL block cache: the default (5% of RAM) would grow with the scene.
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), sources.stack(job.scene) as stack:
@@ -597,13 +609,12 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
                         continue
                     tile_parts = {key: part[y:y + size, x:x + size] for key, part in parts.items()}
                     slump_pixels = int(np.count_nonzero(tile_label == 1))
-                    writer.write(encode_example(
+                    writer.write(encoder.encode(
                         tile_parts, tile_label, scene_id=job.scene.scene_id,
                         region=job.region, site=job.site, row=row, col=col,
                         slump_pixels=slump_pixels, ignored_pixels=ignored))
-                    lattice = (slice(None, None, STATISTICS_STEP),) * 2
                     sampled = parts_to_float32({key: part[lattice] for key, part in tile_parts.items()},
-                                               band_names=list(settings.bands))
+                                               band_names=band_names)
                     statistics.update(sampled[tile_label[lattice] != IGNORE])
                     counts["tiles"] += 1
                     positions.append([row, col, slump_pixels])

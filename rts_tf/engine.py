@@ -216,16 +216,53 @@ def ray_session(workers: int):
         return
     folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
     reaper = start_reaper(folder)
+    node = None
     try:
         with own_sigterm():
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
-                     object_store_memory=OBJECT_STORE_BYTES, **options)
+            node = start_minimal_node(ray, workers, folder)
+            if node is not None:
+                ray.init(address=node.address, **options)
+            else:
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
+                         object_store_memory=OBJECT_STORE_BYTES, _system_config=MINIMAL_SYSTEM_CONFIG, **options)
         yield ray
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if node is not None:
+            with contextlib.suppress(Exception):
+                node.kill_all_processes(check_alive=False, allow_graceful=True)
         shutil.rmtree(folder, ignore_errors=True)
         stop_reaper(reaper)
+
+
+# What the embedded Ray needs no part of: metrics, the task timeline, task events for a dashboard.
+MINIMAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "enable_timeline": False,
+                         "task_events_report_interval_ms": 0}
+
+
+def start_minimal_node(ray, workers: int, folder: str):
+    """Start an embedded one-machine Ray head with only the processes a command's jobs use: GCS,
+    raylet (with its two agents, which it starts itself) and workers. `ray.init(address="local")`
+    also starts the dashboard's API server, the autoscaler's monitor, a log monitor and a reaper of
+    its own (about 3 CPU seconds and 1 to 6 s of start-up on two cores); the reaper of
+    rts_tf.engine replaces Ray's. Uses Ray's private Node class (Ray is pinned): None when that
+    fails, and the caller starts Ray the public way."""
+    try:
+        from ray._private.node import Node
+        from ray._private.parameter import RayParams
+
+        class MinimalNode(Node):
+            def start_api_server(self, *, include_dashboard, raise_on_failure):  # noqa: ARG002
+                """No dashboard and no API server: nothing here reads jobs, state or metrics."""
+
+        params = RayParams(num_cpus=workers, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                           temp_dir=folder, no_monitor=True, include_log_monitor=False,
+                           _system_config=dict(MINIMAL_SYSTEM_CONFIG))
+        return MinimalNode(params, head=True, shutdown_at_exit=False, spawn_reaper=False, ray_init_cluster=True)
+    except (ImportError, AttributeError, TypeError) as error:  # another Ray than the pinned one
+        logging.getLogger(__name__).debug("minimal Ray node not available: %s", error)
+        return None
 
 
 # After a killed driver (kill -9, an out-of-memory kill) an embedded Ray's agents and workers live on
@@ -458,3 +495,126 @@ def ray_actors(ray, factory: Callable, arguments: tuple, items: Sequence, keys: 
         for handle in handles:
             ray.kill(handle)
 
+
+
+# A worker streams a job's progress to the driver at most this often (tiles batched in between).
+PROGRESS_SECONDS = 0.5
+
+
+class _StreamingJobActor:
+    """A Ray actor that makes one runner once and runs the jobs it is given, one at a time, as a
+    streaming generator: tile counts as the job advances (batched, at most one every
+    PROGRESS_SECONDS), then `("end", status, value)`. Progress thus travels with the job's own
+    results: no progress actor, no round trip per block or per poll."""
+
+    def __init__(self, factory: Callable, arguments: tuple):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.runner, self.error = None, None
+        status, value = run_job(lambda _, __: factory(*arguments), None)
+        if status == "done":
+            self.runner = value
+        else:
+            self.error = value
+
+    def run(self, item: Any):
+        import queue
+        import time
+
+        if self.error is not None:
+            yield ("end", "abort", self.error)
+            return
+        counts: queue.SimpleQueue = queue.SimpleQueue()
+        ended: dict[str, Any] = {}
+
+        def work() -> None:  # the job runs beside the generator, which forwards its counts
+            try:
+                ended["outcome"] = run_job(self.runner, item, counts.put)
+            except BaseException as error:  # a bug: raised in the generator, so the driver sees its traceback
+                ended["error"] = error
+            finally:
+                counts.put(None)
+
+        thread = threading.Thread(target=work, name="job", daemon=True)
+        thread.start()
+        pending, sent = 0, time.monotonic()
+        while True:
+            try:
+                tiles = counts.get(timeout=PROGRESS_SECONDS)
+            except queue.Empty:
+                tiles = 0
+            if tiles is None:
+                break
+            pending += tiles
+            if pending and time.monotonic() - sent >= PROGRESS_SECONDS:
+                yield pending
+                pending, sent = 0, time.monotonic()
+        thread.join()
+        if pending:
+            yield pending
+        if "error" in ended:
+            raise ended["error"]
+        yield ("end", *ended["outcome"])
+
+
+def ray_streaming_actors(ray, factory: Callable, arguments: tuple, items: Sequence, keys: Sequence[str],
+                         actors: int, resources: dict, advance: Callable[[int], None] | None = None,
+                         label: str = "job") -> Iterator[Outcome]:
+    """Like ray_actors: `actors` Ray actors, started once, each making factory(*arguments) once and
+    running the items given to it one after the other; outcomes as they finish. Progress comes
+    with each job's streamed results (see _StreamingJobActor). An actor whose process is lost is
+    restarted and its job run again (RETRIES times; the job's progress counted anew)."""
+    actor = ray.remote(_StreamingJobActor).options(max_restarts=RETRIES, max_task_retries=0, **resources)
+    handles = [actor.remote(factory, arguments) for _ in range(max(1, min(actors, len(items))))]
+    waiting = list(zip(items, keys))
+    running: dict[Any, tuple] = {}  # generator -> (actor handle, item, key)
+    counted: dict[str, int] = {}  # tiles reported for each job's current attempt
+    attempts: dict[str, int] = {}
+
+    def submit(handle) -> None:
+        item, key = waiting.pop(0)
+        attempts[key] = attempts.get(key, 0) + 1
+        counted[key] = 0
+        generator = handle.run.options(num_returns="streaming", name=f"{label}:{key}").remote(item)
+        running[generator] = (handle, item, key)
+
+    for handle in handles:
+        if waiting:
+            submit(handle)
+    try:
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            for generator in ready:
+                handle, item, key = running[generator]
+                try:
+                    value = ray.get(next(generator))
+                except StopIteration:  # ended without its last message: cannot happen, but never hang on it
+                    del running[generator]
+                    yield Outcome(key, error=f"{label} ended without a result")
+                    continue
+                except ray.exceptions.RayTaskError:
+                    raise  # a bug in the job: its remote traceback
+                except ray.exceptions.RayError as error:  # the actor's process was lost: run the job again
+                    del running[generator]
+                    if advance is not None and counted[key]:
+                        advance(-counted[key])
+                    if attempts[key] > RETRIES:
+                        yield Outcome(key, error=f"{label} lost after {RETRIES} retries ({error_line(error)})")
+                    else:
+                        waiting.insert(0, (item, key))
+                    if waiting:
+                        submit(handle)  # Ray holds it until the actor has restarted
+                    continue
+                if not isinstance(value, tuple):
+                    counted[key] += value
+                    if advance is not None:
+                        advance(value)
+                    continue
+                del running[generator]
+                _, status, result = value
+                if waiting:
+                    submit(handle)
+                yield outcome(key, status, result)
+    finally:
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                ray.kill(handle)
