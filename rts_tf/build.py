@@ -537,7 +537,7 @@ def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None],
     if workers == 1 or len(jobs) <= 1:
         yield from local_jobs(build_scene, jobs, keys, advance)
         return
-    context = multiprocessing.get_context("spawn")
+    context = worker_context(any(job.dem for job in jobs))
     with context.Manager() as manager:
         queue = manager.Queue()
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=quiet_worker) as pool:
@@ -554,6 +554,19 @@ def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None],
                 raise
             while not queue.empty():
                 advance(queue.get())
+
+
+def worker_context(terrain_from_dem: bool):
+    """Processes for the local pool: forked from a fork server that has imported what building a
+    scene needs (rts_tf.build with rasterio, NumPy, SciPy; scipy.signal when the terrain comes from
+    a DEM), so each worker starts ready instead of importing it all again (about 1 CPU second per
+    worker, which a build of few scenes waits for); spawned where there is no fork server (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Read when the fork server starts (once per process): later builds of this process reuse it.
+    context.set_forkserver_preload(["rts_tf.build", *(["scipy.signal"] if terrain_from_dem else [])])
+    return context
 
 
 # What building a scene holds in memory besides its blocks (Python, GDAL, NumPy, the GDAL cache),
