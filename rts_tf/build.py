@@ -380,11 +380,11 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
                   **matcher.report(matches)}
 
 
-def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings) -> SceneSources:
+def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings, check_files: bool = True) -> SceneSources:
     """The feature recipe of a build: the auxiliary sources of its band set, with the build's settings."""
     return SceneSources(tcvis or None, dem or None, rel_elevation or None, slope or None,
                         rel_elevation_radius=settings.rel_elevation_radius,
-                        dem_min_valid=settings.dem_min_valid, bands=settings.bands)
+                        dem_min_valid=settings.dem_min_valid, bands=settings.bands, check_files=check_files)
 
 
 def fingerprint(job: SceneJob, labels_path: str) -> str:
@@ -595,7 +595,8 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     settings = job.settings
     size = settings.tile_size
     limit = settings.max_ignored * size * size
-    sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings)
+    # The driver checked every file when it planned the jobs (plan_jobs): no second check per scene.
+    sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings, check_files=False)
     statistics = BandStatistics(len(settings.bands))
     counts = {"tiles": 0, "slump_tiles": 0, "slump_pixels": 0, "ignored_pixels": 0, "dropped_tiles": 0}
     positions = []  # (row, col, slump pixels) of every tile written: fit splits and counts without reading

@@ -78,7 +78,10 @@ class RasterSource:
     Tiles must share a CRS and band count; only the tiles that overlap a requested area are read.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], what: str, bands: int | None = None):
+    def __init__(self, paths: Sequence[str | os.PathLike], what: str, bands: int | None = None,
+                 check: bool = True):
+        """check: read each file's first and last pixels now (check_readable), so that a truncated
+        file fails at once; off where the files were checked before (a record-building worker)."""
         self.what = what
         files: list[Path] = []
         for path in paths:
@@ -106,7 +109,8 @@ class RasterSource:
                 if dataset.crs != self.datasets[0].crs:
                     raise InputError(f"{file}: {what} tiles must share one CRS "
                                      f"({dataset.crs} differs from {self.datasets[0].crs})")
-                check_readable(dataset, what)
+                if check:
+                    check_readable(dataset, what)
         except Exception:
             self.close()
             raise
