@@ -453,8 +453,9 @@ class SceneStack:
         auxiliary = self.auxiliary(top, left, bottom - top, right - left)
         usable &= np.isfinite(auxiliary).all(axis=0)
         unusable = ~usable
-        numbers[:, unusable] = 0
-        auxiliary[:, unusable] = 0.0
+        # copyto with a broadcast mask: the same as indexing every band with the mask, several times faster
+        np.copyto(numbers, np.uint16(0), where=unusable)
+        np.copyto(auxiliary, np.float32(0.0), where=unusable)
         red, nir = numbers[2].astype(np.float32), numbers[3].astype(np.float32)
         total = nir + red
         ndvi = np.divide(nir - red, total, out=np.zeros_like(total), where=total > 0)
