@@ -19,7 +19,8 @@ import shapely
 
 import rts_tf
 from rts_tf.bands import UNITS, describe_bands
-from rts_tf.engine import ENGINES, failures_message, local_jobs, outcome, quiet_worker, run_job, stop_workers
+from rts_tf.engine import (ENGINES, failures_message, local_jobs, outcome, quiet_worker, run_job, start_ray_early,
+                           stop_workers)
 from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
@@ -179,7 +180,7 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     chooses the sensor profile that reads the scenes (rts_tf.sensors; default: detected per scene).
     The records hold the bands of `settings.bands`; TCVIS and terrain inputs are needed (and read)
     only when the set has bands made from them.
-    engine "local" builds scenes in `workers` processes, "ray" in Ray tasks (rts_tf.engine). A
+    engine "local" builds scenes in `workers` processes, "ray" on Ray actors (rts_tf.engine). A
     scene whose input fails does not stop the others: the build ends with an InputError naming
     the failed scenes (and writes no manifest); the finished scenes are kept for a re-run. Labels
     of which no polygon lies on any scene are refused unless allow_no_labels (negatives only).
@@ -190,6 +191,20 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
         raise InputError(f"--workers must be at least 1, got {workers}")
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
+    # Ray starts while the jobs are planned (seconds of its start-up otherwise added to the command).
+    early = start_ray_early(engine, workers)
+    try:
+        return _build_records(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, workers,
+                              overwrite, progress, label_field, label_values, default_region, engine, sensor,
+                              allow_no_labels, started, early)
+    finally:
+        if early is not None:
+            early.close()  # nothing left to do when the jobs' Ray session took it over
+
+
+def _build_records(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, workers, overwrite,
+                   progress, label_field, label_values, default_region, engine, sensor, allow_no_labels, started,
+                   early) -> BuildSummary:
     jobs, label_report = plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings,
                                    label_field, label_values, default_region, sensor, allow_no_labels)
     out_path = Path(out)
@@ -216,7 +231,7 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
 
     failed: dict[str, str] = {}
     try:
-        for result in run_jobs(todo, workers, advance, engine):
+        for result in run_jobs(todo, workers, advance, engine, early):
             if result.error is None:
                 parts[result.key] = result.result
             else:
@@ -515,22 +530,28 @@ def completed_part(job: SceneJob) -> dict | str | None:
     return part
 
 
-def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None], engine: str = "local"):
-    """Build scenes in this process (workers=1), in a pool of spawned processes, or in Ray tasks
-    (engine "ray"); yield each scene's Outcome (its part, or why it failed) as it finishes."""
+def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None], engine: str = "local",
+             started=None):
+    """Build scenes in this process (workers=1), in a pool of worker processes, or on Ray actors
+    (engine "ray"; `started`: an embedded Ray from engine.start_ray_early); yield each scene's
+    Outcome (its part, or why it failed) as it finishes."""
     keys = [job.scene.scene_id for job in jobs]
     if not jobs:
         return
     if engine == "ray":
         from rts_tf.engine import cluster_cpus, largest_node_memory, ray_session, ray_streaming_actors
 
-        with ray_session(workers) as ray:
-            # One actor per CPU (at most `workers` on an embedded Ray), started once and given scene
-            # after scene: each asks for the memory of the largest scene.
+        with ray_session(workers, started) as ray:
+            # Actors started once and given scene after scene, each with 1 CPU and the memory of the
+            # largest scene: as many as the CPUs (`workers` on an embedded Ray) and the memory allow,
+            # so that every actor can be placed and none holds a scene while waiting for a place.
             ceiling = largest_node_memory(ray)
             memory = max(scene_memory(job) for job in jobs)
-            resources = {"num_cpus": 1, "memory": min(memory, ceiling) if ceiling else memory}
-            actors = min(len(jobs), workers if not os.environ.get("RAY_ADDRESS") else cluster_cpus(ray))
+            memory = min(memory, ceiling) if ceiling else memory
+            cpus = workers if not os.environ.get("RAY_ADDRESS") else cluster_cpus(ray)
+            fit = int(ray.cluster_resources().get("memory", 0) // memory) if memory else cpus
+            actors = max(1, min(len(jobs), cpus, fit or 1))
+            resources = {"num_cpus": 1, "memory": memory}
             yield from ray_streaming_actors(ray, scene_builder, (), jobs, keys, actors, resources, advance,
                                             label="build_scene")
         return

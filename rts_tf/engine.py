@@ -185,15 +185,69 @@ def own_sigterm():
             signal.signal(signal.SIGTERM, handler)
 
 
+class EmbeddedRayStart:
+    """An embedded one-machine Ray started in a background thread (its module imported, its GCS,
+    raylet and agents launched), so that it starts while the command plans its jobs; ray_session
+    takes it over, or close() stops it when the command ends before its jobs ran (an input error)."""
+
+    def __init__(self, workers: int):
+        self.workers, self.folder, self.reaper, self.node, self.error = workers, None, None, None, None
+        self._thread = threading.Thread(target=self._start, name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            ray = import_ray()
+            self.folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
+            self.reaper = start_reaper(self.folder)
+            self.node = start_minimal_node(ray, self.workers, self.folder)
+        except BaseException as error:  # ray_session reports it, or starts Ray the ordinary way
+            self.error = error
+
+    def result(self):
+        """(folder, reaper, node) once started, handed over to the caller (close() then leaves them);
+        node None where the minimal start was not possible."""
+        self._thread.join()
+        if isinstance(self.error, InputError):
+            raise self.error
+        taken = self.folder, self.reaper, self.node
+        self.folder = self.reaper = self.node = None
+        return taken
+
+    def close(self) -> None:
+        """Stop what was started (the session was never used)."""
+        self._thread.join()
+        if self.node is not None:
+            with contextlib.suppress(Exception):
+                self.node.kill_all_processes(check_alive=False, allow_graceful=True)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        stop_reaper(self.reaper)
+        self.node = self.folder = self.reaper = None
+
+
+def start_ray_early(engine: str, workers: int) -> "EmbeddedRayStart | None":
+    """Start the embedded Ray of `--engine ray` now, in the background, where ray_session would start
+    one (no RAY_ADDRESS, no Ray running in this process); None otherwise. Pass it to ray_session."""
+    if engine != "ray" or workers < 1 or os.environ.get("RAY_ADDRESS"):
+        return None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return None
+    return EmbeddedRayStart(workers)
+
+
 @contextlib.contextmanager
-def ray_session(workers: int):
+def ray_session(workers: int, started: EmbeddedRayStart | None = None):
     """Ray for one command: the running one (a program that called ray.init), the cluster of
     RAY_ADDRESS, or an embedded one-machine Ray with `workers` CPUs (and this machine's GPUs) whose
-    session folder is removed when it shuts down. Yields the ray module."""
+    session folder is removed when it shuts down (`started`: one start_ray_early began). Yields the
+    ray module."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     ray = import_ray()
     if ray.is_initialized():
+        if started is not None:
+            started.close()
         yield ray
         return
     options = dict(log_to_driver=False, logging_level=logging.WARNING)
@@ -214,12 +268,21 @@ def ray_session(workers: int):
         finally:
             ray.shutdown()  # disconnects this driver; the cluster stays
         return
-    folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
-    reaper = start_reaper(folder)
-    node = None
+    if started is not None:
+        try:
+            folder, reaper, node = started.result()
+        except BaseException:
+            started.close()
+            raise
+    else:
+        folder, reaper, node = None, None, None
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
+        reaper = start_reaper(folder)
     try:
         with own_sigterm():
-            node = start_minimal_node(ray, workers, folder)
+            if node is None and (started is None or started.error is None):
+                node = start_minimal_node(ray, workers, folder)
             if node is not None:
                 ray.init(address=node.address, **options)
             else:
@@ -516,6 +579,10 @@ class _StreamingJobActor:
         else:
             self.error = value
 
+    def ready(self) -> bool:
+        """Answers once the actor is up (again, after a restart)."""
+        return True
+
     def run(self, item: Any):
         import queue
         import time
@@ -563,10 +630,14 @@ def ray_streaming_actors(ray, factory: Callable, arguments: tuple, items: Sequen
     running the items given to it one after the other; outcomes as they finish. Progress comes
     with each job's streamed results (see _StreamingJobActor). An actor whose process is lost is
     restarted and its job run again (RETRIES times; the job's progress counted anew)."""
+    import time
+
     actor = ray.remote(_StreamingJobActor).options(max_restarts=RETRIES, max_task_retries=0, **resources)
     handles = [actor.remote(factory, arguments) for _ in range(max(1, min(actors, len(items))))]
     waiting = list(zip(items, keys))
     running: dict[Any, tuple] = {}  # generator -> (actor handle, item, key)
+    pinging: dict[Any, Any] = {}  # ready() call -> an actor that lost its process, until it is back
+    lost: list = []  # actors gone for good (restarted RETRIES times)
     counted: dict[str, int] = {}  # tiles reported for each job's current attempt
     attempts: dict[str, int] = {}
 
@@ -581,9 +652,26 @@ def ray_streaming_actors(ray, factory: Callable, arguments: tuple, items: Sequen
         if waiting:
             submit(handle)
     try:
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
-            for generator in ready:
+        while running or (pinging and waiting):
+            ready, _ = ray.wait([*running, *pinging], num_returns=1, timeout=POLL_SECONDS)
+            for reference in [ref for ref in ready if ref in pinging]:
+                handle = pinging.pop(reference)
+                try:
+                    ray.get(reference)
+                except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
+                    time.sleep(POLL_SECONDS)
+                    pinging[handle.ready.remote()] = handle
+                    continue
+                except ray.exceptions.RayError:  # gone for good
+                    lost.append(handle)
+                    continue
+                if waiting:
+                    submit(handle)
+            if waiting and not running and not pinging:  # every actor is gone: nothing will run them
+                for _, key in waiting:
+                    yield Outcome(key, error=f"{label} lost: its Ray actors were lost {RETRIES} times")
+                waiting.clear()
+            for generator in [ref for ref in ready if ref in running]:
                 handle, item, key = running[generator]
                 try:
                     value = ray.get(next(generator))
@@ -601,8 +689,7 @@ def ray_streaming_actors(ray, factory: Callable, arguments: tuple, items: Sequen
                         yield Outcome(key, error=f"{label} lost after {RETRIES} retries ({error_line(error)})")
                     else:
                         waiting.insert(0, (item, key))
-                    if waiting:
-                        submit(handle)  # Ray holds it until the actor has restarted
+                    pinging[handle.ready.remote()] = handle  # jobs go to it again once it is back
                     continue
                 if not isinstance(value, tuple):
                     counted[key] += value
