@@ -19,12 +19,13 @@ import shapely
 
 import rts_tf
 from rts_tf.bands import UNITS, describe_bands
-from rts_tf.engine import ENGINES, failures_message, local_jobs, outcome, quiet_worker, run_job, stop_workers
+from rts_tf.engine import (ENGINES, failures_message, local_jobs, outcome, quiet_worker, run_job, start_ray_early,
+                           stop_workers)
 from rts_tf.errors import InputError
 from rts_tf.labels import LabelMatcher, rasterize_labels, read_polygons, select_labels, site_of
 from rts_tf.rasters import GDAL_CACHE_BYTES
 from rts_tf.records import (COMPRESSIONS, IGNORE, LABEL_VALUES, MANIFEST_NAME, SCHEMA_VERSION, BandStatistics,
-                            ShardWriter, encode_example, features, parts_to_float32, read_manifest, shard_suffix, verify_shard,
+                            ExampleEncoder, ShardWriter, features, parts_to_float32, read_manifest, shard_suffix, verify_shard,
                             write_json)
 from rts_tf.scene import SENSORS, SceneFiles, SceneSources, find_scenes, recipe_settings, scene_grid
 from rts_tf.settings import BuildSettings, SensorSettings
@@ -179,7 +180,7 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
     chooses the sensor profile that reads the scenes (rts_tf.sensors; default: detected per scene).
     The records hold the bands of `settings.bands`; TCVIS and terrain inputs are needed (and read)
     only when the set has bands made from them.
-    engine "local" builds scenes in `workers` processes, "ray" in Ray tasks (rts_tf.engine). A
+    engine "local" builds scenes in `workers` processes, "ray" on Ray actors (rts_tf.engine). A
     scene whose input fails does not stop the others: the build ends with an InputError naming
     the failed scenes (and writes no manifest); the finished scenes are kept for a re-run. Labels
     of which no polygon lies on any scene are refused unless allow_no_labels (negatives only).
@@ -190,6 +191,20 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
         raise InputError(f"--workers must be at least 1, got {workers}")
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine}")
+    # Ray starts while the jobs are planned (seconds of its start-up otherwise added to the command).
+    early = start_ray_early(engine, workers)
+    try:
+        return _build_records(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, workers,
+                              overwrite, progress, label_field, label_values, default_region, engine, sensor,
+                              allow_no_labels, started, early)
+    finally:
+        if early is not None:
+            early.close()  # nothing left to do when the jobs' Ray session took it over
+
+
+def _build_records(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings, workers, overwrite,
+                   progress, label_field, label_values, default_region, engine, sensor, allow_no_labels, started,
+                   early) -> BuildSummary:
     jobs, label_report = plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, settings,
                                    label_field, label_values, default_region, sensor, allow_no_labels)
     out_path = Path(out)
@@ -216,7 +231,7 @@ def build_records(scenes: Sequence[str], labels: str, out: str, tcvis: Sequence[
 
     failed: dict[str, str] = {}
     try:
-        for result in run_jobs(todo, workers, advance, engine):
+        for result in run_jobs(todo, workers, advance, engine, early):
             if result.error is None:
                 parts[result.key] = result.result
             else:
@@ -380,11 +395,11 @@ def plan_jobs(scenes, labels, out, tcvis, dem, rel_elevation, slope, sites, sett
                   **matcher.report(matches)}
 
 
-def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings) -> SceneSources:
+def open_sources(tcvis, dem, rel_elevation, slope, settings: BuildSettings, check_files: bool = True) -> SceneSources:
     """The feature recipe of a build: the auxiliary sources of its band set, with the build's settings."""
     return SceneSources(tcvis or None, dem or None, rel_elevation or None, slope or None,
                         rel_elevation_radius=settings.rel_elevation_radius,
-                        dem_min_valid=settings.dem_min_valid, bands=settings.bands)
+                        dem_min_valid=settings.dem_min_valid, bands=settings.bands, check_files=check_files)
 
 
 def fingerprint(job: SceneJob, labels_path: str) -> str:
@@ -515,25 +530,35 @@ def completed_part(job: SceneJob) -> dict | str | None:
     return part
 
 
-def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None], engine: str = "local"):
-    """Build scenes in this process (workers=1), in a pool of spawned processes, or in Ray tasks
-    (engine "ray"); yield each scene's Outcome (its part, or why it failed) as it finishes."""
+def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None], engine: str = "local",
+             started=None):
+    """Build scenes in this process (workers=1), in a pool of worker processes, or on Ray actors
+    (engine "ray"; `started`: an embedded Ray from engine.start_ray_early); yield each scene's
+    Outcome (its part, or why it failed) as it finishes."""
     keys = [job.scene.scene_id for job in jobs]
     if not jobs:
         return
     if engine == "ray":
-        from rts_tf.engine import largest_node_memory, ray_session, ray_tasks
+        from rts_tf.engine import cluster_cpus, largest_node_memory, ray_session, ray_streaming_actors
 
-        with ray_session(workers) as ray:
+        with ray_session(workers, started) as ray:
+            # Actors started once and given scene after scene, each with 1 CPU and the memory of the
+            # largest scene: as many as the CPUs (`workers` on an embedded Ray) and the memory allow,
+            # so that every actor can be placed and none holds a scene while waiting for a place.
             ceiling = largest_node_memory(ray)
-            resources = [{"num_cpus": 1, "memory": min(scene_memory(job), ceiling) if ceiling else scene_memory(job)}
-                         for job in jobs]
-            yield from ray_tasks(ray, build_scene, jobs, keys, resources, advance, label="build_scene")
+            memory = max(scene_memory(job) for job in jobs)
+            memory = min(memory, ceiling) if ceiling else memory
+            cpus = workers if not os.environ.get("RAY_ADDRESS") else cluster_cpus(ray)
+            fit = int(ray.cluster_resources().get("memory", 0) // memory) if memory else cpus
+            actors = max(1, min(len(jobs), cpus, fit or 1))
+            resources = {"num_cpus": 1, "memory": memory}
+            yield from ray_streaming_actors(ray, scene_builder, (), jobs, keys, actors, resources, advance,
+                                            label="build_scene")
         return
     if workers == 1 or len(jobs) <= 1:
         yield from local_jobs(build_scene, jobs, keys, advance)
         return
-    context = multiprocessing.get_context("spawn")
+    context = worker_context(any(job.dem for job in jobs))
     with context.Manager() as manager:
         queue = manager.Queue()
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=quiet_worker) as pool:
@@ -552,6 +577,19 @@ def run_jobs(jobs: list[SceneJob], workers: int, advance: Callable[[int], None],
                 advance(queue.get())
 
 
+def worker_context(terrain_from_dem: bool):
+    """Processes for the local pool: forked from a fork server that has imported what building a
+    scene needs (rts_tf.build with rasterio, NumPy, SciPy; scipy.signal when the terrain comes from
+    a DEM), so each worker starts ready instead of importing it all again (about 1 CPU second per
+    worker, which a build of few scenes waits for); spawned where there is no fork server (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Read when the fork server starts (once per process): later builds of this process reuse it.
+    context.set_forkserver_preload(["rts_tf.build", *(["scipy.signal"] if terrain_from_dem else [])])
+    return context
+
+
 # What building a scene holds in memory besides its blocks (Python, GDAL, NumPy, the GDAL cache),
 # and per pixel of the scene (an upper bound: blocks of 4 x 4 tiles bound it in fact).
 SCENE_BASE_BYTES = 512 * 2 ** 20
@@ -564,6 +602,11 @@ def scene_memory(job: SceneJob) -> int:
     return int(min(SCENE_BASE_BYTES + SCENE_BYTES_PER_PIXEL * job.height * job.width, SCENE_MAX_BYTES))
 
 
+def scene_builder() -> Callable[[SceneJob, Callable[[int], None]], dict]:
+    """What a Ray actor building scenes runs (made once per actor): build_scene."""
+    return build_scene
+
+
 def build_scene_reporting(job: SceneJob, queue) -> tuple[str, Any]:
     return run_job(build_scene, job, queue.put)
 
@@ -573,12 +616,16 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
     settings = job.settings
     size = settings.tile_size
     limit = settings.max_ignored * size * size
-    sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings)
+    # The driver checked every file when it planned the jobs (plan_jobs): no second check per scene.
+    sources = open_sources(job.tcvis, job.dem, job.rel_elevation, job.slope, settings, check_files=False)
     statistics = BandStatistics(len(settings.bands))
     counts = {"tiles": 0, "slump_tiles": 0, "slump_pixels": 0, "ignored_pixels": 0, "dropped_tiles": 0}
     positions = []  # (row, col, slump pixels) of every tile written: fit splits and counts without reading
     compression = COMPRESSIONS[settings.compression]
     writer = ShardWriter(Path(job.out) / job.shard_path, compression, settings.compression_level)
+    encoder = ExampleEncoder()  # encode_example's bytes, with one copy of each tile
+    lattice = (slice(None, None, STATISTICS_STEP),) * 2
+    band_names = list(settings.bands)
     try:
         # A small GDAL block cache: the default (5% of RAM) would grow with the scene.
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), sources.stack(job.scene) as stack:
@@ -597,13 +644,12 @@ def build_scene(job: SceneJob, advance: Callable[[int], None]) -> dict:
                         continue
                     tile_parts = {key: part[y:y + size, x:x + size] for key, part in parts.items()}
                     slump_pixels = int(np.count_nonzero(tile_label == 1))
-                    writer.write(encode_example(
+                    writer.write(encoder.encode(
                         tile_parts, tile_label, scene_id=job.scene.scene_id,
                         region=job.region, site=job.site, row=row, col=col,
                         slump_pixels=slump_pixels, ignored_pixels=ignored))
-                    lattice = (slice(None, None, STATISTICS_STEP),) * 2
                     sampled = parts_to_float32({key: part[lattice] for key, part in tile_parts.items()},
-                                               band_names=list(settings.bands))
+                                               band_names=band_names)
                     statistics.update(sampled[tile_label[lattice] != IGNORE])
                     counts["tiles"] += 1
                     positions.append([row, col, slump_pixels])

@@ -185,15 +185,69 @@ def own_sigterm():
             signal.signal(signal.SIGTERM, handler)
 
 
+class EmbeddedRayStart:
+    """An embedded one-machine Ray started in a background thread (its module imported, its GCS,
+    raylet and agents launched), so that it starts while the command plans its jobs; ray_session
+    takes it over, or close() stops it when the command ends before its jobs ran (an input error)."""
+
+    def __init__(self, workers: int):
+        self.workers, self.folder, self.reaper, self.node, self.error = workers, None, None, None, None
+        self._thread = threading.Thread(target=self._start, name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            ray = import_ray()
+            self.folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
+            self.reaper = start_reaper(self.folder)
+            self.node = start_minimal_node(ray, self.workers, self.folder)
+        except BaseException as error:  # ray_session reports it, or starts Ray the ordinary way
+            self.error = error
+
+    def result(self):
+        """(folder, reaper, node) once started, handed over to the caller (close() then leaves them);
+        node None where the minimal start was not possible."""
+        self._thread.join()
+        if isinstance(self.error, InputError):
+            raise self.error
+        taken = self.folder, self.reaper, self.node
+        self.folder = self.reaper = self.node = None
+        return taken
+
+    def close(self) -> None:
+        """Stop what was started (the session was never used)."""
+        self._thread.join()
+        if self.node is not None:
+            with contextlib.suppress(Exception):
+                self.node.kill_all_processes(check_alive=False, allow_graceful=True)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        stop_reaper(self.reaper)
+        self.node = self.folder = self.reaper = None
+
+
+def start_ray_early(engine: str, workers: int) -> "EmbeddedRayStart | None":
+    """Start the embedded Ray of `--engine ray` now, in the background, where ray_session would start
+    one (no RAY_ADDRESS, no Ray running in this process); None otherwise. Pass it to ray_session."""
+    if engine != "ray" or workers < 1 or os.environ.get("RAY_ADDRESS"):
+        return None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return None
+    return EmbeddedRayStart(workers)
+
+
 @contextlib.contextmanager
-def ray_session(workers: int):
+def ray_session(workers: int, started: EmbeddedRayStart | None = None):
     """Ray for one command: the running one (a program that called ray.init), the cluster of
     RAY_ADDRESS, or an embedded one-machine Ray with `workers` CPUs (and this machine's GPUs) whose
-    session folder is removed when it shuts down. Yields the ray module."""
+    session folder is removed when it shuts down (`started`: one start_ray_early began). Yields the
+    ray module."""
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     ray = import_ray()
     if ray.is_initialized():
+        if started is not None:
+            started.close()
         yield ray
         return
     options = dict(log_to_driver=False, logging_level=logging.WARNING)
@@ -214,18 +268,64 @@ def ray_session(workers: int):
         finally:
             ray.shutdown()  # disconnects this driver; the cluster stays
         return
-    folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
-    reaper = start_reaper(folder)
+    if started is not None:
+        try:
+            folder, reaper, node = started.result()
+        except BaseException:
+            started.close()
+            raise
+    else:
+        folder, reaper, node = None, None, None
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="rts-ray-", dir=session_root())
+        reaper = start_reaper(folder)
     try:
         with own_sigterm():
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
-                     object_store_memory=OBJECT_STORE_BYTES, **options)
+            if node is None and (started is None or started.error is None):
+                node = start_minimal_node(ray, workers, folder)
+            if node is not None:
+                ray.init(address=node.address, **options)
+            else:
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=folder,
+                         object_store_memory=OBJECT_STORE_BYTES, _system_config=MINIMAL_SYSTEM_CONFIG, **options)
         yield ray
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        if node is not None:
+            with contextlib.suppress(Exception):
+                node.kill_all_processes(check_alive=False, allow_graceful=True)
         shutil.rmtree(folder, ignore_errors=True)
         stop_reaper(reaper)
+
+
+# What the embedded Ray needs no part of: metrics, the task timeline, task events for a dashboard.
+MINIMAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "enable_timeline": False,
+                         "task_events_report_interval_ms": 0}
+
+
+def start_minimal_node(ray, workers: int, folder: str):
+    """Start an embedded one-machine Ray head with only the processes a command's jobs use: GCS,
+    raylet (with its two agents, which it starts itself) and workers. `ray.init(address="local")`
+    also starts the dashboard's API server, the autoscaler's monitor, a log monitor and a reaper of
+    its own (about 3 CPU seconds and 1 to 6 s of start-up on two cores); the reaper of
+    rts_tf.engine replaces Ray's. Uses Ray's private Node class (Ray is pinned): None when that
+    fails, and the caller starts Ray the public way."""
+    try:
+        from ray._private.node import Node
+        from ray._private.parameter import RayParams
+
+        class MinimalNode(Node):
+            def start_api_server(self, *, include_dashboard, raise_on_failure):  # noqa: ARG002
+                """No dashboard and no API server: nothing here reads jobs, state or metrics."""
+
+        params = RayParams(num_cpus=workers, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                           temp_dir=folder, no_monitor=True, include_log_monitor=False,
+                           _system_config=dict(MINIMAL_SYSTEM_CONFIG))
+        return MinimalNode(params, head=True, shutdown_at_exit=False, spawn_reaper=False, ray_init_cluster=True)
+    except (ImportError, AttributeError, TypeError) as error:  # another Ray than the pinned one
+        logging.getLogger(__name__).debug("minimal Ray node not available: %s", error)
+        return None
 
 
 # After a killed driver (kill -9, an out-of-memory kill) an embedded Ray's agents and workers live on
@@ -458,3 +558,150 @@ def ray_actors(ray, factory: Callable, arguments: tuple, items: Sequence, keys: 
         for handle in handles:
             ray.kill(handle)
 
+
+
+# A worker streams a job's progress to the driver at most this often (tiles batched in between).
+PROGRESS_SECONDS = 0.5
+
+
+class _StreamingJobActor:
+    """A Ray actor that makes one runner once and runs the jobs it is given, one at a time, as a
+    streaming generator: tile counts as the job advances (batched, at most one every
+    PROGRESS_SECONDS), then `("end", status, value)`. Progress thus travels with the job's own
+    results: no progress actor, no round trip per block or per poll."""
+
+    def __init__(self, factory: Callable, arguments: tuple):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.runner, self.error = None, None
+        status, value = run_job(lambda _, __: factory(*arguments), None)
+        if status == "done":
+            self.runner = value
+        else:
+            self.error = value
+
+    def ready(self) -> bool:
+        """Answers once the actor is up (again, after a restart)."""
+        return True
+
+    def run(self, item: Any):
+        import queue
+        import time
+
+        if self.error is not None:
+            yield ("end", "abort", self.error)
+            return
+        counts: queue.SimpleQueue = queue.SimpleQueue()
+        ended: dict[str, Any] = {}
+
+        def work() -> None:  # the job runs beside the generator, which forwards its counts
+            try:
+                ended["outcome"] = run_job(self.runner, item, counts.put)
+            except BaseException as error:  # a bug: raised in the generator, so the driver sees its traceback
+                ended["error"] = error
+            finally:
+                counts.put(None)
+
+        thread = threading.Thread(target=work, name="job", daemon=True)
+        thread.start()
+        pending, sent = 0, time.monotonic()
+        while True:
+            try:
+                tiles = counts.get(timeout=PROGRESS_SECONDS)
+            except queue.Empty:
+                tiles = 0
+            if tiles is None:
+                break
+            pending += tiles
+            if pending and time.monotonic() - sent >= PROGRESS_SECONDS:
+                yield pending
+                pending, sent = 0, time.monotonic()
+        thread.join()
+        if pending:
+            yield pending
+        if "error" in ended:
+            raise ended["error"]
+        yield ("end", *ended["outcome"])
+
+
+def ray_streaming_actors(ray, factory: Callable, arguments: tuple, items: Sequence, keys: Sequence[str],
+                         actors: int, resources: dict, advance: Callable[[int], None] | None = None,
+                         label: str = "job") -> Iterator[Outcome]:
+    """Like ray_actors: `actors` Ray actors, started once, each making factory(*arguments) once and
+    running the items given to it one after the other; outcomes as they finish. Progress comes
+    with each job's streamed results (see _StreamingJobActor). An actor whose process is lost is
+    restarted and its job run again (RETRIES times; the job's progress counted anew)."""
+    import time
+
+    actor = ray.remote(_StreamingJobActor).options(max_restarts=RETRIES, max_task_retries=0, **resources)
+    handles = [actor.remote(factory, arguments) for _ in range(max(1, min(actors, len(items))))]
+    waiting = list(zip(items, keys))
+    running: dict[Any, tuple] = {}  # generator -> (actor handle, item, key)
+    pinging: dict[Any, Any] = {}  # ready() call -> an actor that lost its process, until it is back
+    lost: list = []  # actors gone for good (restarted RETRIES times)
+    counted: dict[str, int] = {}  # tiles reported for each job's current attempt
+    attempts: dict[str, int] = {}
+
+    def submit(handle) -> None:
+        item, key = waiting.pop(0)
+        attempts[key] = attempts.get(key, 0) + 1
+        counted[key] = 0
+        generator = handle.run.options(num_returns="streaming", name=f"{label}:{key}").remote(item)
+        running[generator] = (handle, item, key)
+
+    for handle in handles:
+        if waiting:
+            submit(handle)
+    try:
+        while running or (pinging and waiting):
+            ready, _ = ray.wait([*running, *pinging], num_returns=1, timeout=POLL_SECONDS)
+            for reference in [ref for ref in ready if ref in pinging]:
+                handle = pinging.pop(reference)
+                try:
+                    ray.get(reference)
+                except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
+                    time.sleep(POLL_SECONDS)
+                    pinging[handle.ready.remote()] = handle
+                    continue
+                except ray.exceptions.RayError:  # gone for good
+                    lost.append(handle)
+                    continue
+                if waiting:
+                    submit(handle)
+            if waiting and not running and not pinging:  # every actor is gone: nothing will run them
+                for _, key in waiting:
+                    yield Outcome(key, error=f"{label} lost: its Ray actors were lost {RETRIES} times")
+                waiting.clear()
+            for generator in [ref for ref in ready if ref in running]:
+                handle, item, key = running[generator]
+                try:
+                    value = ray.get(next(generator))
+                except StopIteration:  # ended without its last message: cannot happen, but never hang on it
+                    del running[generator]
+                    yield Outcome(key, error=f"{label} ended without a result")
+                    continue
+                except ray.exceptions.RayTaskError:
+                    raise  # a bug in the job: its remote traceback
+                except ray.exceptions.RayError as error:  # the actor's process was lost: run the job again
+                    del running[generator]
+                    if advance is not None and counted[key]:
+                        advance(-counted[key])
+                    if attempts[key] > RETRIES:
+                        yield Outcome(key, error=f"{label} lost after {RETRIES} retries ({error_line(error)})")
+                    else:
+                        waiting.insert(0, (item, key))
+                    pinging[handle.ready.remote()] = handle  # jobs go to it again once it is back
+                    continue
+                if not isinstance(value, tuple):
+                    counted[key] += value
+                    if advance is not None:
+                        advance(value)
+                    continue
+                del running[generator]
+                _, status, result = value
+                if waiting:
+                    submit(handle)
+                yield outcome(key, status, result)
+    finally:
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                ray.kill(handle)

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyogrio
-import pyogrio.errors
 import shapely
 from rasterio.crs import CRS
 from rasterio.features import rasterize
@@ -64,6 +62,11 @@ def read_polygons(path: str | os.PathLike, what: str, required_fields: tuple[str
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: {what} file not found")
+    # Imported here: pyogrio imports pandas and geopandas (about 0.5 s), which the processes that
+    # only rasterise labels (record building's workers) do not need.
+    import pyogrio.errors
+    import pyogrio.raw
+
     try:
         meta, fids, wkb, field_data = pyogrio.raw.read(path, return_fids=True)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as error:

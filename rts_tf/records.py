@@ -11,6 +11,7 @@ tf.train.Example messages are built with protobuf and framed as TFRecords here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -55,8 +56,13 @@ class ImagePart:
         if kind.kind == "f":
             return values.astype(kind)
         info = np.iinfo(kind)
-        steps = values if self.scale == 1.0 and self.offset == 0.0 else (values - self.offset) / self.scale
-        return np.clip(np.rint(steps), info.min, info.max).astype(kind)
+        if self.scale == 1.0 and self.offset == 0.0:
+            steps = np.rint(values)
+        else:  # (values - offset) / scale, rounded, in place: the same operations and types, fewer copies
+            steps = values - self.offset
+            np.divide(steps, self.scale, out=steps)
+            np.rint(steps, out=steps)
+        return np.clip(steps, info.min, info.max, out=steps).astype(kind)
 
 
 IMAGE_PARTS = (
@@ -121,19 +127,37 @@ def parts_to_float32(parts: dict[str, np.ndarray], manifest_features: dict | Non
                      band_names: list[str] = BAND_NAMES) -> np.ndarray:
     """Stored image parts (..., n) -> float32 bands (..., len(band_names)) in physical units. Without
     manifest_features the parts are those that store band_names (image_parts_for)."""
-    specs = features(1, band_names) if manifest_features is None else manifest_features
-    ordered = [(key, specs[key]) for key in specs if "bands" in specs[key]]
+    if manifest_features is None:
+        steps, order = _float32_steps(tuple(band_names))  # the same steps, planned once per band set
+    else:
+        steps, order = _plan_float32(manifest_features, band_names)
     channels = []
-    for key, spec in ordered:
+    for key, scale, offset in steps:
         values = parts[key].astype(np.float32)
-        if any(s != 1.0 for s in spec["scale"]):
-            values *= np.asarray(spec["scale"], np.float32)
-        if any(o != 0.0 for o in spec["offset"]):
-            values += np.asarray(spec["offset"], np.float32)
+        if scale is not None:
+            values *= scale
+        if offset is not None:
+            values += offset
         channels.append(values)
     stacked = np.concatenate(channels, axis=-1)
-    order = _band_order(ordered, band_names)
-    return stacked if order == list(range(stacked.shape[-1])) else stacked[..., order]
+    return stacked if order is None else stacked[..., order]
+
+
+def _plan_float32(specs: dict, band_names: Sequence[str]) -> tuple[list[tuple], list[int] | None]:
+    """parts_to_float32's steps: (key, float32 scale or None, float32 offset or None) per image
+    part, and the band order to gather (None: already in order)."""
+    ordered = [(key, specs[key]) for key in specs if "bands" in specs[key]]
+    steps = [(key, np.asarray(spec["scale"], np.float32) if any(s != 1.0 for s in spec["scale"]) else None,
+              np.asarray(spec["offset"], np.float32) if any(o != 0.0 for o in spec["offset"]) else None)
+             for key, spec in ordered]
+    order = _band_order(ordered, list(band_names))
+    stored = sum(len(spec["bands"]) for _, spec in ordered)
+    return steps, None if order == list(range(stored)) else order
+
+
+@functools.lru_cache(maxsize=16)
+def _float32_steps(band_names: tuple[str, ...]) -> tuple[list[tuple], list[int] | None]:
+    return _plan_float32(features(1, band_names), band_names)
 
 
 def image_float32(parts: dict, manifest: dict):
@@ -246,6 +270,121 @@ def encode_example(parts: dict[str, np.ndarray], label: np.ndarray, **scalars) -
     return example.SerializeToString()
 
 
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: int, payload_length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field (wire type 2) whose payload follows."""
+    return bytes([tag << 3 | 2]) + _varint(payload_length)
+
+
+class ExampleEncoder:
+    """encode_example's bytes, built as pieces without protobuf objects or copies of the tiles.
+
+    A tile's arrays are copied once (to bytes, in C order) and the framing is written around them;
+    ShardWriter.write takes the pieces as they are. The order of the feature map's entries is the
+    one protobuf (upb) serialises them in: learnt once from encode_example for the same keys, and
+    the first tile is encoded both ways and compared, so the bytes are encode_example's (if they
+    ever differ, this encoder hands encode_example's bytes on from then on).
+    """
+
+    def __init__(self):
+        self._order: list[str] | None = None
+        self._checked = False
+        self._fallback = False
+
+    def encode(self, parts: dict[str, np.ndarray], label: np.ndarray, **scalars) -> list[bytes]:
+        """The serialised tf.train.Example of one tile as a list of byte strings (join them for the message)."""
+        if self._fallback:
+            return [encode_example(parts, label, **scalars)]
+        values: dict[str, tuple[bool, Any]] = {}  # key -> (is bytes, payload)
+        for part in IMAGE_PARTS:
+            if part.key in parts:
+                values[part.key] = (True, _raw_bytes(parts[part.key], part.dtype))
+        values["label"] = (True, _raw_bytes(label, "uint8"))
+        for key, (dtype, _) in SCALAR_FEATURES.items():
+            value = scalars[key]
+            values[key] = (True, str(value).encode("utf-8")) if dtype == "string" else (False, int(value))
+        if self._order is None:
+            self._order = _map_order(list(values))
+        pieces: list[bytes] = []
+        entries = []  # (entry head, payload) in serialisation order
+        for key in self._order:
+            is_bytes, value = values[key]
+            if is_bytes:
+                inner = _field(1, len(value))  # BytesList.value
+                feature_head = _field(1, len(inner) + len(value))  # Feature.bytes_list
+                payload_length = len(inner) + len(value)
+            else:
+                number = _varint(value) if value >= 0 else _varint(value & 0xFFFFFFFFFFFFFFFF)
+                inner = _field(1, len(number)) + number  # Int64List.value, packed
+                feature_head = _field(3, len(inner))  # Feature.int64_list
+                payload_length = len(inner)
+                value = b""
+            key_bytes = key.encode("utf-8")
+            feature_length = len(feature_head) + payload_length
+            head = (_field(1, len(key_bytes)) + key_bytes + _field(2, feature_length) + feature_head + inner)
+            entry_length = len(head) + len(value)
+            entries.append((_field(1, entry_length) + head, value))
+        features_length = sum(len(head) + len(value) for head, value in entries)
+        pieces.append(_field(1, features_length))  # Example.features
+        for head, value in entries:
+            pieces.append(head)
+            if len(value):
+                pieces.append(value)
+        if not self._checked:
+            self._checked = True
+            expected = encode_example(parts, label, **scalars)
+            if b"".join(pieces) != expected:
+                self._fallback = True
+                return [expected]
+        return pieces
+
+
+def _raw_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
+    """An array's values in C order and the given type, copied once, as a read-only byte buffer
+    (a tile is a strided view of its block: ndarray.tobytes copies such views element by element,
+    many times slower)."""
+    view = np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8)
+    view.flags.writeable = False  # a view of its own: the caller's array keeps its flags
+    return view
+
+
+def _map_order(keys: list[str]) -> list[str]:
+    """The order in which protobuf serialises a feature map filled with these keys in this order."""
+    example = example_class()()
+    for key in keys:
+        example.features.feature[key].int64_list.value.append(0)
+    features_ = example.features.SerializeToString()
+    order, position = [], 0
+    while position < len(features_):
+        position += 1  # the entry's tag
+        length, position = _read_varint(features_, position)
+        entry = features_[position:position + length]
+        key_length, start = _read_varint(entry, 1)
+        order.append(entry[start:start + key_length].decode("utf-8"))
+        position += length
+    return order
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
 def decode_example(serialized, manifest: dict, keep_dtype: bool = False, keys=None):
     """Parse tf.train.Example bytes into a dict of tensors: image (H,W,C float32 in physical units;
     with keep_dtype the dict of stored parts, for `image_float32` later), label (H,W,1 uint8) and
@@ -273,10 +412,13 @@ def decode_example(serialized, manifest: dict, keep_dtype: bool = False, keys=No
     return sample
 
 
-def _masked_crc(data: bytes) -> int:
+def _masked_crc(*pieces: bytes) -> int:
+    """TFRecord's masked CRC-32C of the concatenated pieces."""
     import google_crc32c
 
-    crc = google_crc32c.value(data)
+    crc = 0
+    for piece in pieces:
+        crc = google_crc32c.extend(crc, piece)
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -312,12 +454,15 @@ class ShardWriter:
             self.abort()
             raise output_error(self.path, error) from None
 
-    def write(self, example: bytes) -> None:
-        length = struct.pack("<Q", len(example))
+    def write(self, example: bytes | Sequence[bytes]) -> None:
+        """Append one record: a serialised example, or its pieces (ExampleEncoder.encode) in order."""
+        pieces = [example] if isinstance(example, (bytes, bytearray, memoryview)) else example
+        length = struct.pack("<Q", sum(len(piece) for piece in pieces))  # pieces are bytes or uint8 arrays
         with self._disk_errors():
             self._stream.write(length + struct.pack("<I", _masked_crc(length)))
-            self._stream.write(example)
-            self._stream.write(struct.pack("<I", _masked_crc(example)))
+            for piece in pieces:
+                self._stream.write(piece)
+            self._stream.write(struct.pack("<I", _masked_crc(*pieces)))
         self.count += 1
 
     def close(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import ndimage
 
 
 def slope_degrees(dem: np.ndarray, pixel_width: float, pixel_height: float) -> np.ndarray:
@@ -33,6 +33,10 @@ def relative_elevation(dem: np.ndarray, pixel_width: float, pixel_height: float,
     grow with the footprint. Pixels that are NaN stay NaN; near holes the mean uses the valid
     pixels of the circle only.
     """
+    # Imported here: scipy.signal takes about 0.5 s to import, a cost for every worker process
+    # even when the terrain is precomputed.
+    from scipy import signal
+
     dem = np.asarray(dem, dtype=np.float32)
     footprint = disk(radius / pixel_width, radius / pixel_height).astype(np.float64)
     valid = np.isfinite(dem)

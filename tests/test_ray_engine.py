@@ -211,3 +211,21 @@ def test_crossval_on_ray_gives_the_local_table(world_records, tmp_path):
         assert run["epochs_run"] == 1
     again = CliRunner().invoke(main, [*arguments, "--logdir", str(tmp_path / "ray"), "--engine", "ray"])
     assert again.exit_code == 0 and "0 runs trained, 2 already complete" in again.output, again.output
+
+
+def test_embedded_ray_starts_only_what_the_jobs_need():
+    """The embedded Ray (engine.start_minimal_node) runs GCS, raylet and what the raylet starts: no
+    dashboard API server, no autoscaler monitor, no log monitor (about 3 CPU seconds and seconds of
+    start-up on two cores), with metrics off."""
+    from rts_tf.engine import session_processes
+
+    folder = ray._private.worker._global_node.get_temp_dir_path()
+    titles = []
+    for pid in session_processes(folder):
+        with open(f"/proc/{pid}/cmdline") as handle:
+            titles.append(handle.read().replace("\0", " "))
+    assert any("gcs_server" in title for title in titles) and any("/raylet" in title for title in titles)
+    unwanted = [title for title in titles for name in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py",
+                                                       "log_monitor.py") if name in title]
+    assert not unwanted, unwanted
+    assert ray.cluster_resources()["CPU"] == 2  # the driver is connected to it

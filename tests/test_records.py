@@ -279,3 +279,85 @@ def test_schema_1_records_still_load(world_records, tmp_path):
     np.testing.assert_array_equal(decoded[0]["image"], tiles[0]["image"].astype(np.float16).astype(np.float32))
     images, labels = next(iter(make_dataset(old, loaded, ["Alpha", "Beta"], 2, training=False)))
     assert images.dtype == tf.float32 and images.shape == (2, 32, 32, 10) and labels.shape == (2, 32, 32, 1)
+
+
+def test_example_encoder_gives_encode_examples_bytes_as_pieces(tmp_path):
+    """build-records frames examples itself (ExampleEncoder: one copy of each tile, no protobuf
+    objects); its bytes must be encode_example's, for every band set, strided tiles, any scalars,
+    and the shard the writer makes of the pieces must be the shard of the joined message."""
+    from rts_tf.records import ExampleEncoder, ShardWriter, image_parts_for
+
+    rng = np.random.default_rng(5)
+    for bands in (BANDS, ("blue", "green", "red", "nir", "ndvi"), ("red", "slope")):
+        names = [band["name"] for band in bands] if isinstance(bands[0], dict) else list(bands)
+        encoder = ExampleEncoder()
+        block = {part.key: rng.integers(0, 250, (40, 40, len(part.bands))).astype(part.dtype)
+                 for part in image_parts_for(names)}
+        label = rng.integers(0, 2, (40, 40)).astype(np.uint8)
+        pieces_writer = ShardWriter(tmp_path / "pieces.tfrecord", "", None)
+        bytes_writer = ShardWriter(tmp_path / "bytes.tfrecord", "", None)
+        for row, col, scene_id in ((0, 0, "s"), (8, 13, "é" * 300), (24, 24, "")):
+            tile = {key: part[row:row + 16, col:col + 16] for key, part in block.items()}  # strided views
+            scalars = dict(scene_id=scene_id, region="Lena", site="lena_1", row=row, col=col,
+                           slump_pixels=2 ** 40, ignored_pixels=0)
+            pieces = encoder.encode(tile, label[row:row + 16, col:col + 16], **scalars)
+            expected = encode_example(tile, label[row:row + 16, col:col + 16], **scalars)
+            assert len(pieces) > 1 and b"".join(pieces) == expected
+            pieces_writer.write(pieces)
+            bytes_writer.write(expected)
+        assert not encoder._fallback
+        assert pieces_writer.close() == bytes_writer.close()  # tiles, bytes and sha256
+        assert (tmp_path / "pieces.tfrecord").read_bytes() == (tmp_path / "bytes.tfrecord").read_bytes()
+    # The tiles' arrays keep their flags: only the encoder's own views are read-only.
+    assert block["image_reflectance"].flags.writeable
+
+
+def test_one_file_mosaic_equals_rasterio_merge(tmp_path):
+    """RasterSource reads a one-file source without rasterio.merge (merge_one): the same array and
+    transform as merge for windows inside, across the edge of and outside the file, with nodata."""
+    import rasterio
+    import rasterio.merge
+
+    from helpers import write_raster
+    from rts_tf.rasters import merge_one
+
+    data = np.arange(30 * 40, dtype=np.float32).reshape(1, 30, 40)
+    data[0, 5:9, 7:12] = -9999
+    path = write_raster(tmp_path / "dem.tif", data, "EPSG:3413", Affine(10, 0, 1000, 0, -10, 5000), nodata=-9999)
+    with rasterio.open(path) as dataset:
+        for left, top, width, height in ((1020, 4950, 100, 120), (950, 5080, 200, 150), (1300, 4800, 300, 300),
+                                         (2000, 4000, 50, 50), (1000, 5000, 400, 300)):
+            bounds = (left, top - height, left + width, top)
+            expected = rasterio.merge.merge([dataset], bounds=bounds, res=(10, 10), nodata=np.nan, dtype="float32")
+            array, transform = merge_one(dataset, bounds, (10.0, 10.0))
+            assert transform == expected[1] and array.tobytes() == expected[0].tobytes()
+        inside, _ = merge_one(dataset, (1020, 4830, 1120, 4950), (10.0, 10.0))
+        assert inside[0, 0, 0] == data[0, 5, 2] and np.isnan(inside[0, 0, 5])  # pixel values; nodata -> NaN
+
+
+def test_precomputed_terrain_warped_together_equals_each_warped_alone(tmp_path):
+    """Relative elevation and slope rasters on one pixel grid are warped as one 2-band array: the
+    values are those of warping each alone, bit for bit (NaN holes included)."""
+    from helpers import scene_bounds_in, write_raster
+    from rts_tf.rasters import RasterSource
+    from rts_tf.scene import Terrain
+
+    left, bottom, right, top = scene_bounds_in("EPSG:3413", size=64, margin=400)
+    shape = (int((top - bottom) / 10) + 1, int((right - left) / 10) + 1)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    relative = np.sin(rows / 3) * 5 + cols / 7
+    middle = (shape[0] // 2, shape[1] // 2)  # a hole under the scene
+    relative[middle[0] - 2:middle[0] + 2, middle[1] - 2:middle[1] + 2] = np.nan
+    slope = np.float32(2) + rows * 0.3 + np.cos(cols / 4)
+    transform = Affine(10, 0, left, 0, -10, top)
+    rel = RasterSource([write_raster(tmp_path / "rel.tif", relative.astype(np.float32), "EPSG:3413", transform)],
+                       "relative elevation", 1)
+    slp = RasterSource([write_raster(tmp_path / "slope.tif", slope.astype(np.float32), "EPSG:3413", transform)],
+                       "slope", 1)
+    terrain = Terrain(None, rel, slp)
+    grid = Grid(SCENE_CRS, Affine(3, 0, ORIGIN[0], 0, -3, ORIGIN[1]), 64, 64)
+    for window in (grid, grid.window_grid(10, 20, 30, 40)):
+        together = terrain.read(window)
+        alone = np.concatenate([rel.read_on(window)[:1], slp.read_on(window)[:1]])
+        assert together.shape == (2, window.height, window.width) and together.tobytes() == alone.tobytes()
+    assert np.isfinite(together).any() and np.isnan(terrain.read(grid)).any()
