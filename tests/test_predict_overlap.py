@@ -1,0 +1,103 @@
+"""`rts-tf predict --readers N`: stacking in worker processes gives the same files, and ends cleanly on bad input."""
+
+import filecmp
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from click.testing import CliRunner
+from rasterio.transform import from_origin
+
+from helpers import SCENE_CRS, write_raster
+from rts_tf.cli import main
+from rts_tf.stacking import column_groups
+from test_predict import SCENE, predict_arguments, read, scene_world  # noqa: F401  (a fixture)
+
+
+def stacking_processes() -> list[int]:
+    """Processes of this one started by multiprocessing's spawn (stacking workers), finished or not."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid() and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_column_groups_are_even_strips_for_the_readers():
+    cols = list(range(21))
+    assert column_groups(cols, 16, 1) == [cols[0:10], cols[10:21]]  # two reads of at most 16 windows
+    assert column_groups(cols, 16, 4) == [cols[0:5], cols[5:10], cols[10:15], cols[15:21]]
+    assert column_groups([0, 24, 48, 58], 16, 2) == [[0, 24], [48, 58]]
+    assert column_groups([0, 24], 16, 3) == [[0], [24]]  # never more groups than windows
+
+
+def test_stacking_processes_write_the_same_files_as_one_thread(scene_world, tmp_path):  # noqa: F811
+    runner = CliRunner()
+    outputs = {}
+    for readers in ("0", "2"):
+        # batch 2: groups of up to 16 windows, two strips of two windows for two readers
+        out = tmp_path / f"readers_{readers}"
+        result = runner.invoke(main, predict_arguments(scene_world, out, "random_a",
+                                                       extra=["--readers", readers, "--batch-size", "2"]))
+        assert result.exit_code == 0, result.output
+        outputs[readers] = out
+    thread, processes = (read(outputs[readers], "probability")[0] for readers in ("0", "2"))
+    valid = thread != -1
+    assert valid.sum() == 94 * 90 and thread[valid].std() > 0.01  # the nodata strip of 6 rows, a textured map
+    np.testing.assert_array_equal(processes, thread)
+    for kind in ("probability", "mask"):
+        assert filecmp.cmp(outputs["0"] / SCENE / f"{SCENE}_{kind}.tif", outputs["2"] / SCENE / f"{SCENE}_{kind}.tif",
+                           shallow=False)
+    assert stacking_processes() == []
+
+
+def corrupt_middle_block(path: Path) -> None:
+    """Overwrite the compressed bytes of a block inside the raster (not its first or last pixel,
+    which predict checks before it starts)."""
+    with rasterio.open(path) as dataset:
+        offset = int(dataset.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        size = int(dataset.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(b"\xff" * size)
+
+
+def test_a_corrupt_scene_in_a_stacking_process_is_a_one_line_error(scene_world, tmp_path):  # noqa: F811
+    # Two scenes: the good one is copied, the other has a damaged block in the middle of its reflectance.
+    scenes = tmp_path / "scenes"
+    with rasterio.open(next(scene_world["scene"].glob("*SR.tif"))) as dataset:
+        reflectance, transform = dataset.read(), dataset.transform
+    with rasterio.open(next(scene_world["scene"].glob("*udm2.tif"))) as dataset:
+        udm2 = dataset.read()
+    for scene_id in ("20210720_190000_1020", "20210721_190000_1020"):
+        folder = scenes / scene_id
+        profile = dict(tiled=True, blockxsize=32, blockysize=32, compress="deflate")
+        write_raster(folder / f"{scene_id}_3B_AnalyticMS_SR.tif", reflectance, SCENE_CRS, transform, nodata=0, **profile)
+        write_raster(folder / f"{scene_id}_3B_udm2.tif", udm2, SCENE_CRS, transform)
+    damaged = scenes / "20210721_190000_1020" / "20210721_190000_1020_3B_AnalyticMS_SR.tif"
+    corrupt_middle_block(damaged)
+    arguments = predict_arguments(scene_world, tmp_path / "out", "random_a", extra=["--readers", "2"])
+    arguments[arguments.index("--scene") + 1] = str(scenes)
+    shared_before = set(Path("/dev/shm").glob("psm_*"))
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and errors[0].startswith("Error: 1 of 2 scenes failed"), result.output
+    assert f"{damaged}: cannot read scene" in errors[0] and "Traceback" not in result.output
+    # The good scene, predicted after the failure by the same processes, is complete and right.
+    good = tmp_path / "out" / SCENE
+    assert (good / f"{SCENE}_complete.json").exists()
+    expected = CliRunner().invoke(main, predict_arguments(scene_world, tmp_path / "one", "random_a",
+                                                          extra=["--readers", "0"]))
+    assert expected.exit_code == 0, expected.output
+    np.testing.assert_array_equal(read(tmp_path / "out", "probability")[0], read(tmp_path / "one", "probability")[0])
+    # Nothing half-written for the damaged scene, no process and no shared memory left.
+    assert not (tmp_path / "out" / "20210721_190000_1020").exists()
+    assert stacking_processes() == []
+    assert set(Path("/dev/shm").glob("psm_*")) <= shared_before
