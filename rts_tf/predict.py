@@ -541,16 +541,16 @@ def remove_files(paths: list[Path], out: Path, scene_ids: list[str]) -> None:
 
 @contextlib.contextmanager
 def cleaned_up(folder: Path, attempt: str):
-    """On failure remove the staging and temporary files of this attempt (never another's); a full
-    or read-only disk becomes a one-line error naming `folder`."""
+    """On failure, Ctrl-C or SIGTERM remove the staging and temporary files of this attempt (never
+    another's); a full or read-only disk becomes a one-line error naming `folder`."""
     try:
         yield
-    except Exception as error:
+    except BaseException as error:
         for path in folder.glob(f"*.{attempt}.*"):
             path.unlink(missing_ok=True)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-        if disk_problem(error, folder) is None:
+        if not isinstance(error, Exception) or disk_problem(error, folder) is None:
             raise
         raise output_error(folder, error) from None
 

@@ -4,12 +4,14 @@ import filecmp
 import os
 from pathlib import Path
 
+import signal
+
 import numpy as np
+import pytest
 import rasterio
 from click.testing import CliRunner
-from rasterio.transform import from_origin
 
-from helpers import SCENE_CRS, write_raster
+from helpers import SCENE_CRS, write_dem, write_raster, write_scene, write_tcvis
 from rts_tf.cli import main
 from rts_tf.stacking import column_groups
 from test_predict import SCENE, predict_arguments, read, scene_world  # noqa: F401  (a fixture)
@@ -101,3 +103,49 @@ def test_a_corrupt_scene_in_a_stacking_process_is_a_one_line_error(scene_world, 
     assert not (tmp_path / "out" / "20210721_190000_1020").exists()
     assert stacking_processes() == []
     assert set(Path("/dev/shm").glob("psm_*")) <= shared_before
+
+
+def children_stacking(pid: int) -> list[int]:
+    """The stacking processes (multiprocessing's spawn) whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command_line = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"spawn_main" in command_line:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stopped_predict_ends_its_stacking_processes_and_leaves_nothing_half_written(scene_world, tmp_path, stop):  # noqa: F811
+    from test_loose_ends import command, wait_for
+
+    root = tmp_path / "big"
+    scene = write_scene(root / "scenes", SCENE, size=1536)
+    write_dem(root / "dem.tif", lambda x, y: 0.05 * x, size=1536)
+    write_tcvis(root / "tcvis.tif", size=1536)
+    out = tmp_path / "out"
+    process = command("predict", "--scene", scene, "--dem", root / "dem.tif", "--tcvis", root / "tcvis.tif",
+                      "--out", out, "--run", scene_world["runs"]["random_a"], "--readers", "2")
+    staging = out / SCENE
+    wait_for(lambda: (len(children_stacking(process.pid)) == 2 and any(staging.glob(".probability.*.staging.tif")))
+             or process.poll() is not None, 120, "stacking processes and a scene under way")
+    workers = children_stacking(process.pid)
+    assert process.poll() is None and len(workers) == 2
+    if stop == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    else:
+        process.send_signal(signal.SIGTERM)  # what a batch scheduler does: the command's process
+    _, error = process.communicate(timeout=60)
+    assert "Traceback" not in error, error
+    lines = [line for line in error.splitlines() if line.strip() and "%|" not in line]
+    if stop == "ctrl-c":
+        assert process.returncode == 1 and lines == ["Aborted!"], error
+    else:
+        assert process.returncode == 143 and lines == [
+            "Error: terminated (SIGTERM); finished work is kept: run the same command again to resume"], error
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert not out.exists() or not [path for path in out.rglob("*") if path.is_file() and path.name != ".rts-tf.lock"]
