@@ -58,15 +58,24 @@ class GroupReader:
         self.shared = size - (self.rows[1] - self.rows[0]) if len(self.rows) > 1 else 0
         self.above: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # group's left -> first row, bands, valid
 
-    def __call__(self, index: int, group: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def shape(self, group: Sequence[int]) -> tuple[int, int, int]:
+        """The shape of a group's bands."""
+        return self.size, group[-1] + self.size - group[0], len(self.stack.bands)
+
+    def __call__(self, index: int, group: Sequence[int], image: np.ndarray | None = None,
+                 valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The group's bands and validity, into `image` and `valid` when given (else new arrays)."""
         size, shared = self.size, self.shared
-        top, left, width = self.rows[index], group[0], group[-1] + size - group[0]
+        top, left = self.rows[index], group[0]
+        if image is None or valid is None:
+            image = np.empty(self.shape(group), np.float32)
+            valid = np.empty(image.shape[:2], bool)
         first, bands, usable = self.above.get(left, (None, None, None))
         reused = shared if first == top else 0
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):  # GDAL environments are per thread
-            image, valid = self.stack.read(top + reused, left, size - reused, width)
         if reused:
-            image, valid = np.concatenate([bands, image]), np.concatenate([usable, valid])
+            image[:reused], valid[:reused] = bands, usable
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):  # GDAL environments are per thread
+            self.stack.read_into(image[reused:], valid[reused:], top + reused, left)
         if shared:
             self.above[left] = (top + size - shared, image[size - shared:].copy(), valid[size - shared:].copy())
         return image, valid
@@ -145,14 +154,14 @@ def work(connection) -> None:
                 try:
                     if failure is not None:
                         raise failure
-                    image, valid = reader(index, group)
                     if name not in memories:
                         memories[name] = shared_memory.SharedMemory(name)
-                    buffer = memories[name].buf
-                    np.copyto(np.ndarray(image.shape, np.float32, buffer=buffer), image, casting="no")
-                    np.copyto(np.ndarray(valid.shape, bool, buffer=buffer, offset=image.nbytes), valid, casting="no")
-                    del buffer
-                    connection.send(("ok", image.shape))
+                    # Stacked straight into the shared memory the model's process reads.
+                    shape, buffer = reader.shape(group), memories[name].buf
+                    image = np.ndarray(shape, np.float32, buffer=buffer)
+                    reader(index, group, image, np.ndarray(shape[:2], bool, buffer=buffer, offset=image.nbytes))
+                    image = buffer = None
+                    connection.send(("ok", shape))
                 except Exception as error:
                     error = _sendable(error)
                     connection.send(("error", error, traceback.format_exc()))

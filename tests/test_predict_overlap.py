@@ -149,3 +149,35 @@ def test_a_stopped_predict_ends_its_stacking_processes_and_leaves_nothing_half_w
             "Error: terminated (SIGTERM); finished work is kept: run the same command again to resume"], error
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
     assert not out.exists() or not [path for path in out.rglob("*") if path.is_file() and path.name != ".rts-tf.lock"]
+
+
+def test_read_into_gives_the_records_decoded_bands_bit_for_bit(scene_world):  # noqa: F811
+    from rts_tf.scene import SceneSources, find_scenes
+    from rts_tf.settings import SensorSettings
+    from rts_tf.stacking import GroupReader
+
+    root = scene_world["root"]
+    scene = find_scenes([str(scene_world["scene"])], SensorSettings())[0]
+    for bands in (None, ["blue", "green", "red", "nir", "ndvi", "slope"]):  # all ten, and a band set
+        sources = SceneSources([str(root / "tcvis.tif")], [str(root / "dem.tif")],
+                               **({"bands": bands} if bands else {}))
+        with sources, sources.stack(scene) as stack, sources.stack(scene) as other:
+            # inside, over the top-left corner (nodata strip, outside pixels) and over the bottom-right one
+            for row, col, height, width in ((10, 20, 32, 40), (-8, -5, 32, 32), (80, 70, 32, 32)):
+                image = np.full((height, width, len(stack.bands)), np.nan, np.float32)
+                valid = np.ones((height, width), bool)
+                stack.read_into(image, valid, row, col)
+                expected, expected_valid = other.read(row, col, height, width)
+                assert np.array_equal(image.view(np.uint32), expected.view(np.uint32))
+                assert np.array_equal(valid, expected_valid) and 0 < valid.sum() < valid.size or row == 10
+            # Rows shared with the group above come from that read: the same bands as a read of their own.
+            reader = GroupReader(stack, [0, 24, 48, 68], 32)
+            for index in range(4):
+                image, valid = reader(index, [0, 24, 48, 58])
+                expected, expected_valid = other.read([0, 24, 48, 68][index], 0, 32, 90)
+                assert np.array_equal(image.view(np.uint32), expected.view(np.uint32))
+                assert np.array_equal(valid, expected_valid)
+                if index == 1:  # rows 24 to 56: the red square of rows 40 to 60, columns 30 to 50
+                    red = image[..., stack.bands.index("red")]
+                    assert (red[16:32, 30:50] == np.float32(1500) * np.float32(1e-4)).all()
+                    assert red[16:32, 50:].max() < 0.06
