@@ -255,6 +255,13 @@ class Stackers:
         except (EOFError, OSError):
             process.join(timeout=5)
             raise RuntimeError(f"a stacking process ended unexpectedly (exit code {process.exitcode})") from None
+        except BaseException:
+            # Ctrl-C or SIGTERM may cut a reply short: its pipe cannot be trusted, so the process is
+            # ended here (and started again for the next scene, if any).
+            process.kill()
+            process.join()
+            connection.close()
+            raise
 
     def stacked(self, scene: SceneFiles, rows: Sequence[int], groups: Sequence[Sequence[int]], size: int,
                 channels: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
