@@ -544,7 +544,8 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
               help="--engine ray: CPUs of each predicting actor when there is no GPU, and of an embedded Ray.")
 @click.option("--readers", type=click.IntRange(0), default=None,
               help="Processes that stack the windows (read, warp TCVIS and DEM, terrain, NDVI) ahead of the model, "
-                   "per predicting process (default: half the cores, 1 to 4); 0: one thread of the predicting process.")
+                   "per predicting process (default: half the cores, 1 to 4; none for less than 2048 x 2048 px of "
+                   "scenes in all); 0: one thread of the predicting process. Same results for any N.")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Recompute scenes that already have results (else complete ones are skipped, and results of "
                    "other settings refused).")
