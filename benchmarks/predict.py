@@ -63,8 +63,8 @@ def make_run(folder: Path, tile_size: int, encoder: str | None) -> Path:
     return folder
 
 
-def forward_seconds(run: Path, windows: int, tile_size: int, batch: int) -> float:
-    """Seconds of the bare forward pass (the traced call predict makes) over `windows` windows."""
+def forward_seconds(run: Path, windows: int, tile_size: int, batch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of the bare forward pass (the traced call predict makes) over `windows` windows."""
     code = f"""
 import time, numpy as np
 from rts_tf.inference import forward
@@ -73,15 +73,16 @@ model = load_model('{run / 'model.keras'}')  # kept: forward() holds the model w
 call = forward(model)  # the call predict makes
 x = np.random.rand({batch}, {tile_size}, {tile_size}, 10).astype(np.float32)
 call(x)
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 for _ in range({max(windows // batch, 1)}):
     call(x)
-print(time.perf_counter() - started)
+print(time.perf_counter() - started, time.process_time() - cpu)
 """
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if output.returncode:
         raise SystemExit(output.stderr[-3000:])
-    return float(output.stdout.strip().splitlines()[-1])
+    wall, cpu = output.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
 def tree_pss(pid: int) -> int:
@@ -160,7 +161,7 @@ def main() -> None:
                         make_dataset(args.cache, 512, 1), args.cache / "predictions_null_512", args.batch, readers)
     whole = run_predict(run, data, args.cache / "predictions", args.batch, readers)
     windows = len(tile_offsets(args.size, args.tile, args.tile // 4)) ** 2
-    forward = forward_seconds(run, windows, args.tile, args.batch)
+    forward, forward_cpu = forward_seconds(run, windows, args.tile, args.batch)
     km2 = (args.size * 3 / 1000) ** 2
     print(f"predict: one {args.size} x {args.size} px scene ({km2:.0f} km2), UNet-{args.encoder}, {args.tile} px "
           f"windows with {args.tile // 4} px overlap ({windows} windows), batch {args.batch}, --readers {readers}; "
@@ -168,6 +169,8 @@ def main() -> None:
     print(f"  whole command {whole['seconds']:.1f} s = {km2 / whole['seconds'] * 60:.1f} km2/min "
           f"({whole['cpu']:.1f} CPU s); bare forward pass {forward:.1f} s; "
           f"overhead {100 * (whole['seconds'] - forward) / forward:.0f}% (start-up and model loading included)")
+    print(f"  in CPU seconds (less sensitive to other load): whole command {whole['cpu']:.1f}, bare forward pass "
+          f"{forward_cpu:.1f}: {100 * (whole['cpu'] - forward_cpu) / forward_cpu:.0f}% more")
     print(f"  null model: CPU work apart from the model {null['cpu'] - small['cpu']:.1f} CPU s per {args.size} px "
           f"scene ({null['cpu']:.1f} for the scene - {small['cpu']:.1f} for a 512 px one); wall "
           f"{null['seconds'] - small['seconds']:.1f} s ({null['seconds']:.1f} - {small['seconds']:.1f})")
