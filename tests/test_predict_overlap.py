@@ -2,9 +2,8 @@
 
 import filecmp
 import os
-from pathlib import Path
-
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
