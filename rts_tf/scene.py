@@ -385,6 +385,12 @@ class SceneStack:
         self._reader.close()
         self._chunks.clear()
 
+    def keep_chunks(self, rows: int, width: int) -> None:
+        """Keep the warped chunks of `rows` rows of chunks across `width` pixels only: enough for a
+        strip of the scene `width` wide read row by row (a window spans at most two rows of chunks);
+        the default keeps three rows across the whole scene."""
+        self._capacity = rows * (math.ceil(width / AUXILIARY_CHUNK) + 1) + 2
+
     def __enter__(self) -> "SceneStack":
         return self
 

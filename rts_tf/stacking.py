@@ -53,8 +53,10 @@ class GroupReader:
     it (the overlap) are taken from that read, not stacked again: a pixel's bands do not depend on
     the window it is read in."""
 
-    def __init__(self, stack: SceneStack, rows: Sequence[int], size: int):
+    def __init__(self, stack: SceneStack, rows: Sequence[int], size: int, strip: int | None = None):
         self.stack, self.rows, self.size = stack, list(rows), size
+        if strip is not None:  # the width of the columns this reader stacks: its chunks only
+            stack.keep_chunks(2, strip)
         self.shared = size - (self.rows[1] - self.rows[0]) if len(self.rows) > 1 else 0
         self.above: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # group's left -> first row, bands, valid
 
@@ -146,7 +148,7 @@ def work(connection) -> None:
                 try:
                     sources = sources or SceneSources(**arguments)
                     stack = sources.stack(message[1])
-                    reader = GroupReader(stack, message[2], message[3])
+                    reader = GroupReader(stack, message[2], message[3], message[4])
                 except Exception as error:  # reported with the scene's first read
                     failure = error
             elif kind == "read":
@@ -295,7 +297,9 @@ class Stackers:
             for worker in range(count):
                 memories[worker] = [shared_memory.SharedMemory(create=True, size=nbytes)
                                     for _ in range(SLOTS_PER_READER)]
-                self.workers[worker][1].send(("scene", scene, list(rows), size))
+                strip = [group for position, group in enumerate(groups) if owners[position] == worker]
+                width = max(group[-1] for group in strip) + size - min(group[0] for group in strip) if strip else size
+                self.workers[worker][1].send(("scene", scene, list(rows), size, width))
             for number in range(len(order)):
                 waiting[owners[number % len(groups)]].append(number)
             for worker in range(count):

@@ -1,6 +1,7 @@
 """`rts-tf predict --readers N`: stacking in worker processes gives the same files, and ends cleanly on bad input."""
 
 import filecmp
+import math
 import os
 import signal
 from pathlib import Path
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from helpers import SCENE_CRS, write_dem, write_raster, write_scene, write_tcvis
 from rts_tf.cli import main
-from rts_tf.stacking import column_groups
+from rts_tf.stacking import GroupReader, column_groups
 from test_predict import SCENE, predict_arguments, read, scene_world  # noqa: F401  (a fixture)
 
 
@@ -153,7 +154,6 @@ def test_a_stopped_predict_ends_its_stacking_processes_and_leaves_nothing_half_w
 def test_read_into_gives_the_records_decoded_bands_bit_for_bit(scene_world):  # noqa: F811
     from rts_tf.scene import SceneSources, find_scenes
     from rts_tf.settings import SensorSettings
-    from rts_tf.stacking import GroupReader
 
     root = scene_world["root"]
     scene = find_scenes([str(scene_world["scene"])], SensorSettings())[0]
@@ -180,3 +180,37 @@ def test_read_into_gives_the_records_decoded_bands_bit_for_bit(scene_world):  # 
                     red = image[..., stack.bands.index("red")]
                     assert (red[16:32, 30:50] == np.float32(1500) * np.float32(1e-4)).all()
                     assert red[16:32, 50:].max() < 0.06
+
+
+def test_a_strip_reader_warps_each_chunk_of_its_strip_once(tmp_path, monkeypatch):
+    from rts_tf.scene import AUXILIARY_CHUNK, SceneSources, SceneStack, find_scenes
+    from rts_tf.settings import SensorSettings
+    from rts_tf.stacking import read_order
+    from rts_tf.tiling import tile_offsets
+
+    size = 1100  # 3 x 3 chunks of 512 px
+    scene = find_scenes([str(write_scene(tmp_path / "scenes", SCENE, size=size))], SensorSettings())[0]
+    write_dem(tmp_path / "dem.tif", lambda x, y: 0.05 * x, size=size)
+    write_tcvis(tmp_path / "tcvis.tif", size=size)
+    warped, largest = [], [0]
+    chunk = SceneStack._chunk
+
+    def counted(stack, chunk_row, chunk_col):
+        if (chunk_row, chunk_col) not in stack._chunks:
+            warped.append((chunk_row, chunk_col))
+        result = chunk(stack, chunk_row, chunk_col)
+        largest[0] = max(largest[0], len(stack._chunks))
+        return result
+
+    monkeypatch.setattr(SceneStack, "_chunk", counted)
+    rows = cols = tile_offsets(size, 256, 64)  # 0, 192, ..., 844: six windows a row
+    groups = column_groups(cols, 16, 2)  # two strips of three windows: 0-640 and 576-1100 px
+    with SceneSources([str(tmp_path / "tcvis.tif")], [str(tmp_path / "dem.tif")]) as sources:
+        for strip in groups:
+            with sources.stack(scene) as stack:
+                reader = GroupReader(stack, rows, 256, strip[-1] + 256 - strip[0])
+                for index, group in read_order(rows, [strip]):
+                    reader(index, group)
+    # Columns 0-640 px: chunk columns 0 and 1; columns 576-1100 px: 1 and 2 (column 1 in both strips).
+    assert sorted(warped) == sorted([(r, c) for r in range(3) for c in (0, 1)] + [(r, c) for r in range(3) for c in (1, 2)])
+    assert largest[0] <= 2 * (math.ceil(640 / AUXILIARY_CHUNK) + 1) + 2  # its cache: two rows of the strip
