@@ -546,6 +546,10 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
                    "--workers CPUs), on the cluster of RAY_ADDRESS or an embedded one-machine Ray.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="--engine ray: CPUs of each predicting actor when there is no GPU, and of an embedded Ray.")
+@click.option("--readers", type=click.IntRange(0), default=None,
+              help="Processes that stack the windows (read, warp TCVIS and DEM, terrain, NDVI) ahead of the model, "
+                   "per predicting process (default: half the cores, 1 to 4; none for less than 2048 x 2048 px of "
+                   "scenes in all); 0: one thread of the predicting process. Same results for any N.")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Recompute scenes that already have results (else complete ones are skipped, and results of "
                    "other settings refused).")
@@ -557,7 +561,7 @@ def crossval_command(records, arch, encoder, logdir, grid, regions, engine, work
 @sensor_options
 def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, overlap, batch_size, tta, threshold,
                     rel_elevation_radius, allow_feature_mismatch, min_area, drop_touching, engine, workers, overwrite,
-                    trust_model, merge_period, **sensor) -> None:
+                    trust_model, merge_period, readers, **sensor) -> None:
     """Map slumps over whole scenes: probability and mask Cloud-Optimised GeoTIFFs and polygons.
 
     Uses the same scene stack as build-records, so bands, order and normalisation match training
@@ -581,7 +585,7 @@ def predict_command(runs, scenes, dem, rel_elevation, slope, tcvis, sites, out, 
                           engine=engine, workers=workers,
                           rel_elevation_radius=rel_elevation_radius, allow_feature_mismatch=allow_feature_mismatch,
                           trust_model=trust_model, progress=update, sensor=SensorSettings(**sensor),
-                          merge_period=merge_period)
+                          merge_period=merge_period, readers=readers)
     finally:
         close()
     for line in summary.lines():

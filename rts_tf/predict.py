@@ -31,11 +31,11 @@ from rts_tf.products import MERGED_NAME, MOSAIC_STEM, PARQUET_NAMES, PERIODS, MA
     extent_layer, probability_style, quicklook, run_products, valid_extent, write_raster_style
 from rts_tf.vectorize import Polygons, polygons_from_rasters, probability_statistics, write_polygons
 from rts_tf.locks import locks_folder
+from rts_tf.stacking import WINDOWS_PER_READ, Stackers, column_groups, default_readers, read_order, thread_stacked
 
 PROBABILITY_NODATA = -1.0
 MASK_NODATA = 255
 COMPLETE_SUFFIX = "_complete.json"  # OUT/<scene_id>/<scene_id>_complete.json: the scene's completion marker
-WINDOWS_PER_READ = 16  # windows stacked per read: bounds memory, keeps reads large enough to be cheap
 
 
 @dataclass
@@ -124,6 +124,7 @@ class PredictOptions:
     min_area: float
     drop_touching: bool
     tags: dict = field(default_factory=dict)  # GeoTIFF tags of the COGs: model, threshold, bands, version
+    readers: int = 0  # stacking processes of each predicting process (0: one thread of it)
 
 
 @dataclass
@@ -136,11 +137,12 @@ class SceneTask:
 
 
 class ScenePredictor:
-    """Loads the runs and opens the feature recipe once; predicts the scenes it is given
-    (`predictor(task, advance)`), each ending with its completion marker."""
+    """Loads the runs and opens the feature recipe once, starts its stacking processes
+    (options.readers); predicts the scenes it is given (`predictor(task, advance)`), each ending
+    with its completion marker. `close()` stops the stacking processes."""
 
     def __init__(self, options: PredictOptions, threads: int | None = None, runs: Sequence[Run] | None = None,
-                 sources: SceneSources | None = None):
+                 sources: SceneSources | None = None, stackers: Stackers | None = None):
         if threads:  # a Ray actor given `threads` CPUs: TensorFlow would take every core of the node
             import tensorflow as tf
 
@@ -151,6 +153,21 @@ class ScenePredictor:
         self.sources = sources if sources is not None else open_recipe(
             options.recipe, options.tcvis, options.dem, options.rel_elevation, options.slope,
             options.rel_elevation_radius, options.allow_feature_mismatch)
+        # Stacking processes started by the caller (ahead of loading the models), else its own.
+        self.own_stackers = stackers is None and options.readers > 0
+        stackers = Stackers(options.readers) if self.own_stackers else stackers
+        self.stackers = stackers.open(self.sources) if stackers is not None and stackers.count else None
+
+    def close(self) -> None:
+        if self.stackers is not None and self.own_stackers:
+            self.stackers.close()
+        self.stackers = None
+
+    def __enter__(self) -> "ScenePredictor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __call__(self, task: SceneTask, advance: Callable[[int], None]) -> dict:
         options, scene = self.options, task.scene
@@ -159,7 +176,7 @@ class ScenePredictor:
         with cleaned_up(out / scene.scene_id, attempt):
             result, _ = predict_scene(scene, self.runs, self.sources, out, options.overlap, options.batch_size,
                                       options.flips, options.threshold, options.min_area, options.drop_touching,
-                                      task.region, advance, attempt, options.tags)
+                                      task.region, advance, attempt, options.tags, self.stackers)
         # The completion marker, written last: a scene without it is recomputed.
         write_json(complete_path(out, scene.scene_id), {"fingerprint": task.fingerprint, "result": vars(result)},
                    unique=True)
@@ -174,7 +191,8 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
             drop_touching: bool = False, overwrite: bool = False, rel_elevation_radius: float | None = None,
             allow_feature_mismatch: bool = False, trust_model: bool = False,
             progress: Callable[[int, int], None] | None = None, engine: str = "local",
-            workers: int = 1, sensor: SensorSettings = SensorSettings(), merge_period: str = "year") -> PredictSummary:
+            workers: int = 1, sensor: SensorSettings = SensorSettings(), merge_period: str = "year",
+            readers: int | None = None) -> PredictSummary:
     """Predict slumps over whole scenes with one run or the mean of several (an ensemble).
 
     The bands are made by the feature recipe the runs' records were built with (run.json); other
@@ -185,8 +203,25 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
     stop the others: the summary lists it in `failed`. `sensor` chooses the sensor profile that
     reads the scenes (default: detected); a scene of another sensor than the runs' records warns.
     The run's products (products.run_products) merge overlapping detections per `merge_period`
-    ("year", "all" or "none").
+    ("year", "all" or "none"). `readers` processes per predicting process stack the windows ahead
+    of the model (default: stacking.default_readers(); 0: one thread of the predicting process).
     """
+    if readers is not None and readers < 0:
+        raise InputError(f"--readers must be 0 or more, got {readers}")
+    with Stackers() as stackers:  # started once the scenes are known, stopped however predict ends
+        return predict_with(runs, scenes, out, tcvis, dem, rel_elevation, slope, sites, overlap, batch_size, flips,
+                            threshold, min_area, drop_touching, overwrite, rel_elevation_radius, allow_feature_mismatch,
+                            trust_model, progress, engine, workers, sensor, merge_period, readers, stackers)
+
+
+def predict_with(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequence[str],
+                 dem: Sequence[str] | None, rel_elevation: Sequence[str] | None, slope: Sequence[str] | None,
+                 sites: str | None, overlap: int | None, batch_size: int, flips: bool, threshold: float | None,
+                 min_area: float, drop_touching: bool, overwrite: bool, rel_elevation_radius: float | None,
+                 allow_feature_mismatch: bool, trust_model: bool, progress: Callable[[int, int], None] | None,
+                 engine: str, workers: int, sensor: SensorSettings, merge_period: str, readers: int | None,
+                 stackers: Stackers) -> PredictSummary:
+    """predict(), whose stacking processes for the local engine `stackers` starts."""
     started = time.perf_counter()
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -197,8 +232,14 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
     if merge_period not in PERIODS:
         raise InputError(f"--merge-period must be one of {', '.join(PERIODS)}, got {merge_period}")
     scene_list = find_scenes(scenes, sensor)
+    pixels = 0
     for scene in scene_list:
-        scene_grid(scene)
+        grid = scene_grid(scene)
+        pixels += grid.width * grid.height
+    if readers is None:
+        readers = default_readers(pixels)
+    if engine == "local":  # started now, they import while this process imports TensorFlow and loads the models
+        stackers.start(readers)
     if not runs:
         raise InputError("give at least one --run")
     # With Ray the models are loaded by the actors: this process only checks the run folders.
@@ -215,7 +256,8 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
     options = PredictOptions([str(run.path) for run in loaded], str(out_path), list(tcvis), list(dem or []) or None,
                              list(rel_elevation or []) or None, list(slope or []) or None, recipe,
                              rel_elevation_radius, allow_feature_mismatch, trust_model, overlap, batch_size, flips,
-                             threshold, min_area, drop_touching, cog_tags(loaded, threshold, threshold_source))
+                             threshold, min_area, drop_touching, cog_tags(loaded, threshold, threshold_source),
+                             readers)
     try:
         grids = {}
         for scene in scene_list:
@@ -249,7 +291,7 @@ def predict(runs: Sequence[str], scenes: Sequence[str], out: str, tcvis: Sequenc
             summary.sensors[scene.sensor] = summary.sensors.get(scene.sensor, 0) + 1
             mismatch = sensor_warning(scene, recipe_sensors(recipe))
             summary.warnings += [*scene.warnings, *([mismatch] if mismatch else [])]
-        for result in run_predictions(options, todo, keys, loaded, sources, engine, workers, advance):
+        for result in run_predictions(options, todo, keys, loaded, sources, engine, workers, advance, stackers):
             if result.error is None:
                 results[result.key] = result.result
             else:
@@ -323,13 +365,16 @@ def cog_tags(runs: Sequence[Run], threshold: float, threshold_source: str) -> di
 
 
 def run_predictions(options: PredictOptions, todo: list[SceneTask], keys: list[str], loaded: list[Run],
-                    sources: SceneSources, engine: str, workers: int, advance: Callable[[int], None]):
-    """Each scene's Outcome as it finishes: in this process, or in Ray actors that each load the
-    runs once (one actor per GPU, or per `workers` CPUs without GPUs)."""
+                    sources: SceneSources, engine: str, workers: int, advance: Callable[[int], None],
+                    stackers: Stackers | None = None):
+    """Each scene's Outcome as it finishes: in this process (its windows stacked by `stackers`), or
+    in Ray actors that each load the runs once (one actor per GPU, or per `workers` CPUs without
+    GPUs) and start their own stacking processes."""
     if not todo:
         return
     if engine == "local":
-        yield from local_jobs(ScenePredictor(options, runs=loaded, sources=sources), todo, keys, advance)
+        with ScenePredictor(options, runs=loaded, sources=sources, stackers=stackers) as predictor:
+            yield from local_jobs(predictor, todo, keys, advance)
         return
     from rts_tf.engine import cluster_cpus, cluster_gpus, ray_actors, ray_session
 
@@ -496,16 +541,16 @@ def remove_files(paths: list[Path], out: Path, scene_ids: list[str]) -> None:
 
 @contextlib.contextmanager
 def cleaned_up(folder: Path, attempt: str):
-    """On failure remove the staging and temporary files of this attempt (never another's); a full
-    or read-only disk becomes a one-line error naming `folder`."""
+    """On failure, Ctrl-C or SIGTERM remove the staging and temporary files of this attempt (never
+    another's); a full or read-only disk becomes a one-line error naming `folder`."""
     try:
         yield
-    except Exception as error:
+    except BaseException as error:
         for path in folder.glob(f"*.{attempt}.*"):
             path.unlink(missing_ok=True)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-        if disk_problem(error, folder) is None:
+        if not isinstance(error, Exception) or disk_problem(error, folder) is None:
             raise
         raise output_error(folder, error) from None
 
@@ -513,10 +558,12 @@ def cleaned_up(folder: Path, attempt: str):
 def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources, out: Path,
                   overlap: int, batch_size: int, flips: bool, threshold: float, min_area: float, drop_touching: bool,
                   region: str, advance: Callable[[int], None],
-                  attempt: str | None = None, tags: dict | None = None) -> tuple[SceneResult, Polygons]:
-    """Stream one scene through the model in groups of windows along each row of tiles; write COGs
-    (with `tags`) and their QGIS styles, polygons with probability statistics and the valid extent,
-    and a quick-look PNG."""
+                  attempt: str | None = None, tags: dict | None = None,
+                  stackers: Stackers | None = None) -> tuple[SceneResult, Polygons]:
+    """Stream one scene through the model in groups of windows along each row of tiles, stacked
+    by `stackers` (worker processes) or else by a thread of this process; write COGs (with `tags`)
+    and their QGIS styles, polygons with probability statistics and the valid extent, and a
+    quick-look PNG."""
     size = runs[0].tile_size
     folder = out / scene.scene_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -534,44 +581,23 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
         blender = StripBlender(grid.height, grid.width, size)
         # Each row of tiles is read in groups of a few batches, so no buffer grows with the scene.
         per_read = batch_size * max(1, WINDOWS_PER_READ // batch_size)
-        groups = [cols[i:i + per_read] for i in range(0, len(cols), per_read)]
-        reads = [(index, group) for index in range(len(rows)) for group in groups]
-
-        # The rows a group of windows shares with the group above it (the overlap) are taken from
-        # that read, not stacked again: a pixel's bands do not depend on the window it is read in.
-        shared = size - (rows[1] - rows[0]) if len(rows) > 1 else 0
-        above: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # group's left -> bottom rows: first row, bands, valid
-
-        def read(job: tuple[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
-            index, group = job
-            top, left, width = rows[index], group[0], group[-1] + size - group[0]
-            first, bands, usable = above.get(left, (None, None, None))
-            reused = shared if first == top else 0
-            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):  # GDAL environments are per thread
-                image, valid = stack.read(top + reused, left, size - reused, width)
-            if reused:
-                image, valid = np.concatenate([bands, image]), np.concatenate([usable, valid])
-            if shared:
-                above[left] = (top + size - shared, image[size - shared:].copy(), valid[size - shared:].copy())
-            return image, valid
-
+        groups = column_groups(cols, per_read, stackers.count if stackers else 1)
+        reads = read_order(rows, groups)
         valid_pixels = 0
-        # One reader thread stacks the next group of windows while the model works on this one.
+        # The stacking processes (or a thread) stack the next groups of windows while the model works on this one.
+        stacked = stackers.stacked(scene, rows, groups, size, len(stack.bands)) if stackers else \
+            thread_stacked(stack, rows, groups, size)
         with rasterio.open(staging["probability"], "w", dtype="float32", nodata=PROBABILITY_NODATA, **profile) as prob_out, \
                 rasterio.open(staging["mask"], "w", dtype="uint8", nodata=MASK_NODATA, **profile) as mask_out, \
-                ThreadPoolExecutor(1) as reader:
+                contextlib.closing(stacked):
             for dataset, description in ((prob_out, "slump probability"), (mask_out, "slump mask")):
                 dataset.update_tags(**(tags or {}))  # the COG conversion copies them
                 dataset.set_band_description(1, description)
-            upcoming = reader.submit(read, reads[0])
             # Windows wait here until a full batch is there, across rows of tiles: every call of
             # the model but the last gets `batch_size` windows.
             pending: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-            for number, (index, group) in enumerate(reads):
-                image, valid = upcoming.result()
+            for number, ((index, group), (image, valid)) in enumerate(zip(reads, stacked)):
                 last = number + 1 == len(reads)
-                if not last:
-                    upcoming = reader.submit(read, reads[number + 1])
                 left = group[0]
                 pending += [(rows[index], col, image[:, col - left:col - left + size],
                              valid[:, col - left:col - left + size]) for col in group]
@@ -582,6 +608,11 @@ def predict_scene(scene: SceneFiles, runs: Sequence[Run], sources: SceneSources,
                     for (row, col, _, tile_valid), probability in zip(batch, probabilities):
                         blender.add(row, col, probability, tile_valid)
                     advance(len(batch))
+                # Windows left for the next batch are copied: the stacked arrays may be reused.
+                new = min(len(pending), len(group))
+                pending[len(pending) - new:] = [(row, col, tile.copy(), tile_valid.copy())
+                                                for row, col, tile, tile_valid in pending[len(pending) - new:]]
+                image = valid = None
                 # Rows above the next window still to be blended are final.
                 boundary = pending[0][0] if pending else grid.height if last else rows[reads[number + 1][0]]
                 first, probability, usable, _ = blender.pop(boundary)

@@ -401,6 +401,12 @@ class SceneStack:
         self._reader.close()
         self._chunks.clear()
 
+    def keep_chunks(self, rows: int, width: int) -> None:
+        """Keep the warped chunks of `rows` rows of chunks across `width` pixels only: enough for a
+        strip of the scene `width` wide read row by row (a window spans at most two rows of chunks);
+        the default keeps three rows across the whole scene."""
+        self._capacity = rows * (math.ceil(width / AUXILIARY_CHUNK) + 1) + 2
+
     def __enter__(self) -> "SceneStack":
         return self
 
@@ -512,6 +518,41 @@ class SceneStack:
             image[inside] = np.moveaxis(bands, 0, -1)
             valid[inside] = usable
         return image.astype(self.legacy_dtype).astype(np.float32), valid
+
+    def read_into(self, image: np.ndarray, valid: np.ndarray, row: int, col: int) -> None:
+        """`read` of the window of valid's shape at (row, col) into given arrays (image (h, w, bands)
+        float32, valid (h, w) bool; predict's stacking processes give views of shared memory): the
+        same values bit for bit, each band decoded from its stored type as records.parts_to_float32
+        does (float32 of the stored value, times the part's scale, plus its offset), without the
+        channels-last copy of the stored parts and their concatenation."""
+        height, width = valid.shape
+        if self.legacy_dtype is not None:
+            image[...], valid[...] = self.read(row, col, height, width)
+            return
+        found = self._values(row, col, height, width)
+        if found is None or found[0] != (slice(0, height), slice(0, width)):  # pixels outside the scene: stored 0
+            image[...] = [np.float32(0) * np.float32(part.scale) + np.float32(part.offset)
+                          for part in self.parts for _ in part.bands]
+            valid[...] = False
+        if found is None:
+            return
+        inside, values, usable = found
+        channel = 0
+        for part in self.parts:
+            source = values[part.name]
+            full = next(whole for whole in IMAGE_PARTS if whole.name == part.name).bands
+            if part.bands != full:  # a band set with only some bands of this source
+                source = source[[full.index(name) for name in part.bands]]
+            stored = source if source.dtype == part.dtype else part.store(source)
+            for index in range(len(part.bands)):
+                band = stored[index].astype(np.float32)
+                if part.scale != 1.0:
+                    band *= np.float32(part.scale)
+                if part.offset != 0.0:
+                    band += np.float32(part.offset)
+                image[inside + (channel,)] = band
+                channel += 1
+        valid[inside] = usable
 
 
 def usable_udm2(udm2: np.ndarray) -> np.ndarray:

@@ -102,7 +102,7 @@ def test_predict_on_ray_equals_local_pixel_for_pixel(tiny_run, demo_records, tmp
     local = runner.invoke(main, predict_arguments(tiny_run, data, scenes, tmp_path / "local"))
     assert local.exit_code == 0, local.output
     on_ray = runner.invoke(main, predict_arguments(tiny_run, data, scenes, tmp_path / "ray", "--engine", "ray",
-                                                   "--workers", "1"))
+                                                   "--workers", "1", "--readers", "1"))  # an actor's stacking process
     assert on_ray.exit_code == 0, on_ray.output
     assert "predicted 3 scenes" in on_ray.output
     assert "engine: ray (3 scenes in Ray actors on an embedded one-machine Ray" in on_ray.output
