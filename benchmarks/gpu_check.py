@@ -109,14 +109,16 @@ class StepTimes:
         return _StepTimes()
 
 
-def timed(model, dataset, steps: int, skip: int) -> tuple[float, float, float]:
-    """Median wall seconds per step, CPU seconds per step and the last loss of ``steps`` steps after ``skip``."""
+def timed(model, dataset, steps: int, skip: int) -> tuple[float, float, float, float]:
+    """Median wall seconds per step, CPU seconds per step and the last loss of ``steps`` steps after
+    ``skip`` (at least 1) untimed ones, and the seconds from the call to the end of those."""
     timer = StepTimes()
+    started = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=skip + steps, callbacks=[timer], verbose=0)
-    ends = timer.ends[max(skip - 1, 0):] if skip else timer.ends
+    ends = timer.ends[skip - 1:]  # the end of the last untimed step starts the first timed one
     walls = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
-    cpu = (ends[-1][1] - ends[0][1]) / max(len(ends) - 1, 1)
-    return statistics.median(walls), cpu, timer.loss
+    cpu = (ends[-1][1] - ends[0][1]) / steps
+    return statistics.median(walls), cpu, timer.loss, ends[0][0] - started
 
 
 def main(argv=None) -> None:
@@ -191,10 +193,8 @@ def main(argv=None) -> None:
     for gpu in range(len(gpus)):
         tf.config.experimental.reset_memory_stats(f"GPU:{gpu}")
 
-    started = time.perf_counter()
-    cached_step, cached_cpu, _ = timed(model, cached, args.steps, args.warmup)
-    compile_seconds = time.perf_counter() - started  # includes the timed steps; reported as an upper bound
-    step, step_cpu, loss = timed(model, dataset, args.steps, args.warmup)
+    cached_step, cached_cpu, _, compile_seconds = timed(model, cached, args.steps, args.warmup)
+    step, step_cpu, loss, _ = timed(model, dataset, args.steps, args.warmup)
     iterator = iter(dataset)
     next(iterator)
     pipeline_started = time.perf_counter()
@@ -211,12 +211,12 @@ def main(argv=None) -> None:
     print(f"policy: {tf.keras.mixed_precision.global_policy().name} (model output {output_dtype}, "
           f"optimizer {type(model.optimizer).__name__})")
     print(f"xla: {'on' if xla else 'off'}{xla_note}")
-    print(f"first call incl. compilation: {compile_seconds:.1f} s")
+    print(f"tracing, compilation and {args.warmup} warm-up step{'s' if args.warmup > 1 else ''}: {compile_seconds:.1f} s")
     print(f"loss: {loss:.4f}")
     print(f"step time: {step * 1000:.1f} ms median with the input pipeline (CPU {step_cpu:.2f} s per step), "
           f"{cached_step * 1000:.1f} ms on one cached batch (CPU {cached_cpu:.2f} s per step)")
     per = "GPU" if gpus else "device"
-    print(f"images/s per {per}: {global_batch / step / replicas:.1f} ({global_batch / step:.1f} in all)")
+    print(f"images/s per {per}: {global_batch / step / replicas:.3g} ({global_batch / step:.3g} in all)")
     share = max(0.0, 1.0 - cached_step / step)
     print(f"input pipeline share: {100 * share:.1f}% of the step (the pipeline alone: {pipeline_rate:.1f} tiles/s)")
     if gpus:

@@ -1,8 +1,9 @@
 """Model step, decoder building blocks shared by UNet, UNet++ and DeepLabv3(+).
 
-Every upsampling here is bilinear (``UpSampling2D(interpolation="bilinear")``, the TensorFlow ops
-``ResizeBilinear`` and ``ResizeBilinearGrad``), which XLA compiles; nearest-neighbour upsampling
-is avoided because XLA has no kernel for its gradient ``ResizeNearestNeighborGrad``. (Measured
+Every upsampling here is bilinear (``BilinearUpSampling2D``: Keras' ``UpSampling2D`` on a float32
+copy of its input, the TensorFlow ops ``ResizeBilinear`` and ``ResizeBilinearGrad``), which XLA
+compiles in float32 and under ``mixed_float16``; nearest-neighbour upsampling is avoided because
+XLA has no kernel for its gradient ``ResizeNearestNeighborGrad``. (Measured
 on CPU with oneDNN, the resizes and their gradients take about 1-2% of a UNet++ training step, so
 bilinear upsampling costs nothing worth saving.) The other ops are Conv2D, BatchNormalization
 (``FusedBatchNormV3``), ReLU, Concatenate and, in DeepLab's image pooling, a spatial mean.
