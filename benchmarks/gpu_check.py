@@ -211,7 +211,8 @@ def main(argv=None) -> None:
     print(f"policy: {tf.keras.mixed_precision.global_policy().name} (model output {output_dtype}, "
           f"optimizer {type(model.optimizer).__name__})")
     print(f"xla: {'on' if xla else 'off'}{xla_note}")
-    print(f"tracing, compilation and {args.warmup} warm-up step{'s' if args.warmup > 1 else ''}: {compile_seconds:.1f} s")
+    plural = "s" if args.warmup > 1 else ""
+    print(f"tracing, compilation and {args.warmup} warm-up step{plural}: {compile_seconds:.1f} s")
     print(f"loss: {loss:.4f}")
     print(f"step time: {step * 1000:.1f} ms median with the input pipeline (CPU {step_cpu:.2f} s per step), "
           f"{cached_step * 1000:.1f} ms on one cached batch (CPU {cached_cpu:.2f} s per step)")
