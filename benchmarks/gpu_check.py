@@ -149,6 +149,7 @@ def main(argv=None) -> None:
     from rts_tf.settings import FitConfig
     from rts_tf.train import build_segmenter, learning_rate, make_strategy
 
+    tf.keras.utils.set_random_seed(0)  # the same weights every run, as fit's --seed 0
     gpus = tf.config.list_physical_devices("GPU")
     decoder_filters = [int(v) for v in args.decoder_filters.split(",")] if args.decoder_filters else None
     config = FitConfig(arch=args.arch, encoder=args.encoder, decoder_filters=decoder_filters,
