@@ -24,6 +24,12 @@ from rts_tf.records import IGNORE
 from rts_tf.scoring import SWEEP, scores
 
 KINDS = ("iou", "f1", "precision", "recall")
+# Every metric and its counters are float32 whatever the global policy. Under ``mixed_float16`` a
+# metric without a dtype takes the policy and keeps its counters in AutoCastVariables, and reading
+# one of those in ``result()`` under MirroredStrategy fails ("call variable.read_value() inside
+# variable_sync_on_read_context is not supported"): a mixed-precision fit on several GPUs stopped
+# at its first step.
+FLOAT32 = tf.float32
 
 
 def keras_threshold(threshold: float) -> float:
@@ -42,16 +48,16 @@ def metric_inputs(y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
 def keras_metric(kind: str, threshold: float) -> tf.keras.metrics.Metric:
     """The Keras metric computing ``kind`` at ``threshold`` from (target, probability, weight)."""
     if kind == "iou":
-        return tf.keras.metrics.BinaryIoU(target_class_ids=[1], threshold=threshold)
+        return tf.keras.metrics.BinaryIoU(target_class_ids=[1], threshold=threshold, dtype=FLOAT32)
     if kind == "precision":
-        return tf.keras.metrics.Precision(thresholds=keras_threshold(threshold))
+        return tf.keras.metrics.Precision(thresholds=keras_threshold(threshold), dtype=FLOAT32)
     if kind == "recall":
-        return tf.keras.metrics.Recall(thresholds=keras_threshold(threshold))
+        return tf.keras.metrics.Recall(thresholds=keras_threshold(threshold), dtype=FLOAT32)
     if kind == "f1":
         # F1Score takes (samples, classes), hence the (N, 1) inputs, and creates its variables on its
         # first update, inside the distributed and compiled train step; building it here creates
         # them with the metric, under the strategy's scope like every other metric variable.
-        f1 = tf.keras.metrics.F1Score(average="micro", threshold=keras_threshold(threshold))
+        f1 = tf.keras.metrics.F1Score(average="micro", threshold=keras_threshold(threshold), dtype=FLOAT32)
         f1.build((None, 1), (None, 1))
         return f1
     raise ValueError(f"unknown metric kind '{kind}'; choose one of: {', '.join(KINDS)}")
@@ -61,6 +67,7 @@ class SegmentationMetric(tf.keras.metrics.Metric):
     """IoU, F1, precision or recall of the slump class at a threshold, accumulated over an epoch."""
 
     def __init__(self, kind: str = "iou", threshold: float = 0.5, name: str | None = None, **kwargs):
+        kwargs.setdefault("dtype", FLOAT32)
         super().__init__(name=name or kind, **kwargs)
         self.kind, self.threshold = kind, threshold
         self.keras_metric = keras_metric(kind, threshold)
@@ -91,12 +98,13 @@ class ThresholdSweep(tf.keras.metrics.Metric):
     def __init__(self, kind: str = "iou", thresholds=SWEEP, name: str | None = None, **kwargs):
         if kind not in self.NAMES:
             raise ValueError(f"unknown sweep kind '{kind}'; choose one of: {', '.join(self.NAMES)}")
+        kwargs.setdefault("dtype", FLOAT32)
         super().__init__(name=name or self.NAMES[kind], **kwargs)
         self.kind, self.thresholds = kind, tuple(float(t) for t in thresholds)
         shifted = [keras_threshold(t) for t in self.thresholds]
-        self.true_positives = tf.keras.metrics.TruePositives(shifted)
-        self.false_positives = tf.keras.metrics.FalsePositives(shifted)
-        self.false_negatives = tf.keras.metrics.FalseNegatives(shifted)
+        self.true_positives = tf.keras.metrics.TruePositives(shifted, dtype=FLOAT32)
+        self.false_positives = tf.keras.metrics.FalsePositives(shifted, dtype=FLOAT32)
+        self.false_negatives = tf.keras.metrics.FalseNegatives(shifted, dtype=FLOAT32)
 
     def counters(self) -> tuple[tf.keras.metrics.Metric, ...]:
         return self.true_positives, self.false_positives, self.false_negatives

@@ -94,6 +94,10 @@ def check_config(config: FitConfig) -> None:
         raise InputError(f"--bn-momentum must be at least 0 and below 1, got {config.bn_momentum}")
     if not 0.0 < config.val_fraction < 1.0:
         raise InputError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
+    if config.xla and config.logical_cpus > 1:
+        # TensorFlow runs XLA-compiled steps on CPU:0 only, which cannot reach the other replicas' variables.
+        raise InputError(f"--xla cannot run over {config.logical_cpus} logical CPU devices (TensorFlow's XLA "
+                         "compiles for CPU:0 only); drop --xla or --logical-cpus (on GPUs both work)")
 
 
 def make_strategy(config: FitConfig):
@@ -443,7 +447,10 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
                            resumed_from=first_epoch, seconds=time.perf_counter() - started, history=history,
                            split=split.describe(manifest))
         if chief:
-            # The saved model is rebuilt outside the strategy and given the best epoch's weights.
+            # The saved model is rebuilt outside the strategy and given the best epoch's weights, in
+            # float32 whatever the training policy (mixed precision keeps float32 weights): prediction,
+            # export and evaluation then need no policy and run at float32 speed on CPUs.
+            tf.keras.mixed_precision.set_global_policy("float32")
             final = build_segmenter(config, bands, tile_size, mean, std)
             best_file = BestCheckpoint.path(checkpoints, best)
             final.load_weights(str(best_file if best_file.exists() else checkpoints / "last.h5"))

@@ -213,8 +213,12 @@ def test_fit_with_mixed_precision_saves_a_float32_model(demo_records, tmp_path):
 
     model = load_model(logdir / "model.keras")
     assert model.output.dtype == tf.float32
-    assert any(layer.compute_dtype == "float16" for layer in model.layers[2].layers)  # the network computes in float16
+    # The saved model is rebuilt in float32 with the trained weights: prediction needs no policy.
+    assert all(layer.compute_dtype == "float32" for layer in model.layers[2].submodules
+               if isinstance(layer, tf.keras.layers.Layer))
     assert tf.keras.mixed_precision.global_policy().name == "float32"  # the policy is restored afterwards
+    history = json.loads((logdir / "history.json").read_text())
+    assert np.isfinite(history[0]["loss"]) and history[0]["loss"] > 0
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@
 (a dict of features ``P1``..``P5``) plus a decoder function from its own module; the decoder ends
 in a float32 sigmoid, so the model maps a (tile, tile, bands) float32 input that is already
 normalised to a (tile, tile, 1) float32 probability, also under the ``mixed_float16`` policy.
-All decoders upsample bilinearly, so ``compile(jit_compile=True)`` (XLA) has kernels for their
-gradients; see each module for the ops it uses.
+All decoders upsample bilinearly (in float32, see ``blocks.BilinearUpSampling2D``), so
+``compile(jit_compile=True)`` (XLA) compiles their whole train step, also under ``mixed_float16``;
+see each module for the ops it uses.
 """
 
 from __future__ import annotations

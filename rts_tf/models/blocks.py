@@ -1,8 +1,9 @@
 """Model step, decoder building blocks shared by UNet, UNet++ and DeepLabv3(+).
 
-Every upsampling here is bilinear (``UpSampling2D(interpolation="bilinear")``, the TensorFlow ops
-``ResizeBilinear`` and ``ResizeBilinearGrad``), which XLA compiles; nearest-neighbour upsampling
-is avoided because XLA has no kernel for its gradient ``ResizeNearestNeighborGrad``. (Measured
+Every upsampling here is bilinear (``BilinearUpSampling2D``: Keras' ``UpSampling2D`` on a float32
+copy of its input, the TensorFlow ops ``ResizeBilinear`` and ``ResizeBilinearGrad``), which XLA
+compiles in float32 and under ``mixed_float16``; nearest-neighbour upsampling is avoided because
+XLA has no kernel for its gradient ``ResizeNearestNeighborGrad``. (Measured
 on CPU with oneDNN, the resizes and their gradients take about 1-2% of a UNet++ training step, so
 bilinear upsampling costs nothing worth saving.) The other ops are Conv2D, BatchNormalization
 (``FusedBatchNormV3``), ReLU, Concatenate and, in DeepLab's image pooling, a spatial mean.
@@ -66,9 +67,27 @@ def conv_bn_relu(x: tf.Tensor, filters: int, name: str, kernel_size: int = 3, di
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
+@tf.keras.saving.register_keras_serializable(package="rts_tf")
+class BilinearUpSampling2D(layers.UpSampling2D):
+    """Bilinear ``UpSampling2D`` that resizes in float32 and returns the layer's compute dtype.
+
+    Under ``mixed_float16`` the stock layer resizes float16 activations (``ResizeBilinear`` returns
+    float32) and its gradient is ``ResizeBilinearGrad`` of a float16 image, which XLA's lowering
+    turns into a float32 value feeding the float16 gradient of the ReLU before it: compiling the
+    train step then fails ("Seen floating point types of different precisions ... mixed precision
+    is disallowed"). Resizing a float32 copy makes that gradient float32 throughout, followed by a
+    plain cast. The forward values are the stock layer's (it computes in float32 anyway), and in
+    float32 the layer is the stock one; it has no weights, so models with either layer exchange them.
+    """
+
+    def call(self, inputs):
+        resized = super().call(tf.cast(inputs, tf.float32))
+        return tf.cast(resized, self.compute_dtype)
+
+
 def upsample(x: tf.Tensor, factor: int | tuple[int, int], name: str) -> tf.Tensor:
-    """Bilinear upsampling by an integer ``factor`` (or per-axis factors)."""
-    return layers.UpSampling2D(size=factor, interpolation="bilinear", name=name)(x)
+    """Bilinear upsampling by an integer ``factor`` (or per-axis factors), in float32 (see ``BilinearUpSampling2D``)."""
+    return BilinearUpSampling2D(size=factor, interpolation="bilinear", name=name)(x)
 
 
 def decoder_block(x: tf.Tensor, skips: list[tf.Tensor], filters: int, name: str) -> tf.Tensor:
