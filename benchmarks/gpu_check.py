@@ -7,8 +7,8 @@ Run by hand:  .venv/bin/python benchmarks/gpu_check.py [--arch unet] [--encoder 
 Writes synthetic records of ``--tiles`` textured tiles with rts-tf's own schema (10 bands, as
 benchmarks/input_pipeline.py does, at any tile size) once under ``--records-cache``, then trains the
 model that ``rts-tf fit`` trains (normalisation layer + network, AdamW, focal loss, the per-epoch
-metrics, the same tf.data pipeline with augmentation) under ``MirroredStrategy`` over all visible
-GPUs, or, on a machine without a GPU, over ``--logical-cpus`` logical CPU devices (fit's
+metrics, fit's tf.data pipeline, augmentation in the training step) under ``MirroredStrategy`` over
+all visible GPUs, or, on a machine without a GPU, over ``--logical-cpus`` logical CPU devices (fit's
 ``--logical-cpus``), with the ``mixed_float16`` policy and ``jit_compile=True`` (XLA; except over
 several logical CPU devices, which TensorFlow's XLA cannot do: it says so and runs without it):
 
@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as the rts-tf command line does
@@ -142,12 +143,11 @@ def main(argv=None) -> None:
 
     import tensorflow as tf
 
-    from rts_tf.augment import AugmentSettings
-    from rts_tf.dataset import make_dataset, normalisation
+    from rts_tf.dataset import Selection, normalisation
     from rts_tf.losses import get_loss
     from rts_tf.metrics import segmentation_metrics
     from rts_tf.settings import FitConfig
-    from rts_tf.train import build_segmenter, learning_rate, make_strategy
+    from rts_tf.train import build_segmenter, learning_rate, make_strategy, training_data
 
     tf.keras.utils.set_random_seed(0)  # the same weights every run, as fit's --seed 0
     gpus = tf.config.list_physical_devices("GPU")
@@ -176,18 +176,17 @@ def main(argv=None) -> None:
     bands = [band["name"] for band in manifest["bands"]]
     regions = list(manifest["regions"])
     mean, std = normalisation(manifest, regions)
-    # The training input of fit: shuffled, augmented, batched per global batch, sharded by data.
-    dataset = make_dataset(records, manifest, regions, global_batch, training=True, seed=0,
-                           augment_settings=AugmentSettings() if args.augment else None, mean=mean).repeat()
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
+    # The training input of fit (train.training_data): shuffled, batched per global batch, sharded by
+    # data, each tile's seed handed to the training step, which augments (--augment-on device).
+    config = replace(config, records=str(records), augment=args.augment)
+    dataset = training_data(config, manifest, Selection(tuple(s["scene_id"] for s in manifest["scenes"])),
+                            global_batch, mean, None).repeat()
     cached = dataset.take(1).cache().repeat()
 
     if args.mixed_precision:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     with strategy.scope():
-        model = build_segmenter(config, bands, args.tile_size, mean, std, heads=True)
+        model = build_segmenter(config, bands, args.tile_size, mean, std, heads=True, augment=args.augment)
         optimizer = tf.keras.optimizers.AdamW(learning_rate(config, args.steps), weight_decay=config.weight_decay)
         model.compile(optimizer=optimizer, loss=get_loss(config.loss), metrics=segmentation_metrics(),
                       jit_compile=xla)
@@ -206,7 +205,7 @@ def main(argv=None) -> None:
     output_dtype = tf.as_dtype(model.output.dtype).name
     print(f"gpu_check: {args.arch}-{args.encoder}, {args.tile_size} px tiles, {len(bands)} bands, batch "
           f"{args.batch_size} per replica (global {global_batch}), {args.steps} timed steps after {args.warmup} "
-          f"warm-up steps, augmentation {'on' if args.augment else 'off'}")
+          f"warm-up steps, augmentation {'in the training step' if args.augment else 'off'}")
     print(f"devices: {devices}")
     print(f"replicas: {replicas}")
     print(f"policy: {tf.keras.mixed_precision.global_policy().name} (model output {output_dtype}, "

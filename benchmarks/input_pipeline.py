@@ -44,7 +44,7 @@ mean, _ = normalisation(manifest, split.train_regions)
 options = tf.data.Options()
 options.threading.private_threadpool_size = cores
 def run():
-    dataset = training_data(config, manifest, split, 16, mean, (0, 1) if exact_epochs(config, manifest) else None)
+    dataset = training_data(config, manifest, split.train, 16, mean, (0, 1) if exact_epochs(config, manifest) else None)
     count = 0
     for batch in dataset.with_options(options):
         count += int(batch[0].shape[0])

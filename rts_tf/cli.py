@@ -397,7 +397,8 @@ def split_integers(ctx, param, value):
                    "0.99 they trail the weights by about a hundred steps.")
 @click.option("--deterministic/--no-deterministic", default=FIT.deterministic, show_default=True,
               help="Deterministic TensorFlow ops: the same seed on the same machine gives the same weights and "
-                   "scores, bit for bit. --no-deterministic allows faster, unordered GPU kernels.")
+                   "scores, bit for bit. --no-deterministic allows faster, unordered GPU kernels. Off under --xla "
+                   "(TensorFlow has no deterministic XLA gradient of max pooling).")
 @click.option("--verify", is_flag=True, default=False, help="Check every shard's sha256 (default: its size).")
 @click.option("--overwrite", is_flag=True, default=False, help="Delete an existing run in --logdir first.")
 def fit_command(overwrite: bool, verify: bool, **options) -> None:
@@ -414,8 +415,8 @@ def fit_command(overwrite: bool, verify: bool, **options) -> None:
     Multi-GPU: MirroredStrategy over all visible GPUs (or --devices). Multi-machine:
     MultiWorkerMirroredStrategy when TF_CONFIG is set. Re-running the same command resumes an
     interrupted run from its last finished epoch (also after a kill at any point); runtime options
-    (--devices, --logical-cpus, --image-every, --image-tiles, --profile, --cache, --deterministic)
-    may change between attempts, anything else (or the records' content) makes it another run. Ends with LOGDIR/model.keras, saved_model/ and
+    (--devices, --logical-cpus, --image-every, --image-tiles, --profile, --cache, --deterministic,
+    --augment-on) may change between attempts, anything else (or the records' content) makes it another run. Ends with LOGDIR/model.keras, saved_model/ and
     run.json (band order, normalisation, tile size, metrics) for `rts-tf predict`.
     """
     from rts_tf.train import FitConfig, fit

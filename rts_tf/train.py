@@ -333,8 +333,9 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
     from rts_tf.metrics import segmentation_metrics
 
     # Same seed, same machine: the same weights and scores, bit for bit (--no-deterministic: faster
-    # on GPUs, whose fastest kernels may add in any order).
-    set_determinism(config.deterministic)
+    # on GPUs, whose fastest kernels may add in any order). Not under --xla: TensorFlow refuses to
+    # compile MaxPool's gradient with op determinism on ("no deterministic XLA implementation").
+    set_determinism(config.deterministic and not config.xla)
     tf.keras.utils.set_random_seed(config.seed)
     strategy = make_strategy(config)
     replicas = strategy.num_replicas_in_sync
@@ -360,7 +361,7 @@ def train_run(config: FitConfig, overwrite: bool, callbacks, verify: bool) -> Fi
                              f"({global_batch}); lower --batch-size")
         exact = exact_epochs(config, manifest)
         first_epoch = resume_epoch(logdir / "backup") if mode == "resume" else 0
-        train = training_data(config, manifest, split, global_batch, mean,
+        train = training_data(config, manifest, split.train, global_batch, mean,
                               (first_epoch, config.epochs) if exact else None, verify)
         validation = make_dataset(config.records, manifest, split.validation, global_batch, training=False,
                                   verify=verify, pad_batches=replicas > 1)
@@ -472,14 +473,14 @@ def exact_epochs(config: FitConfig, manifest: dict) -> bool:
                                               for p in scene.get("positions", [[]]))
 
 
-def training_data(config: FitConfig, manifest: dict, split, global_batch: int, mean, epochs: tuple[int, int] | None,
-                  verify: bool = False):
+def training_data(config: FitConfig, manifest: dict, selection, global_batch: int, mean,
+                  epochs: tuple[int, int] | None, verify: bool = False):
     """The training batches `fit` reads (benchmarks/input_pipeline.py measures this very pipeline):
     with --augment-on device (image, label, seeds), augmented in the training step."""
     from rts_tf.augment import AugmentSettings
     from rts_tf.dataset import make_dataset
 
-    train = make_dataset(config.records, manifest, split.train, global_batch, training=True, seed=config.seed,
+    train = make_dataset(config.records, manifest, selection, global_batch, training=True, seed=config.seed,
                          augment_settings=AugmentSettings() if config.augment else None,
                          oversample_slumps=config.oversample_slumps, cache=config.cache,
                          shuffle_buffer=config.shuffle_buffer, verify=verify, mean=mean, epochs=epochs,
