@@ -226,4 +226,5 @@ def test_fit_with_xla(demo_records, tmp_path):
     logdir = tmp_path / "xla"
     result = CliRunner().invoke(main, fit_arguments(demo_records, logdir, "--epochs", "1", "--xla", "--image-every", "0"))
     assert result.exit_code == 0, result.output
-    assert json.loads((logdir / "run.json").read_text())["config"]["xla"] is True
+    config = json.loads((logdir / "run.json").read_text())["config"]
+    assert config["xla"] is True and config["augment_on"] == "device"  # augmentation compiled into the step
