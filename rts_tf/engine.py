@@ -304,6 +304,15 @@ MINIMAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "enable_timeline": 
                          "task_events_report_interval_ms": 0}
 
 
+def worker_environment() -> dict[str, str]:
+    """What the embedded Ray's raylet, and so its workers, run with: glibc's allocator with one arena
+    (MALLOC_ARENA_MAX=1, unless set). An actor runs its job in a thread of its own (its generator
+    streams the progress), and glibc gives such a thread an arena of 64 MB heaps that it shrinks and
+    grows again block after block: twice the page faults and about 2.5 CPU s more system time per
+    worker on an 8-scene build than the local engine's workers, whose jobs run in the main thread."""
+    return {} if "MALLOC_ARENA_MAX" in os.environ else {"MALLOC_ARENA_MAX": "1"}
+
+
 def start_minimal_node(ray, workers: int, folder: str):
     """Start an embedded one-machine Ray head with only the processes a command's jobs use: GCS,
     raylet (with its two agents, which it starts itself) and workers. `ray.init(address="local")`
@@ -321,7 +330,7 @@ def start_minimal_node(ray, workers: int, folder: str):
 
         params = RayParams(num_cpus=workers, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
                            temp_dir=folder, no_monitor=True, include_log_monitor=False,
-                           _system_config=dict(MINIMAL_SYSTEM_CONFIG))
+                           _system_config=dict(MINIMAL_SYSTEM_CONFIG), env_vars=worker_environment())
         return MinimalNode(params, head=True, shutdown_at_exit=False, spawn_reaper=False, ray_init_cluster=True)
     except (ImportError, AttributeError, TypeError) as error:  # another Ray than the pinned one
         logging.getLogger(__name__).debug("minimal Ray node not available: %s", error)
