@@ -39,10 +39,18 @@ def flip_bytes(path: Path, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
+def interruptible() -> None:
+    """In the child before it runs: Ctrl-C's default action, as a terminal's foreground job has it.
+    A shell without job control starts its background jobs with SIGINT ignored, the ignore is
+    inherited, and Python then installs no KeyboardInterrupt handler (tests run from such a job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def command(*arguments: str, environment: dict | None = None) -> subprocess.Popen:
     """`python -m rts_tf ...` of this checkout in a session of its own (as a terminal runs it)."""
     return subprocess.Popen([sys.executable, "-m", "rts_tf", *map(str, arguments)], env=environment or ENVIRONMENT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=interruptible)
 
 
 def wait_for(condition, seconds: float, what: str) -> None:
