@@ -458,8 +458,9 @@ def _ray_job(function: Callable, item: Any, key: str, progress) -> tuple[str, An
     return run_job(function, item, _reporter(progress, key))
 
 
-class _JobActor:
-    """A Ray actor that makes one runner (say, a loaded model) and runs the jobs it is given through it."""
+class _RunnerActor:
+    """A Ray actor that makes one runner (say, a loaded model, or a scene builder) once, for the jobs
+    it is given; the error of making it, if any, instead."""
 
     def __init__(self, factory: Callable, arguments: tuple):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -469,6 +470,10 @@ class _JobActor:
             self.runner = value
         else:
             self.error = value  # every job it is given reports it: a broken model is not a bad scene
+
+
+class _JobActor(_RunnerActor):
+    """A Ray actor that makes one runner and runs the jobs it is given through it."""
 
     def run(self, item: Any, key: str, progress) -> tuple[str, str, Any]:
         """(key, status, value): an ActorPool returns results without saying whose they are."""
@@ -573,20 +578,11 @@ def ray_actors(ray, factory: Callable, arguments: tuple, items: Sequence, keys: 
 PROGRESS_SECONDS = 0.5
 
 
-class _StreamingJobActor:
+class _StreamingJobActor(_RunnerActor):
     """A Ray actor that makes one runner once and runs the jobs it is given, one at a time, as a
     streaming generator: tile counts as the job advances (batched, at most one every
     PROGRESS_SECONDS), then `("end", status, value)`. Progress thus travels with the job's own
     results: no progress actor, no round trip per block or per poll."""
-
-    def __init__(self, factory: Callable, arguments: tuple):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        self.runner, self.error = None, None
-        status, value = run_job(lambda _, __: factory(*arguments), None)
-        if status == "done":
-            self.runner = value
-        else:
-            self.error = value
 
     def ready(self) -> bool:
         """Answers once the actor is up (again, after a restart)."""

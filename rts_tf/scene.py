@@ -377,6 +377,16 @@ def sensor_warning(scene: SceneFiles, sensors: Sequence[str]) -> str | None:
             "resolution and spectral response may lower the accuracy")
 
 
+def stored_bands(part: ImagePart, values: dict[str, np.ndarray]) -> np.ndarray:
+    """A part's bands (n, h, w) in its stored type, from the window's values of its source
+    (SceneStack._values): only the part's bands where the band set keeps some of the source's."""
+    source = values[part.name]
+    full = next(whole for whole in IMAGE_PARTS if whole.name == part.name).bands
+    if part.bands != full:  # a band set with only some bands of this source
+        source = source[[full.index(name) for name in part.bands]]
+    return source if source.dtype == part.dtype else part.store(source)
+
+
 class SceneStack:
     """All model bands of one scene on its grid, read window by window with bounded memory."""
 
@@ -489,11 +499,7 @@ class SceneStack:
             return parts, valid
         inside, values, usable = found
         for part in self.parts:
-            source = values[part.name]
-            full = next(whole for whole in IMAGE_PARTS if whole.name == part.name).bands
-            if part.bands != full:  # a band set with only some bands of this source
-                source = source[[full.index(name) for name in part.bands]]
-            stored = source if source.dtype == part.dtype else part.store(source)
+            stored = stored_bands(part, values)
             # Band by band into the channels-last view: no stacked copy of the whole block.
             view = parts[part.key][inside]
             for index in range(len(part.bands)):
@@ -539,11 +545,7 @@ class SceneStack:
         inside, values, usable = found
         channel = 0
         for part in self.parts:
-            source = values[part.name]
-            full = next(whole for whole in IMAGE_PARTS if whole.name == part.name).bands
-            if part.bands != full:  # a band set with only some bands of this source
-                source = source[[full.index(name) for name in part.bands]]
-            stored = source if source.dtype == part.dtype else part.store(source)
+            stored = stored_bands(part, values)
             for index in range(len(part.bands)):
                 band = stored[index].astype(np.float32)
                 if part.scale != 1.0:
