@@ -52,14 +52,14 @@ def make_records(folder: Path, tiles: int, tile_size: int) -> None:
     import numpy as np
 
     from rts_tf.bands import BANDS
-    from rts_tf.records import IMAGE_PARTS, BandStatistics, ShardWriter, encode_example, features
+    from rts_tf.records import BandStatistics, ShardWriter, encode_example, features
+
+    from input_pipeline import textured_tile  # benchmarks/, this script's folder
 
     if (folder / "manifest.json").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    scale = np.array([500, 700, 600, 2500, 0.6, 110, 148, 107, 1.0, 4.0], np.float32)
-    block = max(tile_size // 16, 1)
     shards, scenes, statistics_ = {}, [], BandStatistics(len(BANDS))
     scene_count = min(8, max(tiles // 2, 2))
     for index in range(scene_count):
@@ -68,16 +68,8 @@ def make_records(folder: Path, tiles: int, tile_size: int) -> None:
         writer = ShardWriter(folder / path, "", 1)
         count = tiles // scene_count
         for tile in range(count):
-            smooth = rng.normal(1, 0.2, (tile_size // block, tile_size // block, 10)).repeat(block, 0).repeat(block, 1)
-            values = smooth * rng.normal(1, 0.02, smooth.shape) * scale
+            values, parts, label = textured_tile(rng, tile_size)
             statistics_.update(values.reshape(-1, 10).astype(np.float64))
-            parts, start = {}, 0
-            for part in IMAGE_PARTS:
-                stop = start + len(part.bands)
-                parts[part.key] = values[..., start:stop].astype(part.dtype) if part.name == "reflectance" \
-                    else part.store(values[..., start:stop])
-                start = stop
-            label = (smooth[..., :1] > 1.2).astype(np.uint8)
             writer.write(encode_example(parts, label, scene_id=f"scene{index}", region=region, site=region,
                                         row=tile * tile_size, col=0, slump_pixels=int(label.sum()), ignored_pixels=0))
         shards[path] = {**writer.close(), "region": region, "scene_id": f"scene{index}"}

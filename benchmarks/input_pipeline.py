@@ -82,18 +82,38 @@ print(json.dumps(result))
 """
 
 
+SCALE = (500, 700, 600, 2500, 0.6, 110, 148, 107, 1.0, 4.0)  # the ten bands' typical physical values
+
+
+def textured_tile(rng, tile_size: int):
+    """One textured tile like a real one (smooth patches of 1/16 of the tile, 2% noise), in physical
+    units: (values (tile_size, tile_size, 10) float, {feature key: stored part}, label uint8)."""
+    import numpy as np
+
+    from rts_tf.records import IMAGE_PARTS
+
+    block = max(tile_size // 16, 1)
+    smooth = rng.normal(1, 0.2, (tile_size // block, tile_size // block, 10)).repeat(block, 0).repeat(block, 1)
+    values = smooth * rng.normal(1, 0.02, smooth.shape) * np.array(SCALE, np.float32)
+    parts, start = {}, 0
+    for part in IMAGE_PARTS:
+        stop = start + len(part.bands)
+        parts[part.key] = values[..., start:stop].astype(part.dtype) if part.name == "reflectance" \
+            else part.store(values[..., start:stop])
+        start = stop
+    return values, parts, (smooth[..., :1] > 1.2).astype(np.uint8)
+
+
 def make_records(folder: Path, tiles: int, compression: str) -> None:
     """Records with `tiles` textured 256 px tiles in two regions, written with rts-tf's own schema."""
     import numpy as np
 
-    from rts_tf.records import COMPRESSIONS, IMAGE_PARTS, BandStatistics, ShardWriter, encode_example, features, \
-        shard_suffix
+    from rts_tf.records import COMPRESSIONS, BandStatistics, ShardWriter, encode_example, features, shard_suffix
     from rts_tf.bands import BANDS
 
     if (folder / "manifest.json").exists():
         return
     rng = np.random.default_rng(0)
-    scale = np.array([500, 700, 600, 2500, 0.6, 110, 148, 107, 1.0, 4.0], np.float32)
     shards, scenes = {}, []
     for index in range(8):
         region = "A" if index % 2 else "B"
@@ -101,15 +121,7 @@ def make_records(folder: Path, tiles: int, compression: str) -> None:
         writer = ShardWriter(folder / path, COMPRESSIONS[compression], 1)
         positions, slumps = [], 0
         for tile in range(tiles // 8):
-            smooth = rng.normal(1, 0.2, (16, 16, 10)).repeat(16, 0).repeat(16, 1)
-            values = smooth * rng.normal(1, 0.02, smooth.shape) * scale
-            parts, start = {}, 0
-            for part in IMAGE_PARTS:
-                stop = start + len(part.bands)
-                parts[part.key] = values[..., start:stop].astype(part.dtype) if part.name == "reflectance" \
-                    else part.store(values[..., start:stop])
-                start = stop
-            label = (smooth[..., :1] > 1.2).astype(np.uint8)
+            _, parts, label = textured_tile(rng, 256)
             positions.append([tile * 256, 0, int(label.sum())])
             slumps += int(label.sum())
             writer.write(encode_example(parts, label, scene_id=f"scene{index}", region=region, site=region,
